@@ -1,0 +1,1 @@
+"""ninpy: Network In Network from scratch."""
