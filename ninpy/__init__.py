@@ -1,1 +1,15 @@
-"""ninpy: Network In Network from scratch."""
+"""ninpy: Network In Network from scratch, on NumPy/Numba (CPU) and CuPy with our CUDA kernels (GPU).
+
+    import ninpy
+    from ninpy import Tensor, no_grad, nn, optim, models
+    import ninpy.functional as F
+"""
+from . import backend, functional, models, nn, optim, random
+from .autograd import Function, Tensor, is_grad_enabled, no_grad
+from .backend import DeviceError
+from .gradcheck import GradcheckError, gradcheck
+from .random import manual_seed
+
+__version__ = "0.1.0"
+__all__ = ["Tensor", "Function", "no_grad", "is_grad_enabled", "gradcheck", "GradcheckError",
+           "manual_seed", "DeviceError", "backend", "functional", "nn", "optim", "models", "random"]

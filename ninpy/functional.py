@@ -1,0 +1,265 @@
+"""The operators Network In Network needs, each a Function with its forward and backward together.
+
+Every operator works on both devices: the arrays' own module (NumPy or CuPy) does the cheap
+elementwise parts, and the hot parts go to `cpu_kernels` (Numba) or `gpu_kernels` (our CUDA kernels),
+which share one contract with the readable NumPy versions in `reference`.
+
+Shapes follow PyTorch: images NCHW, conv weights (C_out, C_in, kh, kw).
+"""
+import numpy as np
+
+from . import backend, cpu_kernels, random
+from .autograd import Function, Tensor
+from .shapes import conv_output_size, pair, pool_output_size
+
+
+def kernels_for(array):
+    """The kernel module for an array's device: gpu_kernels for CuPy arrays, else cpu_kernels."""
+    if backend.is_gpu_array(array):
+        from . import gpu_kernels  # imported on first GPU use: the CPU path never needs CuPy
+        return gpu_kernels
+    return cpu_kernels
+
+
+def matmul_shared(w, x, transpose_w=False):
+    """out[b] = op(w) @ x[b] for a 2-D w shared by the whole batch x (B, K, L)."""
+    if backend.is_gpu_array(x):
+        return kernels_for(x).matmul_shared(w, x, transpose_w)
+    return np.matmul(w.T if transpose_w else w, x)
+
+
+def _require_4d(x, op):
+    if x.ndim != 4:
+        raise ValueError(f"{op}: expected an (N, C, H, W) input, got shape {x.shape}")
+
+
+# ---- convolution --------------------------------------------------------------------------------
+
+class Conv2d(Function):
+    """y = W * x + b (cross-correlation), optionally followed by ReLU in the same pass.
+
+    A general kernel is lowered with im2col to one GEMM over the whole batch:
+    col (C*kh*kw, N*oh*ow), y = W(C_out, C*kh*kw) @ col;  dW = dy @ col^T,  dcol = W^T @ dy,
+    dx = col2im(dcol). A 1x1 kernel with stride 1 and no padding needs no im2col: x (N, C, H*W) is
+    already the column matrix of each image, so y[n] = W @ x[n] is a batched GEMM with a shared W.
+    col is recomputed in backward rather than kept, which bounds memory to one layer's columns.
+    """
+
+    def forward(self, x, w, b, stride, padding, relu):
+        _require_4d(x, "conv2d")
+        if w.ndim != 4 or w.shape[1] != x.shape[1]:
+            raise ValueError(f"conv2d: weight of shape {w.shape} does not fit input of shape "
+                             f"{x.shape}; expected (C_out, {x.shape[1]}, kh, kw)")
+        if b is not None and b.shape != (w.shape[0],):
+            raise ValueError(f"conv2d: bias of shape {b.shape}, expected ({w.shape[0]},)")
+        self.kernels = kernels_for(x)
+        self.x, self.w, self.has_bias, self.relu = x, w, b is not None, relu
+        self.stride, self.padding = pair(stride, "stride"), pair(padding, "padding")
+        n, _, h, width = x.shape
+        c_out, _, kh, kw = w.shape
+        self.out_hw = (conv_output_size(h, kh, self.stride[0], self.padding[0]),
+                       conv_output_size(width, kw, self.stride[1], self.padding[1]))
+        self.pointwise = (kh, kw) == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
+        w2 = w.reshape(c_out, -1)
+        if self.pointwise:
+            y = matmul_shared(w2, x.reshape(n, x.shape[1], -1))
+        else:
+            col = self._im2col(x)
+            y = (w2 @ col).reshape(c_out, n, -1).transpose(1, 0, 2)
+            y = backend.array_module(x).ascontiguousarray(y)
+        if relu and b is not None:
+            self.kernels.bias_relu_(y, b)
+        elif relu:
+            backend.array_module(y).maximum(y, 0, out=y)
+        elif b is not None:
+            self.kernels.add_bias_(y, b)
+        y = y.reshape(n, c_out, *self.out_hw)
+        if relu:
+            self.y = y
+        return y
+
+    def backward(self, grad):
+        if self.relu:
+            grad = self.kernels.relu_backward(grad, self.y)
+        x, w = self.x, self.w
+        n, c_out = grad.shape[:2]
+        w2 = w.reshape(c_out, -1)
+        grad_b = grad.sum(axis=(0, 2, 3)) if self.has_bias else None
+        need_x = self.needs_input_grad[0]
+        if self.pointwise:
+            x3, g3 = x.reshape(n, x.shape[1], -1), grad.reshape(n, c_out, -1)
+            grad_w = backend.array_module(x).matmul(g3, x3.transpose(0, 2, 1)).sum(axis=0)
+            grad_x = matmul_shared(w2, g3, transpose_w=True).reshape(x.shape) if need_x else None
+        else:
+            g2 = grad.reshape(n, c_out, -1).transpose(1, 0, 2).reshape(c_out, -1)
+            grad_w = g2 @ self._im2col(x).T
+            grad_x = self._col2im(w2.T @ g2) if need_x else None
+        return grad_x, grad_w.reshape(w.shape), grad_b
+
+    def _im2col(self, x):
+        kh, kw = self.w.shape[2:]
+        return self.kernels.im2col(x, kh, kw, *self.stride, *self.padding)
+
+    def _col2im(self, col):
+        kh, kw = self.w.shape[2:]
+        return self.kernels.col2im(col, self.x.shape, kh, kw, *self.stride, *self.padding)
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0):
+    """2-D convolution (cross-correlation) of x (N, C, H, W) with weight (C_out, C, kh, kw)."""
+    return Conv2d.apply(x, weight, bias, stride=stride, padding=padding, relu=False)
+
+
+def conv2d_relu(x, weight, bias=None, stride=1, padding=0):
+    """relu(conv2d(x, weight, bias, stride, padding)) in one Function: bias and ReLU in one pass."""
+    return Conv2d.apply(x, weight, bias, stride=stride, padding=padding, relu=True)
+
+
+# ---- activation ---------------------------------------------------------------------------------
+
+class ReLU(Function):
+    """y = max(x, 0);  dx = dy where y > 0, else 0."""
+
+    def forward(self, x):
+        self.y = backend.array_module(x).maximum(x, 0)
+        return self.y
+
+    def backward(self, grad):
+        return (kernels_for(grad).relu_backward(grad, self.y),)
+
+
+def relu(x):
+    return ReLU.apply(x)
+
+
+# ---- pooling ------------------------------------------------------------------------------------
+
+def _pool_geometry(x, kernel_size, stride, padding, ceil_mode, op):
+    _require_4d(x, op)
+    kh, kw = pair(kernel_size, "kernel_size")
+    sh, sw = pair(kernel_size if stride is None else stride, "stride")
+    ph, pw = pair(padding, "padding")
+    oh = pool_output_size(x.shape[2], kh, sh, ph, ceil_mode)
+    ow = pool_output_size(x.shape[3], kw, sw, pw, ceil_mode)
+    return (kh, kw, sh, sw, ph, pw), (oh, ow)
+
+
+class MaxPool2d(Function):
+    """y = max over each window (padding counts as -inf);  dx: dy goes to the window's argmax."""
+
+    def forward(self, x, kernel_size, stride, padding, ceil_mode):
+        self.geometry, out_hw = _pool_geometry(x, kernel_size, stride, padding, ceil_mode,
+                                               "max_pool2d")
+        self.kernels, self.x_shape = kernels_for(x), x.shape
+        y, self.argmax = self.kernels.max_pool_forward(x, *self.geometry, *out_hw)
+        return y
+
+    def backward(self, grad):
+        return (self.kernels.max_pool_backward(grad, self.argmax, self.x_shape, *self.geometry),)
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False):
+    return MaxPool2d.apply(x, kernel_size=kernel_size, stride=stride, padding=padding,
+                           ceil_mode=ceil_mode)
+
+
+class AvgPool2d(Function):
+    """y = sum over each window / window size (Caffe: padding counts, overhang past it does not)."""
+
+    def forward(self, x, kernel_size, stride, padding, ceil_mode):
+        self.geometry, out_hw = _pool_geometry(x, kernel_size, stride, padding, ceil_mode,
+                                               "avg_pool2d")
+        self.kernels, self.x_shape = kernels_for(x), x.shape
+        return self.kernels.avg_pool_forward(x, *self.geometry, *out_hw)
+
+    def backward(self, grad):
+        return (self.kernels.avg_pool_backward(grad, self.x_shape, *self.geometry),)
+
+
+def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False):
+    return AvgPool2d.apply(x, kernel_size=kernel_size, stride=stride, padding=padding,
+                           ceil_mode=ceil_mode)
+
+
+class GlobalAvgPool2d(Function):
+    """y[n, c] = mean of x[n, c] over H and W;  dx = dy / (H*W) at every position."""
+
+    def forward(self, x):
+        _require_4d(x, "global_avg_pool2d")
+        self.x_shape = x.shape
+        return x.mean(axis=(2, 3))
+
+    def backward(self, grad):
+        xp = backend.array_module(grad)
+        n, c, h, w = self.x_shape
+        return (xp.broadcast_to((grad / (h * w))[:, :, None, None], self.x_shape).copy(),)
+
+
+def global_avg_pool2d(x):
+    return GlobalAvgPool2d.apply(x)
+
+
+# ---- regularisation -----------------------------------------------------------------------------
+
+class Dropout(Function):
+    """y = x * mask / (1 - p), mask ~ Bernoulli(1 - p) (inverted dropout);  dx = dy * mask / (1 - p)."""
+
+    def forward(self, x, p):
+        self.mask = _dropout_mask(x, p)
+        return x * self.mask
+
+    def backward(self, grad):
+        return (grad * self.mask,)
+
+
+def _dropout_mask(x, p):
+    """0 where dropped, 1/(1-p) where kept, drawn from ninpy.random's generators."""
+    if p == 1.0:
+        return backend.array_module(x).zeros_like(x)
+    if backend.is_gpu_array(x):
+        seed, offset = random.next_gpu_stream(x.size)
+        return kernels_for(x).dropout_mask(x.shape, p, seed, offset, x.dtype)
+    keep = random.cpu_generator().random(x.shape, dtype=np.float32) >= p
+    return keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - p))
+
+
+def dropout(x, p=0.5, training=True):
+    """Zero each element with probability p while training; identity in evaluation."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout: p must be in [0, 1], got {p}")
+    if not training or p == 0.0:
+        return x
+    return Dropout.apply(x, p=float(p))
+
+
+# ---- loss ---------------------------------------------------------------------------------------
+
+class CrossEntropy(Function):
+    """loss = mean_n (logsumexp(z_n) - z_n[label_n]);  dz = (softmax(z) - onehot(label)) / N."""
+
+    def forward(self, logits, labels):
+        self.kernels = kernels_for(logits)
+        self.logits, self.labels = logits, labels
+        return self.kernels.cross_entropy_forward(logits, labels).mean()
+
+    def backward(self, grad):
+        scale = grad / self.logits.shape[0]
+        return self.kernels.cross_entropy_backward(self.logits, self.labels, scale), None
+
+
+def cross_entropy(logits, labels):
+    """Softmax cross-entropy of logits (N, K) against integer labels (N,), averaged over the batch."""
+    if logits.ndim != 2:
+        raise ValueError(f"cross_entropy: logits must be (N, K), got shape {logits.shape}")
+    label_array = labels.data if isinstance(labels, Tensor) else labels
+    xp = backend.array_module(logits.data)
+    label_array = backend.to_device(label_array, logits.device)
+    if label_array.shape != (logits.shape[0],):
+        raise ValueError(f"cross_entropy: labels of shape {label_array.shape} do not match logits "
+                         f"of shape {logits.shape}; expected ({logits.shape[0]},)")
+    if label_array.dtype.kind not in "iu":
+        raise TypeError(f"cross_entropy: labels must be integers, got dtype {label_array.dtype}")
+    if xp is np and label_array.size and not 0 <= label_array.min() <= label_array.max() < logits.shape[1]:
+        raise ValueError(f"cross_entropy: labels must lie in [0, {logits.shape[1]}), got "
+                         f"[{label_array.min()}, {label_array.max()}]")
+    return CrossEntropy.apply(logits, Tensor(xp.ascontiguousarray(label_array)))

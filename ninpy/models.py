@@ -1,0 +1,77 @@
+"""Network In Network (Lin, Chen, Yan, ICLR 2014), built by one parametrised function.
+
+Three mlpconv blocks, pooling and dropout between them, and a classifier that is only global average
+pooling: the last 1x1 convolution has one output map per class and each map's mean is that class's
+logit. Dataset presets choose the arguments; they add no layers of their own.
+"""
+import numpy as np
+
+from . import nn
+
+# The authors' CIFAR-10 layout (their released Caffe model): widths of each block's three convs.
+CIFAR_WIDTHS = ((192, 160, 96), (192, 192, 192), (192, 192, None))
+
+
+class NIN(nn.Module):
+    """blocks: mlpconv -> pool -> dropout -> mlpconv -> pool -> dropout -> mlpconv -> GAP."""
+
+    def __init__(self, in_channels, num_classes, widths, kernel_sizes, pools, dropout, init_std,
+                 dtype):
+        blocks, channels = [], in_channels
+        for index, (block_widths, k) in enumerate(zip(widths, kernel_sizes)):
+            block_widths = tuple(num_classes if w is None else w for w in block_widths)
+            blocks.append(nn.MLPConv(channels, block_widths, k, padding=k // 2, init_std=init_std,
+                                     dtype=dtype))
+            channels = block_widths[-1]
+            if index < len(pools):
+                blocks.append(_pool(pools[index]))
+                blocks.append(nn.Dropout(dropout))
+        self.features = nn.Sequential(*blocks)
+        self.gap = nn.GlobalAvgPool2d()
+
+    def class_maps(self, x):
+        """The last block's output: one (H, W) map per class (the class activation maps)."""
+        return self.features(x)
+
+    def forward(self, x):
+        return self.gap(self.class_maps(x))
+
+
+def _pool(kind):
+    """3x3 stride 2 with ceil mode, as in the Caffe model (32 -> 16 -> 8, 28 -> 14 -> 7)."""
+    if kind == "max":
+        return nn.MaxPool2d(3, stride=2, ceil_mode=True)
+    if kind == "avg":
+        return nn.AvgPool2d(3, stride=2, ceil_mode=True)
+    raise ValueError(f"unknown pool {kind!r}; expected 'max' or 'avg'")
+
+
+def nin(in_channels=3, num_classes=10, widths=CIFAR_WIDTHS, kernel_sizes=(5, 5, 3),
+        pools=("max", "avg"), dropout=0.5, init_std=None, dtype=np.float32):
+    """Network In Network. Defaults: the authors' CIFAR-10 model (966,986 parameters).
+
+    widths: three (c1, c2, c3) per block; None stands for num_classes (the last block's last conv).
+    kernel_sizes: the spatial kernel of each block's first conv (padded to keep the size).
+    pools: the pooling after blocks 1 and 2. init_std: None for He initialisation (see
+    nn.init_weight), or a fixed Gaussian std (the authors used 0.05).
+    """
+    return NIN(in_channels, num_classes, widths, kernel_sizes, pools, dropout, init_std, dtype)
+
+
+# Dataset presets: the authors' variants. Only the arguments of nin() differ.
+PRESETS = {
+    "cifar10": dict(in_channels=3, num_classes=10),
+    "cifar100": dict(in_channels=3, num_classes=100),
+    "svhn": dict(in_channels=3, num_classes=10,
+                 widths=((128, 96, 64), (320, 256, 128), (384, 256, None)), kernel_sizes=(5, 5, 5)),
+    "mnist": dict(in_channels=1, num_classes=10,
+                  widths=((96, 64, 48), (128, 96, 48), (128, 96, None)), kernel_sizes=(5, 5, 5)),
+}
+PRESETS["fashion-mnist"] = PRESETS["mnist"]
+
+
+def nin_for(dataset, **overrides):
+    """The authors' NIN variant for a dataset name (see PRESETS), with optional overrides."""
+    if dataset not in PRESETS:
+        raise ValueError(f"no NIN preset for dataset {dataset!r}; known: {', '.join(PRESETS)}")
+    return nin(**{**PRESETS[dataset], **overrides})
