@@ -1,0 +1,142 @@
+// Max and average pooling, forward and backward, on NCHW planes.
+//
+// Windows: output (oy, ox) covers rows oy*sh - ph .. oy*sh - ph + kh - 1 and columns
+// ox*sw - pw .. ox*sw - pw + kw - 1 of its plane; oh, ow come from the caller (ceil mode allowed: the
+// last window may hang past the edge, but always holds at least one real element).
+//
+// Forward kernels: one thread per OUTPUT element e of y (N, C, oh, ow) (grid-stride loop):
+//   ox = e % ow, oy = (e / ow) % oh, plane = e / (oh*ow) = n*C + c; the thread reads its window.
+// Backward kernels: a GATHER, one thread per INPUT element e of dx (N, C, H, W):
+//   w = e % W, h = (e / W) % H, plane = e / (H*W); the thread sums dy over the windows covering
+//   (h, w): oy from (h+ph < kh ? 0 : (h+ph-kh)/sh + 1) to min((h+ph)/sh, oh-1), same for ox.
+//   Each dx element is written by exactly one thread: no atomics, deterministic (Caffe/Chainer style).
+//
+// Max pooling: padding acts as -inf (only real elements compete); argmax (int32) stores h*W + w, the
+//   flat index inside the plane; ties go to the first element in row-major order (strict >).
+// Average pooling: Caffe's divisor (PyTorch count_include_pad=True): hend = min(hstart + kh, H + ph),
+//   size = (hend - hstart) * (wend - wstart) counted BEFORE clipping the window to the image.
+//
+// Index is int when every flat index (and index + grid size) fits in 31 bits, long long otherwise.
+// T is float or double.
+
+template <typename T, typename Index>
+__global__ void max_pool_forward_kernel(const T* __restrict__ x, T* __restrict__ y,
+                                        int* __restrict__ argmax, Index total, int H, int W,
+                                        int kh, int kw, int sh, int sw, int ph, int pw,
+                                        int oh, int ow) {
+    const Index stride = (Index)blockDim.x * gridDim.x;
+    for (Index e = (Index)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
+        const int ox = (int)(e % ow);
+        const int oy = (int)((e / ow) % oh);
+        const Index plane = e / ((Index)ow * oh);
+        const T* xp = x + plane * H * W;
+        const int hstart = max(oy * sh - ph, 0);
+        const int hend = min(oy * sh - ph + kh, H);
+        const int wstart = max(ox * sw - pw, 0);
+        const int wend = min(ox * sw - pw + kw, W);
+        int best_index = hstart * W + wstart;
+        T best = xp[best_index];
+        for (int h = hstart; h < hend; ++h) {
+            for (int w = wstart; w < wend; ++w) {
+                const T v = xp[h * W + w];
+                if (v > best) {
+                    best = v;
+                    best_index = h * W + w;
+                }
+            }
+        }
+        y[e] = best;
+        argmax[e] = best_index;
+    }
+}
+
+template <typename T, typename Index>
+__global__ void max_pool_backward_kernel(const T* __restrict__ dy, const int* __restrict__ argmax,
+                                         T* __restrict__ dx, Index total, int H, int W,
+                                         int kh, int kw, int sh, int sw, int ph, int pw,
+                                         int oh, int ow) {
+    const Index stride = (Index)blockDim.x * gridDim.x;
+    for (Index e = (Index)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
+        const int w = (int)(e % W);
+        const int h = (int)((e / W) % H);
+        const Index plane = e / ((Index)W * H);
+        const int hp = h + ph;
+        const int wp = w + pw;
+        const int y_start = hp < kh ? 0 : (hp - kh) / sh + 1;
+        const int y_end = min(hp / sh + 1, oh);
+        const int x_start = wp < kw ? 0 : (wp - kw) / sw + 1;
+        const int x_end = min(wp / sw + 1, ow);
+        const Index base = plane * oh * ow;
+        const int me = h * W + w;
+        T sum = T(0);
+        for (int oy = y_start; oy < y_end; ++oy) {
+            for (int ox = x_start; ox < x_end; ++ox) {
+                const Index o = base + oy * ow + ox;
+                if (argmax[o] == me) {
+                    sum += dy[o];
+                }
+            }
+        }
+        dx[e] = sum;
+    }
+}
+
+template <typename T, typename Index>
+__global__ void avg_pool_forward_kernel(const T* __restrict__ x, T* __restrict__ y, Index total,
+                                        int H, int W, int kh, int kw, int sh, int sw,
+                                        int ph, int pw, int oh, int ow) {
+    const Index stride = (Index)blockDim.x * gridDim.x;
+    for (Index e = (Index)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
+        const int ox = (int)(e % ow);
+        const int oy = (int)((e / ow) % oh);
+        const Index plane = e / ((Index)ow * oh);
+        const T* xp = x + plane * H * W;
+        int hstart = oy * sh - ph;
+        int wstart = ox * sw - pw;
+        int hend = min(hstart + kh, H + ph);
+        int wend = min(wstart + kw, W + pw);
+        const int size = (hend - hstart) * (wend - wstart);  // Caffe: before clipping
+        hstart = max(hstart, 0);
+        wstart = max(wstart, 0);
+        hend = min(hend, H);
+        wend = min(wend, W);
+        T sum = T(0);
+        for (int h = hstart; h < hend; ++h) {
+            for (int w = wstart; w < wend; ++w) {
+                sum += xp[h * W + w];
+            }
+        }
+        y[e] = sum / T(size);
+    }
+}
+
+template <typename T, typename Index>
+__global__ void avg_pool_backward_kernel(const T* __restrict__ dy, T* __restrict__ dx, Index total,
+                                         int H, int W, int kh, int kw, int sh, int sw,
+                                         int ph, int pw, int oh, int ow) {
+    const Index stride = (Index)blockDim.x * gridDim.x;
+    for (Index e = (Index)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
+        const int w = (int)(e % W);
+        const int h = (int)((e / W) % H);
+        const Index plane = e / ((Index)W * H);
+        const int hp = h + ph;
+        const int wp = w + pw;
+        const int y_start = hp < kh ? 0 : (hp - kh) / sh + 1;
+        const int y_end = min(hp / sh + 1, oh);
+        const int x_start = wp < kw ? 0 : (wp - kw) / sw + 1;
+        const int x_end = min(wp / sw + 1, ow);
+        const T* dyp = dy + plane * oh * ow;
+        T sum = T(0);
+        for (int oy = y_start; oy < y_end; ++oy) {
+            const int hstart = oy * sh - ph;
+            const int hend = min(hstart + kh, H + ph);
+            for (int ox = x_start; ox < x_end; ++ox) {
+                const int wstart = ox * sw - pw;
+                const int wend = min(wstart + kw, W + pw);
+                const int size = (hend - hstart) * (wend - wstart);
+                sum += dyp[oy * ow + ox] / T(size);
+            }
+        }
+        dx[e] = sum;
+    }
+}

@@ -1,0 +1,467 @@
+"""GPU kernels: launch the CUDA sources in `kernels/*.cu` on CuPy arrays.
+
+Same names and signatures as `ninpy.reference` (the readable NumPy oracle) and `ninpy.cpu_kernels`,
+plus the GPU-only `dropout_mask`, `sgd_update_` and `matmul_shared` (see spec/KERNELS.md). Every
+function takes and returns CuPy arrays, allocates its outputs with `cupy.empty`, launches on the
+current stream and never waits for the GPU or copies to the host.
+
+Each `.cu` file is one concern with `template <typename T, ...>` kernels; its float and double
+versions (and an int / long long index type where sizes can pass 2**31) are named as C++ name
+expressions such as "im2col_kernel<float, int>", compiled together by NVRTC through
+`cupy.RawModule` the first time a kernel of that file is used (and cached by CuPy on disk), so
+importing this module needs no GPU. A compile error is raised as `KernelCompileError` naming the
+`.cu` file and line. `compile_with_nvrtc` compiles a source for a given architecture without any GPU,
+through the same error path; tests/test_kernels_compile.py uses it so a broken kernel fails CI.
+
+Scalars go to the kernels as NumPy scalars of the exact C type (`numpy.int32`, the array's float
+type): CuPy would turn a Python int into `long long` and a float into `double`.
+"""
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ninpy import backend
+
+
+def _kernel_dir():
+    """`kernels/` next to this file when installed (package data), else at the checkout's root."""
+    installed = Path(__file__).parent / "kernels"
+    if installed.is_dir():
+        return installed
+    return Path(__file__).parents[1] / "kernels"
+
+
+KERNEL_DIR = _kernel_dir()
+OPTIONS = ("-std=c++14",)
+FLOATS = ("float", "double")
+INDICES = ("int", "long long")
+LABELS = ("int", "long long")
+
+# file -> {kernel: the lists of template arguments that follow T}
+_KERNELS = {
+    "im2col.cu": {"im2col_kernel": INDICES, "col2im_kernel": INDICES},
+    "pooling.cu": {"max_pool_forward_kernel": INDICES, "max_pool_backward_kernel": INDICES,
+                   "avg_pool_forward_kernel": INDICES, "avg_pool_backward_kernel": INDICES},
+    "cross_entropy.cu": {"cross_entropy_forward_kernel": LABELS,
+                         "cross_entropy_backward_kernel": LABELS},
+    "elementwise.cu": {"bias_relu_kernel": INDICES, "add_bias_kernel": INDICES,
+                       "relu_backward_kernel": INDICES, "dropout_mask_kernel": INDICES},
+    "sgd.cu": {"sgd_update_kernel": INDICES},
+}
+
+_C_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+_BLOCK = 256          # threads per block (a multiple of 32: cross_entropy maps one warp per row)
+_MAX_BLOCKS = 1 << 20  # grid-stride loops cover the rest
+_INT32_MAX = 2 ** 31 - 1
+
+
+def _expression(kernel, *template_args):
+    """The C++ name expression of one instantiation, e.g. "im2col_kernel<float, int>"."""
+    return f"{kernel}<{', '.join(template_args)}>"
+
+
+def _name_expressions(filename):
+    return [_expression(kernel, t, extra)
+            for kernel, extras in _KERNELS[filename].items() for t in FLOATS for extra in extras]
+
+
+def kernel_sources():
+    """[(path, source text, [name expressions for float and double])] for every kernels/*.cu file."""
+    sources = []
+    for filename in _KERNELS:
+        path = KERNEL_DIR / filename
+        if not path.is_file():
+            raise FileNotFoundError(f"CUDA source {path} is missing; reinstall ninpy (`pip install .`) "
+                                    "so that kernels/*.cu are installed as package data")
+        sources.append((path, path.read_text(), _name_expressions(filename)))
+    return sources
+
+
+# --- compile errors -------------------------------------------------------------------------------
+
+class KernelCompileError(RuntimeError):
+    """A kernels/*.cu file does not compile; the message names the file and line of each error."""
+
+
+_LOG_LINE = re.compile(r"^(?P<file>.*?)\((?P<line>\d+)\): (?P<message>.*)$")
+
+
+def format_compile_error(path, log):
+    """Turn NVRTC's log ("anything.cu(LINE): error: ...") into "path:LINE: error: ..." lines.
+
+    The log names NVRTC's own (temporary) file name; the line numbers are those of `path`, whose text
+    is compiled unchanged.
+    """
+    lines = []
+    for raw in log.splitlines():
+        match = _LOG_LINE.match(raw.strip())
+        if match and "error" in match["message"]:
+            lines.append(f"{path}:{match['line']}: {match['message']}")
+    if not lines:  # an error without a position (bad option, missing name expression): keep it all
+        lines = [f"{path}: {log.strip() or 'NVRTC failed without a log'}"]
+    return (f"CUDA kernel source {path} failed to compile:\n  " + "\n  ".join(lines)
+            + "\n(fix the kernel source; the full log is in NVRTC's output above each line)")
+
+
+def compile_with_nvrtc(path, source, name_expressions, arch, options=OPTIONS):
+    """Compile `source` with NVRTC for `arch` (e.g. "sm_90") with no GPU; return {expression: lowered name}.
+
+    Raises KernelCompileError (file and line) on a compile error; ImportError/OSError when NVRTC
+    cannot be loaded.
+    """
+    from cupy_backends.cuda.libs import nvrtc
+
+    program = nvrtc.createProgram(source, Path(path).name, (), ())
+    try:
+        for expression in name_expressions:
+            nvrtc.addNameExpression(program, expression)
+        try:
+            nvrtc.compileProgram(program, tuple(options) + (f"--gpu-architecture={arch}",))
+        except nvrtc.NVRTCError:
+            raise KernelCompileError(format_compile_error(path, nvrtc.getProgramLog(program))) from None
+        return {expression: nvrtc.getLoweredName(program, expression)
+                for expression in name_expressions}
+    finally:
+        nvrtc.destroyProgram(program)
+
+
+# --- loading and launching ------------------------------------------------------------------------
+
+_modules = {}    # filename -> compiled cupy.RawModule (CuPy caches the binary per device)
+_functions = {}  # (filename, name expression) -> cupy.RawKernel
+
+
+def _function(filename, kernel, *template_args):
+    """The compiled kernel `kernel<template_args>` of kernels/filename (compiled on first use)."""
+    expression = _expression(kernel, *template_args)
+    key = (filename, expression)
+    function = _functions.get(key)
+    if function is None:
+        cupy = backend.require_gpu()
+        from cupy.cuda import compiler
+
+        module = _modules.get(filename)
+        if module is None:
+            path, source, expressions = next(entry for entry in kernel_sources()
+                                             if entry[0].name == filename)
+            module = cupy.RawModule(code=source, options=OPTIONS, name_expressions=expressions)
+            try:
+                module.compile()
+            except compiler.CompileException as error:
+                raise KernelCompileError(format_compile_error(path, error.get_message())) from None
+            _modules[filename] = module
+        function = _functions[key] = module.get_function(expression)
+    return function
+
+
+def _c_type(dtype):
+    c_type = _C_TYPES.get(np.dtype(dtype))
+    if c_type is None:
+        raise TypeError(f"GPU kernels take float32 or float64 arrays, got {np.dtype(dtype)}; "
+                        "cast with .astype(numpy.float32)")
+    return c_type
+
+
+def _grid(count):
+    return min((count + _BLOCK - 1) // _BLOCK, _MAX_BLOCKS)
+
+
+def _index(count, *sizes):
+    """(C type, NumPy type) of the flat index: int while every index plus the grid fits in int32."""
+    largest = max((count,) + sizes) + _grid(count) * _BLOCK
+    return ("int", np.int32) if largest <= _INT32_MAX else ("long long", np.int64)
+
+
+def _launch(filename, kernel, dtype, count, args, *sizes):
+    """Launch kernel<dtype, index> over `count` threads (grid-stride); args receive the index type."""
+    if count == 0:
+        return
+    index_c, index_np = _index(count, *sizes)
+    args = tuple(index_np(a.value) if isinstance(a, _Index) else a for a in args)
+    function = _function(filename, kernel, _c_type(dtype), index_c)
+    function((_grid(count),), (_BLOCK,), args)
+
+
+class _Index:
+    """Marks a kernel argument of the index type (int or long long, chosen at launch)."""
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = int(value)
+
+
+def _contiguous(array):
+    cupy = backend.require_gpu()
+    return cupy.ascontiguousarray(array)
+
+
+def _require_contiguous(array, name):
+    if not array.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous to be updated in place (got strides "
+                         f"{array.strides}); pass a contiguous array")
+
+
+def _i32(*values):
+    return tuple(np.int32(v) for v in values)
+
+
+# --- im2col / col2im ------------------------------------------------------------------------------
+
+def im2col(x, kh, kw, sh, sw, ph, pw):
+    """col[(c*kh + i)*kw + j, (n*oh + y)*ow + x] = x[n, c, y*sh - ph + i, x*sw - pw + j], 0 outside."""
+    cupy = backend.require_gpu()
+    x = _contiguous(x)
+    N, C, H, W = x.shape
+    oh = (H + 2 * ph - kh) // sh + 1
+    ow = (W + 2 * pw - kw) // sw + 1
+    col = cupy.empty((C * kh * kw, N * oh * ow), dtype=x.dtype)
+    _launch("im2col.cu", "im2col_kernel", x.dtype, C * N * oh * ow,
+            (x, col) + _i32(N, C, H, W, kh, kw, sh, sw, ph, pw, oh, ow), x.size, col.size)
+    return col
+
+
+def col2im(col, x_shape, kh, kw, sh, sw, ph, pw):
+    """dx[n, c, h, w] = sum of the col entries im2col copied from x[n, c, h, w] (a gather)."""
+    cupy = backend.require_gpu()
+    col = _contiguous(col)
+    N, C, H, W = x_shape
+    oh = (H + 2 * ph - kh) // sh + 1
+    ow = (W + 2 * pw - kw) // sw + 1
+    if col.shape != (C * kh * kw, N * oh * ow):
+        raise ValueError(f"col has shape {col.shape}, expected {(C * kh * kw, N * oh * ow)} for "
+                         f"x_shape {tuple(x_shape)} and kernel {kh}x{kw}")
+    dx = cupy.empty((N, C, H, W), dtype=col.dtype)
+    _launch("im2col.cu", "col2im_kernel", col.dtype, dx.size,
+            (col, dx) + _i32(N, C, H, W, kh, kw, sh, sw, ph, pw, oh, ow), col.size)
+    return dx
+
+
+# --- pooling --------------------------------------------------------------------------------------
+
+def max_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow):
+    """y = max over each window's real elements; argmax (int32) = h*W + w of the first maximum."""
+    cupy = backend.require_gpu()
+    x = _contiguous(x)
+    N, C, H, W = x.shape
+    y = cupy.empty((N, C, oh, ow), dtype=x.dtype)
+    argmax = cupy.empty((N, C, oh, ow), dtype=np.int32)
+    _launch("pooling.cu", "max_pool_forward_kernel", x.dtype, y.size,
+            (x, y, argmax, _Index(y.size)) + _i32(H, W, kh, kw, sh, sw, ph, pw, oh, ow), x.size)
+    return y, argmax
+
+
+def max_pool_backward(dy, argmax, x_shape, kh, kw, sh, sw, ph, pw):
+    """dx[n, c, h, w] = sum of dy over the windows whose argmax is h*W + w (a gather)."""
+    cupy = backend.require_gpu()
+    dy = _contiguous(dy)
+    argmax = _contiguous(argmax).astype(np.int32, copy=False)
+    N, C, H, W = x_shape
+    oh, ow = dy.shape[2:]
+    dx = cupy.empty((N, C, H, W), dtype=dy.dtype)
+    _launch("pooling.cu", "max_pool_backward_kernel", dy.dtype, dx.size,
+            (dy, argmax, dx, _Index(dx.size)) + _i32(H, W, kh, kw, sh, sw, ph, pw, oh, ow), dy.size)
+    return dx
+
+
+def avg_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow):
+    """y = sum of each window's real elements / Caffe's window size (padding counted)."""
+    cupy = backend.require_gpu()
+    x = _contiguous(x)
+    N, C, H, W = x.shape
+    y = cupy.empty((N, C, oh, ow), dtype=x.dtype)
+    _launch("pooling.cu", "avg_pool_forward_kernel", x.dtype, y.size,
+            (x, y, _Index(y.size)) + _i32(H, W, kh, kw, sh, sw, ph, pw, oh, ow), x.size)
+    return y
+
+
+def avg_pool_backward(dy, x_shape, kh, kw, sh, sw, ph, pw):
+    """dx[n, c, h, w] = sum over the windows covering (h, w) of dy / size (a gather)."""
+    cupy = backend.require_gpu()
+    dy = _contiguous(dy)
+    N, C, H, W = x_shape
+    oh, ow = dy.shape[2:]
+    dx = cupy.empty((N, C, H, W), dtype=dy.dtype)
+    _launch("pooling.cu", "avg_pool_backward_kernel", dy.dtype, dx.size,
+            (dy, dx, _Index(dx.size)) + _i32(H, W, kh, kw, sh, sw, ph, pw, oh, ow), dy.size)
+    return dx
+
+
+# --- softmax cross-entropy ------------------------------------------------------------------------
+
+def _label_type(labels):
+    if labels.dtype == np.int32:
+        return "int"
+    if labels.dtype == np.int64:
+        return "long long"
+    raise TypeError(f"labels must be int32 or int64, got {labels.dtype}; cast with .astype(numpy.int64)")
+
+
+def _row_launch(kernel, logits, labels, args):
+    N, K = logits.shape
+    if labels.shape != (N,):
+        raise ValueError(f"labels has shape {labels.shape}, expected ({N},) for logits {logits.shape}")
+    if N == 0:
+        return
+    warps_per_block = _BLOCK // 32
+    grid = min((N + warps_per_block - 1) // warps_per_block, _MAX_BLOCKS)
+    function = _function("cross_entropy.cu", kernel, _c_type(logits.dtype), _label_type(labels))
+    function((grid,), (_BLOCK,), args + _i32(N, K))
+
+
+def cross_entropy_forward(logits, labels):
+    """losses[n] = logsumexp(logits[n]) - logits[n, labels[n]] (row max subtracted); NaN for a bad label."""
+    cupy = backend.require_gpu()
+    logits = _contiguous(logits)
+    labels = _contiguous(labels)
+    losses = cupy.empty((logits.shape[0],), dtype=logits.dtype)
+    _row_launch("cross_entropy_forward_kernel", logits, labels, (logits, labels, losses))
+    return losses
+
+
+def cross_entropy_backward(logits, labels, scale):
+    """dlogits[n, k] = scale * (softmax(logits[n])[k] - (k == labels[n])); scale: 0-d array or float."""
+    cupy = backend.require_gpu()
+    logits = _contiguous(logits)
+    labels = _contiguous(labels)
+    if isinstance(scale, cupy.ndarray):
+        scale = scale.astype(logits.dtype, copy=False).reshape(())  # stays on the device: no sync
+    else:
+        scale = cupy.full((), float(scale), dtype=logits.dtype)  # a fill kernel, no host copy
+    dlogits = cupy.empty_like(logits)
+    _row_launch("cross_entropy_backward_kernel", logits, labels, (logits, labels, scale, dlogits))
+    return dlogits
+
+
+# --- elementwise ----------------------------------------------------------------------------------
+
+def _bias(kernel, out, bias):
+    _require_contiguous(out, "out")
+    if out.ndim < 2 or bias.shape != (out.shape[1],):
+        raise ValueError(f"bias has shape {bias.shape}, expected ({out.shape[1] if out.ndim > 1 else '?'},) "
+                         f"for out of shape {out.shape} (N, C, ...)")
+    bias = _contiguous(bias).astype(out.dtype, copy=False)
+    C = out.shape[1]
+    L = math.prod(out.shape[2:])
+    _launch("elementwise.cu", kernel, out.dtype, out.size,
+            (out, bias, _Index(out.size), np.int32(C), _Index(L)))
+    return out
+
+
+def bias_relu_(out, bias):
+    """out = max(out + bias[c], 0), in place; returns out."""
+    return _bias("bias_relu_kernel", out, bias)
+
+
+def add_bias_(out, bias):
+    """out = out + bias[c], in place; returns out."""
+    return _bias("add_bias_kernel", out, bias)
+
+
+def relu_backward(dy, y):
+    """dx = dy where y > 0, else 0."""
+    cupy = backend.require_gpu()
+    dy = _contiguous(dy)
+    y = _contiguous(y)
+    if dy.shape != y.shape:
+        raise ValueError(f"dy has shape {dy.shape} but y has {y.shape}; they must match")
+    dx = cupy.empty_like(dy)
+    _launch("elementwise.cu", "relu_backward_kernel", dy.dtype, dy.size, (dy, y, dx, _Index(dy.size)))
+    return dx
+
+
+def dropout_mask(shape, p, seed, offset, dtype):
+    """mask of 0 or 1/(1-p): element i keeps when the counter-based uniform u(seed, offset + i) >= p."""
+    cupy = backend.require_gpu()
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability p={p} must be in [0, 1]")
+    dtype = np.dtype(dtype)
+    scalar = dtype.type
+    scale = 0.0 if p == 1.0 else 1.0 / (1.0 - p)
+    mask = cupy.empty(shape, dtype=dtype)
+    _launch("elementwise.cu", "dropout_mask_kernel", dtype, mask.size,
+            (mask, _Index(mask.size), np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF),
+             np.uint64(int(offset) & 0xFFFFFFFFFFFFFFFF), scalar(p), scalar(scale)))
+    return mask
+
+
+# --- optimiser ------------------------------------------------------------------------------------
+
+def sgd_update_(param, grad, buf, lr, momentum, weight_decay, nesterov):
+    """torch.optim.SGD (dampening 0) in place: g = grad + wd*param; buf = m*buf + g;
+    param -= lr * (g + m*buf if nesterov else buf)."""
+    _require_contiguous(param, "param")
+    _require_contiguous(buf, "buf")
+    if grad.shape != param.shape or buf.shape != param.shape:
+        raise ValueError(f"param {param.shape}, grad {grad.shape} and buf {buf.shape} must have one shape")
+    if grad.dtype != param.dtype or buf.dtype != param.dtype:
+        raise TypeError(f"param ({param.dtype}), grad ({grad.dtype}) and buf ({buf.dtype}) must share a dtype")
+    grad = _contiguous(grad)
+    scalar = param.dtype.type
+    _launch("sgd.cu", "sgd_update_kernel", param.dtype, param.size,
+            (param, grad, buf, _Index(param.size), scalar(lr), scalar(momentum),
+             scalar(weight_decay), np.int32(bool(nesterov))))
+    return param
+
+
+# --- shared-weight batched GEMM -------------------------------------------------------------------
+
+def _tf32_enabled():
+    """CuPy's rule for its own matmuls: CUPY_TF32=1 and a GPU of compute capability 8.0 or newer."""
+    if int(os.environ.get("CUPY_TF32", "0") or 0) <= 0:
+        return False
+    cupy = backend.require_gpu()
+    return int(cupy.cuda.Device().compute_capability) >= 80
+
+
+def matmul_shared(w, x, transpose_w=False):
+    """out[b] = op(w) @ x[b]: w (M, K) (or (K, M) with transpose_w), x (B, K, L) -> out (B, M, L).
+
+    One cuBLAS strided-batched GEMM with stride 0 for the shared weight. cuBLAS is column-major, and a
+    row-major (R, C) matrix is the column-major (C, R) matrix of its transpose, so we ask cuBLAS for
+    out[b]^T (L, M) = x[b]^T (L, K) @ op(w)^T (K, M): A = x[b] untransposed (lda = L, stride K*L),
+    B = w (ldb = K, transposed when transpose_w with ldb = M), C = out[b] (ldc = L, stride M*L).
+    float32 uses gemmStridedBatchedEx so that CUPY_TF32=1 applies here as it does to CuPy's 2-D matmul.
+    """
+    cupy = backend.require_gpu()
+    from cupy.cuda import cublas, device
+
+    w = _contiguous(w)
+    x = _contiguous(x)
+    if w.dtype != x.dtype:
+        raise TypeError(f"w ({w.dtype}) and x ({x.dtype}) must share a dtype")
+    c_type = _c_type(x.dtype)
+    if w.ndim != 2 or x.ndim != 3:
+        raise ValueError(f"matmul_shared takes w (M, K) and x (B, K, L), got {w.shape} and {x.shape}")
+    M, K = (w.shape[1], w.shape[0]) if transpose_w else w.shape
+    B, Kx, L = x.shape
+    if Kx != K:
+        raise ValueError(f"op(w) is ({M}, {K}) but x[b] is ({Kx}, {L}); inner sizes must agree")
+    out = cupy.empty((B, M, L), dtype=x.dtype)
+    if out.size == 0:
+        return out
+    if K == 0:
+        out.fill(0)
+        return out
+    handle = device.get_cublas_handle()  # CuPy's wrappers set the current stream on every call
+    transb = cublas.CUBLAS_OP_T if transpose_w else cublas.CUBLAS_OP_N
+    ldb = M if transpose_w else K
+    one = np.array(1, dtype=x.dtype)
+    zero = np.array(0, dtype=x.dtype)
+    if c_type == "float":
+        compute = cublas.CUBLAS_COMPUTE_32F_FAST_TF32 if _tf32_enabled() else cublas.CUBLAS_COMPUTE_32F
+        cublas.gemmStridedBatchedEx(
+            handle, cublas.CUBLAS_OP_N, transb, L, M, K,
+            one.ctypes.data, x.data.ptr, cupy.cuda.runtime.CUDA_R_32F, L, K * L,
+            w.data.ptr, cupy.cuda.runtime.CUDA_R_32F, ldb, 0,
+            zero.ctypes.data, out.data.ptr, cupy.cuda.runtime.CUDA_R_32F, L, M * L,
+            B, compute, cublas.CUBLAS_GEMM_DEFAULT)
+    else:
+        cublas.dgemmStridedBatched(
+            handle, cublas.CUBLAS_OP_N, transb, L, M, K,
+            one.ctypes.data, x.data.ptr, L, K * L,
+            w.data.ptr, ldb, 0,
+            zero.ctypes.data, out.data.ptr, L, M * L, B)
+    return out
