@@ -1,0 +1,156 @@
+"""The engine itself: graph walk, accumulation, broadcasting gradients, no_grad, clear errors."""
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import ninpy
+from ninpy import Tensor, no_grad
+
+
+def leaf(values, dtype=np.float64):
+    return Tensor(np.asarray(values, dtype=dtype), requires_grad=True)
+
+
+def test_tensor_used_twice_accumulates():
+    x = leaf([2.0, 3.0])
+    y = x * x + x  # x feeds three uses
+    y.backward(np.ones(2))
+    np.testing.assert_allclose(x.grad, 2 * x.data + 1)
+
+
+def test_diamond_graph():
+    x = leaf([1.5])
+    a = x * 3.0
+    b = x * x
+    z = a * b  # z = 3 x^3, dz/dx = 9 x^2
+    z.backward()
+    np.testing.assert_allclose(x.grad, 9 * x.data ** 2)
+
+
+def test_gradients_accumulate_across_backward_calls_and_zero_grad_clears():
+    x = leaf([1.0, 2.0])
+    (x * 2.0).sum().backward()
+    (x * 3.0).sum().backward()
+    np.testing.assert_allclose(x.grad, [5.0, 5.0])
+    x.zero_grad()
+    assert x.grad is None
+
+
+def test_no_grad_records_nothing():
+    x = leaf([1.0])
+    with no_grad():
+        y = x * 2.0
+    assert not y.requires_grad and y.creator is None
+    assert ninpy.is_grad_enabled()
+
+
+def test_requires_grad_propagates_only_from_inputs_that_need_it():
+    a = Tensor(np.ones(3))
+    b = leaf(np.ones(3))
+    assert not (a * 2.0).requires_grad
+    assert (a * b).requires_grad
+    (a * b).sum().backward()
+    assert a.grad is None
+    np.testing.assert_allclose(b.grad, np.ones(3))
+
+
+@given(st.sampled_from([((2, 3), (3,)), ((2, 3), (1, 3)), ((2, 3), (2, 1)), ((4, 1, 3), (2, 1)),
+                        ((2, 3), ())]))
+def test_broadcasting_gradients(shapes):
+    shape_a, shape_b = shapes
+    rng = np.random.default_rng(0)
+    a, b = leaf(rng.standard_normal(shape_a)), leaf(rng.standard_normal(shape_b) + 3.0)
+    for op in (lambda a, b: a + b, lambda a, b: a - b, lambda a, b: a * b, lambda a, b: a / b):
+        assert ninpy.gradcheck(op, [a, b])
+
+
+def test_reductions_reshape_matmul_pow_gradients():
+    rng = np.random.default_rng(1)
+    a = leaf(rng.standard_normal((3, 4)))
+    b = leaf(rng.standard_normal((4, 2)))
+    assert ninpy.gradcheck(lambda a: a.sum(axis=1), [a])
+    assert ninpy.gradcheck(lambda a: a.mean(axis=0, keepdims=True), [a])
+    assert ninpy.gradcheck(lambda a: a.mean(), [a])
+    assert ninpy.gradcheck(lambda a: a.reshape(2, 6) * 2.0, [a])
+    assert ninpy.gradcheck(lambda a, b: a @ b, [a, b])
+    assert ninpy.gradcheck(lambda a: (a * a + 1.0) ** 1.5, [a])
+    assert ninpy.gradcheck(lambda a: -a + 1.0 - 2.0 / (a * a + 1.0), [a])
+
+
+def test_float32_stays_float32_with_python_scalars():
+    x = Tensor(np.ones(3, dtype=np.float32), requires_grad=True)
+    y = (x * 2.0 + 1) / 3.0
+    assert y.dtype == np.float32
+    y.sum().backward()
+    assert x.grad.dtype == np.float32
+
+
+def test_tensor_from_lists_is_float32_like_torch():
+    assert Tensor([[1.0, 2.0]]).dtype == np.float32
+    assert Tensor([1, 2]).dtype.kind == "i"
+    assert Tensor(np.zeros(2)).dtype == np.float64
+
+
+def test_deep_chain_does_not_hit_recursion_limit():
+    x = leaf([1.0])
+    y = x
+    for _ in range(5000):
+        y = y + 1.0
+    y.backward()
+    np.testing.assert_allclose(x.grad, [1.0])
+
+
+def test_backward_on_non_scalar_without_grad_says_so():
+    x = leaf(np.ones((2, 2)))
+    with pytest.raises(RuntimeError, match=r"one-element tensor.*\(2, 2\)"):
+        (x * 2.0).backward()
+
+
+def test_backward_grad_of_wrong_shape_names_both_shapes():
+    x = leaf(np.ones((2, 2)))
+    with pytest.raises(RuntimeError, match=r"\(3,\).*\(2, 2\)"):
+        (x * 2.0).backward(np.ones(3))
+
+
+def test_shape_mismatch_names_both_shapes():
+    with pytest.raises(ValueError, match=r"\(2, 3\).*\(4,\)"):
+        leaf(np.ones((2, 3))) + leaf(np.ones(4))
+    with pytest.raises(ValueError, match=r"\(2, 3\).*\(2, 3\)"):
+        leaf(np.ones((2, 3))) @ leaf(np.ones((2, 3)))
+
+
+def test_backward_without_requires_grad_is_an_error():
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        Tensor(np.ones(1)).backward()
+
+
+def test_graph_is_freed_after_backward():
+    x = leaf([1.0, 2.0])
+    y = (x * 2.0).sum()
+    y.backward()
+    assert y.creator is None
+
+
+def test_gradcheck_catches_a_wrong_backward():
+    class WrongSquare(ninpy.Function):
+        def forward(self, a):
+            self.a = a
+            return a * a
+
+        def backward(self, grad):
+            return (grad * self.a,)  # should be 2a
+
+    with pytest.raises(ninpy.GradcheckError, match="input 0"):
+        ninpy.gradcheck(lambda a: WrongSquare.apply(a), [leaf([1.0, 2.0])])
+
+
+def test_gradcheck_refuses_float32():
+    with pytest.raises(TypeError, match="float64"):
+        ninpy.gradcheck(lambda a: a * 2.0, [leaf([1.0], dtype=np.float32)])
+
+
+def test_numpy_and_to_cpu():
+    x = Tensor([[1.0, 2.0]], device="cpu")
+    assert x.device == "cpu" and x.to("cpu") is x
+    np.testing.assert_array_equal(x.numpy(), [[1.0, 2.0]])
