@@ -46,12 +46,16 @@ class Standardize:
     """x -> (x - mean) / std per channel, float32; `fit` on the training set, `apply` anywhere."""
 
     def __init__(self, mean=None, std=None, eps=1e-8):
+        self.eps = eps
+        self._set(mean, std)
+
+    def _set(self, mean, std):
         self.mean = None if mean is None else np.asarray(mean, np.float64)
         self.std = None if std is None else np.asarray(std, np.float64)
-        self.eps = eps
+        self._on_device = {}  # array module name -> (mean, 1/std) as float32 (1, C, 1, 1) there
 
     def fit(self, x):
-        self.mean, self.std = channel_stats(x)
+        self._set(*channel_stats(x))
         return self
 
     def apply(self, x):
@@ -59,9 +63,12 @@ class Standardize:
         if self.mean is None:
             raise RuntimeError("Standardize.apply before fit: call fit(x_train) first")
         xp = array_module(x)
-        shape = (1, -1, 1, 1)
-        mean = xp.asarray(self.mean.reshape(shape), dtype=xp.float32)
-        scale = xp.asarray((1.0 / np.maximum(self.std, self.eps)).reshape(shape), dtype=xp.float32)
+        if xp.__name__ not in self._on_device:  # copied once, not once per batch
+            shape = (1, -1, 1, 1)
+            self._on_device[xp.__name__] = (
+                xp.asarray(self.mean.reshape(shape), dtype=xp.float32),
+                xp.asarray((1.0 / np.maximum(self.std, self.eps)).reshape(shape), dtype=xp.float32))
+        mean, scale = self._on_device[xp.__name__]
         return (x.astype(xp.float32) - mean) * scale
 
     __call__ = apply
@@ -70,8 +77,7 @@ class Standardize:
         return {"mean": self.mean, "std": self.std}
 
     def load_state_dict(self, state):
-        self.mean = np.asarray(state["mean"], np.float64)
-        self.std = np.asarray(state["std"], np.float64)
+        self._set(state["mean"], state["std"])
         return self
 
 
