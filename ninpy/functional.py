@@ -9,6 +9,7 @@ Shapes follow PyTorch: images NCHW, conv weights (C_out, C_in, kh, kw).
 import numpy as np
 
 from . import backend, cpu_kernels, random
+from .gemm import batch_to_columns, columns_to_batch, matmul_batch_sum, matmul_shared
 from .autograd import Function, Tensor
 from .shapes import conv_output_size, pair, pool_output_size
 
@@ -19,13 +20,6 @@ def kernels_for(array):
         from . import gpu_kernels  # imported on first GPU use: the CPU path never needs CuPy
         return gpu_kernels
     return cpu_kernels
-
-
-def matmul_shared(w, x, transpose_w=False):
-    """out[b] = op(w) @ x[b] for a 2-D w shared by the whole batch x (B, K, L)."""
-    if backend.is_gpu_array(x):
-        return kernels_for(x).matmul_shared(w, x, transpose_w)
-    return np.matmul(w.T if transpose_w else w, x)
 
 
 def _require_4d(x, op):
@@ -41,7 +35,8 @@ class Conv2d(Function):
     A general kernel is lowered with im2col to one GEMM over the whole batch:
     col (C*kh*kw, N*oh*ow), y = W(C_out, C*kh*kw) @ col;  dW = dy @ col^T,  dcol = W^T @ dy,
     dx = col2im(dcol). A 1x1 kernel with stride 1 and no padding needs no im2col: x (N, C, H*W) is
-    already the column matrix of each image, so y[n] = W @ x[n] is a batched GEMM with a shared W.
+    already the column matrix of each image, so y[n] = W @ x[n] is a batched GEMM with a shared W
+    (ninpy.gemm runs it the way that measured fastest on each device).
     col is recomputed in backward rather than kept, which bounds memory to one layer's columns.
     """
 
@@ -64,9 +59,7 @@ class Conv2d(Function):
         if self.pointwise:
             y = matmul_shared(w2, x.reshape(n, x.shape[1], -1))
         else:
-            col = self._im2col(x)
-            y = (w2 @ col).reshape(c_out, n, -1).transpose(1, 0, 2)
-            y = backend.array_module(x).ascontiguousarray(y)
+            y = columns_to_batch(w2 @ self._im2col(x), n)
         if relu and b is not None:
             self.kernels.bias_relu_(y, b)
         elif relu:
@@ -88,10 +81,10 @@ class Conv2d(Function):
         need_x = self.needs_input_grad[0]
         if self.pointwise:
             x3, g3 = x.reshape(n, x.shape[1], -1), grad.reshape(n, c_out, -1)
-            grad_w = backend.array_module(x).matmul(g3, x3.transpose(0, 2, 1)).sum(axis=0)
+            grad_w = matmul_batch_sum(g3, x3)
             grad_x = matmul_shared(w2, g3, transpose_w=True).reshape(x.shape) if need_x else None
         else:
-            g2 = grad.reshape(n, c_out, -1).transpose(1, 0, 2).reshape(c_out, -1)
+            g2 = batch_to_columns(grad.reshape(n, c_out, -1))
             grad_w = g2 @ self._im2col(x).T
             grad_x = self._col2im(w2.T @ g2) if need_x else None
         return grad_x, grad_w.reshape(w.shape), grad_b
