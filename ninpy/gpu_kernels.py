@@ -291,23 +291,28 @@ def avg_pool_backward(dy, x_shape, kh, kw, sh, sw, ph, pw):
 
 # --- softmax cross-entropy ------------------------------------------------------------------------
 
-def _label_type(labels):
-    if labels.dtype == np.int32:
-        return "int"
-    if labels.dtype == np.int64:
-        return "long long"
-    raise TypeError(f"labels must be int32 or int64, got {labels.dtype}; cast with .astype(numpy.int64)")
+def _labels(labels):
+    """Labels as int32 or int64 (other integer dtypes are widened to int64)."""
+    labels = _contiguous(labels)
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"labels must be int32 or int64, got {labels.dtype}; cast with .astype(numpy.int64)")
+    if labels.dtype not in (np.int32, np.int64):
+        labels = labels.astype(np.int64)
+    return labels
 
 
 def _row_launch(kernel, logits, labels, args):
     N, K = logits.shape
     if labels.shape != (N,):
         raise ValueError(f"labels has shape {labels.shape}, expected ({N},) for logits {logits.shape}")
+    if K == 0:
+        raise ValueError(f"logits of shape {logits.shape} have no classes; expected (N, K) with K >= 1")
     if N == 0:
         return
     warps_per_block = _BLOCK // 32
     grid = min((N + warps_per_block - 1) // warps_per_block, _MAX_BLOCKS)
-    function = _function("cross_entropy.cu", kernel, _c_type(logits.dtype), _label_type(labels))
+    label_type = "int" if labels.dtype == np.int32 else "long long"
+    function = _function("cross_entropy.cu", kernel, _c_type(logits.dtype), label_type)
     function((grid,), (_BLOCK,), args + _i32(N, K))
 
 
@@ -315,7 +320,7 @@ def cross_entropy_forward(logits, labels):
     """losses[n] = logsumexp(logits[n]) - logits[n, labels[n]] (row max subtracted); NaN for a bad label."""
     cupy = backend.require_gpu()
     logits = _contiguous(logits)
-    labels = _contiguous(labels)
+    labels = _labels(labels)
     losses = cupy.empty((logits.shape[0],), dtype=logits.dtype)
     _row_launch("cross_entropy_forward_kernel", logits, labels, (logits, labels, losses))
     return losses
@@ -325,7 +330,7 @@ def cross_entropy_backward(logits, labels, scale):
     """dlogits[n, k] = scale * (softmax(logits[n])[k] - (k == labels[n])); scale: 0-d array or float."""
     cupy = backend.require_gpu()
     logits = _contiguous(logits)
-    labels = _contiguous(labels)
+    labels = _labels(labels)
     if isinstance(scale, cupy.ndarray):
         scale = scale.astype(logits.dtype, copy=False).reshape(())  # stays on the device: no sync
     else:
@@ -374,9 +379,9 @@ def relu_backward(dy, y):
 
 def dropout_mask(shape, p, seed, offset, dtype):
     """mask of 0 or 1/(1-p): element i keeps when the counter-based uniform u(seed, offset + i) >= p."""
-    cupy = backend.require_gpu()
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability p={p} must be in [0, 1]")
+    cupy = backend.require_gpu()
     dtype = np.dtype(dtype)
     scalar = dtype.type
     scale = 0.0 if p == 1.0 else 1.0 / (1.0 - p)
@@ -422,17 +427,14 @@ def matmul_shared(w, x, transpose_w=False):
     One cuBLAS strided-batched GEMM with stride 0 for the shared weight. cuBLAS is column-major, and a
     row-major (R, C) matrix is the column-major (C, R) matrix of its transpose, so we ask cuBLAS for
     out[b]^T (L, M) = x[b]^T (L, K) @ op(w)^T (K, M): A = x[b] untransposed (lda = L, stride K*L),
-    B = w (ldb = K, transposed when transpose_w with ldb = M), C = out[b] (ldc = L, stride M*L).
-    float32 uses gemmStridedBatchedEx so that CUPY_TF32=1 applies here as it does to CuPy's 2-D matmul.
+    B = w (ldb = K; transposed, with ldb = M, when transpose_w), C = out[b] (ldc = L, stride M*L).
     """
     cupy = backend.require_gpu()
-    from cupy.cuda import cublas, device
-
     w = _contiguous(w)
     x = _contiguous(x)
     if w.dtype != x.dtype:
         raise TypeError(f"w ({w.dtype}) and x ({x.dtype}) must share a dtype")
-    c_type = _c_type(x.dtype)
+    _c_type(x.dtype)
     if w.ndim != 2 or x.ndim != 3:
         raise ValueError(f"matmul_shared takes w (M, K) and x (B, K, L), got {w.shape} and {x.shape}")
     M, K = (w.shape[1], w.shape[0]) if transpose_w else w.shape
@@ -445,23 +447,36 @@ def matmul_shared(w, x, transpose_w=False):
     if K == 0:
         out.fill(0)
         return out
-    handle = device.get_cublas_handle()  # CuPy's wrappers set the current stream on every call
-    transb = cublas.CUBLAS_OP_T if transpose_w else cublas.CUBLAS_OP_N
-    ldb = M if transpose_w else K
-    one = np.array(1, dtype=x.dtype)
-    zero = np.array(0, dtype=x.dtype)
-    if c_type == "float":
+    _gemm_strided_batched(transpose_b=transpose_w, m=L, n=M, k=K,
+                          a=x, lda=L, stride_a=K * L,
+                          b=w, ldb=M if transpose_w else K, stride_b=0,
+                          c=out, ldc=L, stride_c=M * L, batch=B)
+    return out
+
+
+def _gemm_strided_batched(transpose_b, m, n, k, a, lda, stride_a, b, ldb, stride_b, c, ldc, stride_c,
+                          batch):
+    """Column-major C[i] = A[i] @ op(B[i]) for i < batch (alpha 1, beta 0), on the current stream.
+
+    float32 goes through gemmStridedBatchedEx so that CUPY_TF32=1 applies here as it does to CuPy's
+    own 2-D matmul (compute type 32F_FAST_TF32); float64 through dgemmStridedBatched.
+    """
+    cupy = backend.require_gpu()
+    from cupy.cuda import cublas, device
+
+    handle = device.get_cublas_handle()  # CuPy's cuBLAS wrappers set the current stream each call
+    transb = cublas.CUBLAS_OP_T if transpose_b else cublas.CUBLAS_OP_N
+    one = np.array(1, dtype=c.dtype)   # host scalars: CuPy's handle is in host pointer mode
+    zero = np.array(0, dtype=c.dtype)
+    if c.dtype == np.float32:
         compute = cublas.CUBLAS_COMPUTE_32F_FAST_TF32 if _tf32_enabled() else cublas.CUBLAS_COMPUTE_32F
+        r32f = cupy.cuda.runtime.CUDA_R_32F
         cublas.gemmStridedBatchedEx(
-            handle, cublas.CUBLAS_OP_N, transb, L, M, K,
-            one.ctypes.data, x.data.ptr, cupy.cuda.runtime.CUDA_R_32F, L, K * L,
-            w.data.ptr, cupy.cuda.runtime.CUDA_R_32F, ldb, 0,
-            zero.ctypes.data, out.data.ptr, cupy.cuda.runtime.CUDA_R_32F, L, M * L,
-            B, compute, cublas.CUBLAS_GEMM_DEFAULT)
+            handle, cublas.CUBLAS_OP_N, transb, m, n, k,
+            one.ctypes.data, a.data.ptr, r32f, lda, stride_a, b.data.ptr, r32f, ldb, stride_b,
+            zero.ctypes.data, c.data.ptr, r32f, ldc, stride_c, batch, compute, cublas.CUBLAS_GEMM_DEFAULT)
     else:
         cublas.dgemmStridedBatched(
-            handle, cublas.CUBLAS_OP_N, transb, L, M, K,
-            one.ctypes.data, x.data.ptr, L, K * L,
-            w.data.ptr, ldb, 0,
-            zero.ctypes.data, out.data.ptr, L, M * L, B)
-    return out
+            handle, cublas.CUBLAS_OP_N, transb, m, n, k,
+            one.ctypes.data, a.data.ptr, lda, stride_a, b.data.ptr, ldb, stride_b,
+            zero.ctypes.data, c.data.ptr, ldc, stride_c, batch)

@@ -1,0 +1,202 @@
+"""Run kernels/*.cu on the CPU, to test the kernels' index logic and ninpy.gpu_kernels' launches
+without a GPU.
+
+The .cu sources are compiled UNCHANGED by the host C++ compiler (g++ -std=c++20) after a small shim
+that defines the CUDA built-ins they use: __global__/__device__, threadIdx/blockIdx/blockDim/gridDim,
+min/max, and __shfl_xor_sync (a warp is 32 std::threads meeting at a barrier). A launch runs every
+block and thread of the grid, so grid-stride loops and the index formulas run as written.
+
+`emulated_cupy()` is a stand-in for the `cupy` module made of NumPy (empty, full, ascontiguousarray,
+...) whose `RawModule(...).get_function("kernel<float, int>")` returns a launcher with CuPy's calling
+convention `kernel(grid, block, args)`. Before each launch it checks every argument against the
+kernel's C parameter list parsed from the source (pointer: an array of the right dtype; scalar: a NumPy
+scalar of exactly the C type — a Python int would become long long in CuPy, a float double), then
+passes them the way cuLaunchKernel does, as an array of pointers to the values.
+
+What this does NOT show: timing, memory coalescing, real warp scheduling, float rounding of the GPU's
+math library (expf/logf), or cuBLAS (matmul_shared). Those need tests/test_gpu.py on a GPU.
+"""
+import ctypes
+import functools
+import hashlib
+import re
+import shutil
+import subprocess
+import tempfile
+import types
+from pathlib import Path
+
+import numpy as np
+
+SHIM = r"""
+// Host stand-ins for the CUDA built-ins used by kernels/*.cu.
+#include <algorithm>
+#include <barrier>
+#include <functional>
+#include <math.h>
+#include <thread>
+#include <vector>
+struct Dim3 { unsigned x = 1, y = 1, z = 1; };
+thread_local Dim3 threadIdx, blockIdx;
+Dim3 blockDim, gridDim;
+#define __global__
+#define __device__
+#define __restrict__
+using std::min;
+using std::max;
+static double warp_slots[32];
+static std::barrier<>* warp_barrier = nullptr;
+template <typename T> T __shfl_xor_sync(unsigned, T v, int lane_mask) {
+    const int lane = threadIdx.x % 32;
+    warp_barrier->arrive_and_wait();           // everyone has read the previous round
+    warp_slots[lane] = (double)v;              // float and double both fit exactly
+    warp_barrier->arrive_and_wait();
+    return (T)warp_slots[lane ^ lane_mask];
+}
+static void launch(unsigned grid, unsigned block, bool warps, const std::function<void()>& body) {
+    gridDim.x = grid;
+    blockDim.x = block;
+    if (!warps) {  // no shuffles: threads one after another
+        for (unsigned b = 0; b < grid; ++b)
+            for (unsigned t = 0; t < block; ++t) { blockIdx.x = b; threadIdx.x = t; body(); }
+        return;
+    }
+    std::barrier<> bar(32);
+    warp_barrier = &bar;
+    for (unsigned b = 0; b < grid; ++b)
+        for (unsigned w = 0; w < block / 32; ++w) {
+            std::vector<std::thread> lanes;
+            for (unsigned l = 0; l < 32; ++l)
+                lanes.emplace_back([=, &body] { blockIdx.x = b; threadIdx.x = w * 32 + l; body(); });
+            for (auto& lane : lanes) lane.join();
+        }
+}
+"""
+
+_C_TO_NUMPY = {"float": np.float32, "double": np.float64, "int": np.int32, "long long": np.int64,
+               "unsigned long long": np.uint64}
+_CTYPES = {np.dtype(np.float32): ctypes.c_float, np.dtype(np.float64): ctypes.c_double,
+           np.dtype(np.int32): ctypes.c_int32, np.dtype(np.int64): ctypes.c_int64,
+           np.dtype(np.uint64): ctypes.c_uint64}
+_KERNEL = re.compile(r"template\s*<([^>]*)>\s*__global__\s+void\s+(\w+)\s*\(([^)]*)\)", re.S)
+
+
+class EmulatorUnavailable(RuntimeError):
+    pass
+
+
+def parse_kernels(source):
+    """{kernel: (template parameter names, [(C type with T etc. unsubstituted, is_pointer), ...])}."""
+    kernels = {}
+    for template, name, params in _KERNEL.findall(source):
+        names = [p.split()[-1] for p in template.split(",")]
+        parsed = []
+        for param in params.split(","):
+            text = " ".join(param.replace("__restrict__", " ").split())
+            pointer = "*" in text
+            words = text.replace("*", " ").split()[:-1]  # drop the parameter's name
+            base = " ".join(w for w in words if w != "const")
+            parsed.append((base, pointer, "const" in words))
+        kernels[name] = (names, parsed)
+    return kernels
+
+
+def _split_expression(expression):
+    name, args = expression.split("<", 1)
+    return name, [a.strip() for a in args.rstrip(">").split(",")]
+
+
+def _param_types(kernels, expression):
+    name, args = _split_expression(expression)
+    template_names, params = kernels[name]
+    substitute = dict(zip(template_names, args))
+    return [(substitute.get(base, base), pointer, const) for base, pointer, const in params]
+
+
+@functools.lru_cache(maxsize=None)
+def _build(sources):
+    """Compile the shim + every source + one extern "C" wrapper per name expression; return (lib, names)."""
+    compiler = shutil.which("g++")
+    if compiler is None:
+        raise EmulatorUnavailable("no g++ on PATH (needed to run the CUDA sources on the CPU)")
+    parts = [SHIM]
+    wrappers = {}
+    for path, source, expressions in sources:
+        kernels = parse_kernels(source)
+        parts.append(f'#include "{Path(path).resolve()}"')
+        warps = "__shfl" in source
+        for expression in expressions:
+            wrapper = f"wrap_{len(wrappers)}"
+            wrappers[expression] = (wrapper, _param_types(kernels, expression))
+            args = ", ".join(f"*reinterpret_cast<{'const ' if const else ''}{base}{'*' if pointer else ''}*>(a[{i}])"
+                             for i, (base, pointer, const) in enumerate(_param_types(kernels, expression)))
+            parts.append(f'extern "C" void {wrapper}(unsigned grid, unsigned block, void** a) '
+                         f'{{ launch(grid, block, {str(warps).lower()}, [&] {{ {expression}({args}); }}); }}')
+    code = "\n".join(parts) + "\n"
+    digest = hashlib.sha256((code + "".join(s for _, s, _ in sources)).encode()).hexdigest()[:16]
+    workdir = Path(tempfile.gettempdir()) / f"ninpy-cuda-emulator-{digest}"
+    workdir.mkdir(exist_ok=True)
+    library = workdir / "emulator.so"
+    if not library.exists():
+        (workdir / "emulator.cpp").write_text(code)
+        result = subprocess.run([compiler, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread",
+                                 "-o", str(library) + ".tmp", str(workdir / "emulator.cpp")],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            raise EmulatorUnavailable(f"g++ could not build the host emulator:\n{result.stderr[-3000:]}")
+        Path(str(library) + ".tmp").rename(library)
+    return ctypes.CDLL(str(library)), wrappers
+
+
+class _Kernel:
+    def __init__(self, lib, expression, wrapper, params):
+        self.expression = expression
+        self.function = getattr(lib, wrapper)
+        self.params = params
+
+    def __call__(self, grid, block, args):
+        assert len(grid) == 1 and len(block) == 1, "our kernels use 1-D grids"
+        if len(args) != len(self.params):
+            raise TypeError(f"{self.expression}: {len(args)} arguments for {len(self.params)} parameters")
+        keep, pointers = [], []
+        for i, (arg, (base, pointer, _)) in enumerate(zip(args, self.params)):
+            expected = np.dtype(_C_TO_NUMPY[base])
+            if pointer:
+                if not isinstance(arg, np.ndarray) or arg.dtype != expected or not arg.flags.c_contiguous:
+                    raise TypeError(f"{self.expression}: argument {i} must be a contiguous {expected} "
+                                    f"array (for {base}*), got {type(arg).__name__} "
+                                    f"{getattr(arg, 'dtype', '')}")
+                value = ctypes.c_void_p(arg.ctypes.data)
+            else:
+                if not isinstance(arg, np.generic) or arg.dtype != expected:
+                    raise TypeError(f"{self.expression}: argument {i} must be a numpy {expected} scalar "
+                                    f"(for {base}), got {type(arg).__name__} {getattr(arg, 'dtype', '')}")
+                value = _CTYPES[expected](arg.item())
+            keep.append(value)
+            pointers.append(ctypes.cast(ctypes.pointer(value), ctypes.c_void_p))
+        array = (ctypes.c_void_p * len(pointers))(*pointers)
+        self.function(ctypes.c_uint(int(grid[0])), ctypes.c_uint(int(block[0])), array)
+
+
+def emulated_cupy(sources):
+    """A NumPy-backed stand-in for the cupy module, running `sources` (gpu_kernels.kernel_sources())."""
+    lib, wrappers = _build(tuple((str(p), s, tuple(n)) for p, s, n in sources))
+
+    class RawModule:
+        def __init__(self, code, options=(), name_expressions=()):
+            self.name_expressions = tuple(name_expressions)
+
+        def compile(self):
+            pass
+
+        def get_function(self, expression):
+            if expression not in self.name_expressions:
+                raise KeyError(f"{expression} was not declared as a name expression")
+            wrapper, params = wrappers[expression]
+            return _Kernel(lib, expression, wrapper, params)
+
+    fake = types.SimpleNamespace(
+        ndarray=np.ndarray, empty=np.empty, empty_like=np.empty_like, full=np.full,
+        ascontiguousarray=np.ascontiguousarray, asarray=np.asarray, asnumpy=np.asarray,
+        RawModule=RawModule)
+    return fake

@@ -1,0 +1,450 @@
+"""GPU kernels (ninpy.gpu_kernels, kernels/*.cu) against the NumPy reference, and a whole NIN training
+step on the GPU against the CPU.
+
+Kernel tests run on two backends:
+- "cuda": the real thing, marked `gpu` (skipped by conftest.py without a usable GPU);
+- "emulated": the same .cu sources compiled by g++ and run on the CPU through
+  tests/cuda_host_emulator.py, with gpu_kernels' launches checked argument by argument against the
+  kernels' C signatures. It runs everywhere g++ (C++20) is found, so index formulas and launch
+  arguments are tested even on machines without a GPU. It cannot show GPU rounding, speed or cuBLAS.
+"""
+import contextlib
+import functools
+import math
+import os
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ninpy import backend, gpu_kernels
+from ninpy import reference as R
+from strategies import conv_geometries, dtypes, pool_geometries, random_array, random_labels, seeds
+
+BACKENDS = [pytest.param("cuda", marks=pytest.mark.gpu), "emulated"]
+DTYPES = [np.float32, np.float64]
+EXAMPLES = settings(max_examples=25, deadline=None)
+
+
+@functools.lru_cache(maxsize=None)
+def _emulated_cupy():
+    import cuda_host_emulator
+    try:
+        return cuda_host_emulator.emulated_cupy(gpu_kernels.kernel_sources()), None
+    except cuda_host_emulator.EmulatorUnavailable as error:
+        return None, str(error)
+
+
+class Device:
+    """put: NumPy -> device array; get: device array -> NumPy."""
+
+    def __init__(self, name, xp, put, get):
+        self.name, self.xp, self.put, self.get = name, xp, put, get
+
+
+@contextlib.contextmanager
+def kernels_on(backend_name):
+    if backend_name == "cuda":
+        cupy = backend.require_gpu()
+        yield Device("cuda", cupy, cupy.asarray, cupy.asnumpy)
+        return
+    fake, problem = _emulated_cupy()
+    if fake is None:
+        pytest.skip(f"host emulator unavailable: {problem}")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gpu_kernels.backend, "require_gpu", lambda: fake)
+        patch.setattr(gpu_kernels, "_modules", {})
+        patch.setattr(gpu_kernels, "_functions", {})
+        yield Device("emulated", fake, np.array, np.asarray)
+
+
+def tolerance(dtype):
+    return dict(rtol=2e-5, atol=2e-5) if dtype == np.float32 else dict(rtol=1e-11, atol=1e-12)
+
+
+# Strategies (small geometries: windows that overlap, skip pixels and hang over the edge; dtypes;
+# integer seeds from which arrays are built) come from tests/strategies.py, shared with the CPU tests.
+
+
+# --- im2col / col2im ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", BACKENDS)
+@EXAMPLES
+@given(g=conv_geometries(), dtype=dtypes, seed=seeds)
+def test_im2col_col2im_match_reference(where, g, dtype, seed):
+    shape, geometry = g.x_shape, g.window
+    rng = np.random.default_rng(seed)
+    x = random_array(seed, shape, dtype)
+    with kernels_on(where) as dev:
+        col = gpu_kernels.im2col(dev.put(x), *geometry)
+        expected = R.im2col(x, *geometry)
+        assert col.dtype == dtype
+        np.testing.assert_array_equal(dev.get(col), expected)  # a copy: exact
+        dcol = rng.standard_normal(expected.shape).astype(dtype)
+        dx = gpu_kernels.col2im(dev.put(dcol), shape, *geometry)
+        assert dx.shape == shape and dx.dtype == dtype
+        np.testing.assert_allclose(dev.get(dx), R.col2im(dcol, shape, *geometry), **tolerance(dtype))
+
+
+# --- pooling --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", BACKENDS)
+@EXAMPLES
+@given(g=pool_geometries(), dtype=dtypes, seed=seeds)
+def test_max_pool_matches_reference_ties_included(where, g, dtype, seed):
+    shape, geometry, out = g.x_shape, g.window, (g.oh, g.ow)
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-3, 4, shape).astype(dtype)  # few distinct values: ties go to the first maximum
+    with kernels_on(where) as dev:
+        y, argmax = gpu_kernels.max_pool_forward(dev.put(x), *geometry, *out)
+        ry, rargmax = R.max_pool_forward(x, *geometry, *out)
+        assert argmax.dtype == np.int32 and y.dtype == dtype
+        np.testing.assert_array_equal(dev.get(y), ry)
+        np.testing.assert_array_equal(dev.get(argmax), rargmax)
+        dy = rng.standard_normal(ry.shape).astype(dtype)
+        dx = gpu_kernels.max_pool_backward(dev.put(dy), argmax, shape, *geometry)
+        np.testing.assert_allclose(dev.get(dx), R.max_pool_backward(dy, rargmax, shape, *geometry),
+                                   **tolerance(dtype))
+
+
+@pytest.mark.parametrize("where", BACKENDS)
+@EXAMPLES
+@given(g=pool_geometries(), dtype=dtypes, seed=seeds)
+def test_avg_pool_matches_reference(where, g, dtype, seed):
+    shape, geometry, out = g.x_shape, g.window, (g.oh, g.ow)
+    rng = np.random.default_rng(seed)
+    x = random_array(seed, shape, dtype)
+    with kernels_on(where) as dev:
+        y = gpu_kernels.avg_pool_forward(dev.put(x), *geometry, *out)
+        ry = R.avg_pool_forward(x, *geometry, *out)
+        np.testing.assert_allclose(dev.get(y), ry, **tolerance(dtype))
+        dy = rng.standard_normal(ry.shape).astype(dtype)
+        dx = gpu_kernels.avg_pool_backward(dev.put(dy), shape, *geometry)
+        np.testing.assert_allclose(dev.get(dx), R.avg_pool_backward(dy, shape, *geometry),
+                                   **tolerance(dtype))
+
+
+# --- softmax cross-entropy ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", BACKENDS)
+@EXAMPLES
+@given(N=st.integers(1, 20), K=st.integers(1, 75), dtype=dtypes, label_dtype=st.sampled_from([np.int32, np.int64, np.uint8]),
+       spread=st.sampled_from([1.0, 30.0]), scale_on_device=st.booleans(), seed=seeds)
+def test_cross_entropy_matches_reference(where, N, K, dtype, label_dtype, spread, scale_on_device, seed):
+    rng = np.random.default_rng(seed)
+    logits = (spread * rng.standard_normal((N, K))).astype(dtype)
+    labels = random_labels(seed, N, K).astype(label_dtype)
+    with kernels_on(where) as dev:
+        losses = gpu_kernels.cross_entropy_forward(dev.put(logits), dev.put(labels))
+        assert losses.shape == (N,) and losses.dtype == dtype
+        np.testing.assert_allclose(dev.get(losses), R.cross_entropy_forward(logits, labels), **tolerance(dtype))
+        scale = 1.0 / N
+        device_scale = dev.put(np.array(scale, dtype=dtype)) if scale_on_device else scale
+        d = gpu_kernels.cross_entropy_backward(dev.put(logits), dev.put(labels), device_scale)
+        assert d.shape == (N, K) and d.dtype == dtype
+        np.testing.assert_allclose(dev.get(d), R.cross_entropy_backward(logits, labels, dtype(scale)),
+                                   **tolerance(dtype))
+
+
+@pytest.mark.parametrize("where", BACKENDS)
+def test_cross_entropy_bad_label_gives_nan_not_a_wild_read(where):
+    logits = np.zeros((3, 4), np.float32)
+    labels = np.array([0, 4, -1], np.int64)
+    with kernels_on(where) as dev:
+        losses = dev.get(gpu_kernels.cross_entropy_forward(dev.put(logits), dev.put(labels)))
+        assert np.isclose(losses[0], math.log(4)) and np.isnan(losses[1]) and np.isnan(losses[2])
+        d = dev.get(gpu_kernels.cross_entropy_backward(dev.put(logits), dev.put(labels), 1.0))
+        assert np.isfinite(d[0]).all() and np.isnan(d[1:]).all()
+
+
+# --- elementwise ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", BACKENDS)
+@EXAMPLES
+@given(N=st.integers(1, 3), C=st.integers(1, 5), spatial=st.sampled_from([(), (1,), (3, 4), (5, 1)]),
+       dtype=dtypes, seed=seeds)
+def test_bias_and_relu_kernels_match_reference(where, N, C, spatial, dtype, seed):
+    rng = np.random.default_rng(seed)
+    shape = (N, C) + spatial
+    out = rng.standard_normal(shape).astype(dtype)
+    bias = rng.standard_normal(C).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    with kernels_on(where) as dev:
+        a = dev.put(out)
+        assert gpu_kernels.bias_relu_(a, dev.put(bias)) is a  # in place, returns out
+        np.testing.assert_allclose(dev.get(a), R.bias_relu_(out.copy(), bias), **tolerance(dtype))
+        b = dev.put(out)
+        assert gpu_kernels.add_bias_(b, dev.put(bias)) is b
+        np.testing.assert_allclose(dev.get(b), R.add_bias_(out.copy(), bias), **tolerance(dtype))
+        y = R.bias_relu_(out.copy(), bias)
+        dx = gpu_kernels.relu_backward(dev.put(dy), dev.put(y))
+        np.testing.assert_array_equal(dev.get(dx), R.relu_backward(dy, y))
+
+
+@pytest.mark.parametrize("where", BACKENDS)
+def test_long_long_index_instantiations_agree(where, monkeypatch):
+    """Sizes past 2**31 switch every kernel to 64-bit indices; force that path on small arrays."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 7, 6))
+    geometry = (3, 2, 2, 1, 1, 0)
+    with kernels_on(where) as dev:
+        results = []
+        for limit in (gpu_kernels._INT32_MAX, 0):  # int indices, then long long
+            monkeypatch.setattr(gpu_kernels, "_INT32_MAX", limit)
+            col = gpu_kernels.im2col(dev.put(x), *geometry)
+            dx = gpu_kernels.col2im(col, x.shape, *geometry)
+            y, argmax = gpu_kernels.max_pool_forward(dev.put(x), 3, 3, 2, 2, 1, 1, 4, 3)
+            mdx = gpu_kernels.max_pool_backward(y, argmax, x.shape, 3, 3, 2, 2, 1, 1)
+            a = gpu_kernels.avg_pool_forward(dev.put(x), 3, 3, 2, 2, 1, 1, 4, 3)
+            adx = gpu_kernels.avg_pool_backward(a, x.shape, 3, 3, 2, 2, 1, 1)
+            out = gpu_kernels.bias_relu_(dev.put(x), dev.put(np.arange(3.0)))
+            mask = gpu_kernels.dropout_mask((5, 7), 0.5, 3, 11, np.float64)
+            p, buf = dev.put(x), dev.put(np.zeros_like(x))
+            gpu_kernels.sgd_update_(p, dev.put(x), buf, 0.1, 0.9, 1e-4, True)
+            results.append([dev.get(v) for v in (col, dx, y, argmax, mdx, a, adx, out, mask, p, buf)])
+        np.testing.assert_array_equal(dev.get(results[0][0]), R.im2col(x, *geometry))
+        for int_result, long_result in zip(*results):
+            np.testing.assert_array_equal(int_result, long_result)
+
+
+# --- dropout --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_mask_statistics_and_determinism(where, dtype):
+    p, n = 0.3, 400_000
+    with kernels_on(where) as dev:
+        mask = dev.get(gpu_kernels.dropout_mask((n,), p, 1234, 10, dtype))
+        assert mask.dtype == dtype
+        assert set(np.unique(mask).tolist()) <= {0.0, float(dtype(1 / (1 - p)))}
+        keep = mask != 0
+        assert abs(keep.mean() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)  # 5 sigma
+        assert abs(np.corrcoef(keep[:-1], keep[1:])[0, 1]) < 0.01  # neighbours independent
+        assert abs(mask.mean() - 1) < 0.01  # E[mask] = 1: inverted dropout keeps the scale
+        # same (seed, offset) -> the same mask; the shape does not matter, only the counter
+        again = dev.get(gpu_kernels.dropout_mask((n // 4, 4), p, 1234, 10, dtype))
+        np.testing.assert_array_equal(again.ravel(), mask)
+        # counter-based: the draw for element i is that of counter offset + i
+        shifted = dev.get(gpu_kernels.dropout_mask((1000,), p, 1234, 10 + 500, dtype))
+        np.testing.assert_array_equal(shifted, mask[500:1500])
+        # another offset or another seed -> another mask (agreement near p^2 + (1-p)^2 = 0.58)
+        for other in (gpu_kernels.dropout_mask((n,), p, 1234, 10 + n, dtype),
+                      gpu_kernels.dropout_mask((n,), p, 1235, 10, dtype)):
+            agreement = ((dev.get(other) != 0) == keep).mean()
+            assert abs(agreement - (p * p + (1 - p) ** 2)) < 0.01
+        assert (dev.get(gpu_kernels.dropout_mask((100,), 0.0, 1, 0, dtype)) == 1).all()
+        assert (dev.get(gpu_kernels.dropout_mask((100,), 1.0, 1, 0, dtype)) == 0).all()
+        assert gpu_kernels.dropout_mask((0, 3), p, 1, 0, dtype).shape == (0, 3)
+    with pytest.raises(ValueError, match="must be in"):
+        gpu_kernels.dropout_mask((3,), 1.5, 1, 0, dtype)
+
+
+# --- SGD ------------------------------------------------------------------------------------------
+
+def _torch_formula(param, grad, buf, lr, momentum, weight_decay, nesterov):
+    """torch.optim.SGD (dampening 0) written out in NumPy, in the parameter's dtype."""
+    t = param.dtype.type
+    g = grad + t(weight_decay) * param
+    buf = t(momentum) * buf + g
+    step = g + t(momentum) * buf if nesterov else buf
+    return param - t(lr) * step, buf
+
+
+@pytest.mark.parametrize("where", BACKENDS)
+@EXAMPLES
+@given(size=st.integers(1, 3000), dtype=dtypes, lr=st.sampled_from([0.1, 0.01]),
+       momentum=st.sampled_from([0.0, 0.9]), weight_decay=st.sampled_from([0.0, 1e-4, 5e-4]),
+       nesterov=st.booleans(), seed=seeds)
+def test_sgd_update_matches_torch_formula(where, size, dtype, lr, momentum, weight_decay, nesterov, seed):
+    rng = np.random.default_rng(seed)
+    param = rng.standard_normal(size).astype(dtype)
+    buf = np.zeros_like(param)
+    with kernels_on(where) as dev:
+        p, b = dev.put(param), dev.put(buf)
+        for _ in range(3):
+            grad = rng.standard_normal(size).astype(dtype)
+            assert gpu_kernels.sgd_update_(p, dev.put(grad), b, lr, momentum, weight_decay, nesterov) is p
+            param, buf = _torch_formula(param, grad, buf, lr, momentum, weight_decay, nesterov)
+        np.testing.assert_allclose(dev.get(p), param, **tolerance(dtype))
+        np.testing.assert_allclose(dev.get(b), buf, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("where", BACKENDS)
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgd_update_matches_torch_itself(where, nesterov):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(1)
+    param = rng.standard_normal((4, 5))
+    grads = [rng.standard_normal((4, 5)) for _ in range(3)]
+    weight = torch.nn.Parameter(torch.tensor(param))
+    optimizer = torch.optim.SGD([weight], lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=nesterov)
+    with kernels_on(where) as dev:
+        p, b = dev.put(param), dev.put(np.zeros_like(param))
+        for grad in grads:
+            weight.grad = torch.tensor(grad)
+            optimizer.step()
+            gpu_kernels.sgd_update_(p, dev.put(grad), b, 0.1, 0.9, 1e-4, nesterov)
+        np.testing.assert_allclose(dev.get(p), weight.detach().numpy(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("where", BACKENDS)
+def test_kernels_reject_wrong_dtypes_clearly(where):
+    with kernels_on(where) as dev:
+        with pytest.raises(TypeError, match="float32 or float64"):
+            gpu_kernels.im2col(dev.put(np.zeros((1, 1, 3, 3), np.int32)), 1, 1, 1, 1, 0, 0)
+        with pytest.raises(TypeError, match="labels must be int32 or int64"):
+            gpu_kernels.cross_entropy_forward(dev.put(np.zeros((2, 3), np.float32)),
+                                              dev.put(np.zeros(2, np.float32)))
+        with pytest.raises(ValueError, match="C-contiguous"):
+            gpu_kernels.bias_relu_(dev.put(np.zeros((2, 3, 4), np.float32)).transpose(0, 2, 1)[:, :3],
+                                   dev.put(np.zeros(3, np.float32)))
+
+
+# --- GPU only: cuBLAS, streams, no host synchronisation -------------------------------------------
+
+def _cublas_semantics(transpose_b, m, n, k, a, lda, stride_a, b, ldb, stride_b, c, ldc, stride_c, batch):
+    """cuBLAS's strided-batched GEMM on flat buffers, in NumPy: column-major, X(i, j) = X[i + j*ld]."""
+    a, b, flat_c = a.ravel(), b.ravel(), c.reshape(-1)
+    i, j, l = np.arange(m)[:, None], np.arange(n)[None, :], np.arange(k)
+    for t in range(batch):
+        a_t = a[t * stride_a + i + l[None, :] * lda]                        # (m, k)
+        b_t = (b[t * stride_b + j + l[:, None] * ldb] if transpose_b        # op(B) = B^T, B stored (n, k)
+               else b[t * stride_b + l[:, None] + j * ldb])                 # (k, n)
+        flat_c[t * stride_c + i + j * ldc] = a_t @ b_t
+
+
+@pytest.mark.parametrize("where", BACKENDS)
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 4), M=st.integers(1, 40), K=st.integers(1, 40), L=st.integers(1, 70),
+       transpose_w=st.booleans(), dtype=dtypes, seed=seeds)
+def test_matmul_shared_matches_numpy(where, B, M, K, L, transpose_w, dtype, seed):
+    """On "emulated", cuBLAS is replaced by its column-major semantics: this checks the layout maths."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((K, M) if transpose_w else (M, K)).astype(dtype)
+    x = rng.standard_normal((B, K, L)).astype(dtype)
+    with kernels_on(where) as dev, pytest.MonkeyPatch.context() as patch:
+        if dev.name == "emulated":
+            patch.setattr(gpu_kernels, "_gemm_strided_batched", _cublas_semantics)
+        out = gpu_kernels.matmul_shared(dev.put(w), dev.put(x), transpose_w=transpose_w)
+        assert out.shape == (B, M, L) and out.dtype == dtype
+        expected = np.matmul(w.T if transpose_w else w, x)
+        tf32 = dtype == np.float32 and os.environ.get("CUPY_TF32", "0") not in ("", "0")
+        rtol = 5e-3 if tf32 else (1e-4 if dtype == np.float32 else 1e-12)
+        np.testing.assert_allclose(dev.get(out), expected, rtol=rtol, atol=rtol * math.sqrt(K))
+
+
+def _every_kernel_once(cupy):
+    """Call every gpu_kernels function once on small arrays; return the results."""
+    rng = np.random.default_rng(0)
+    x = cupy.asarray(rng.standard_normal((2, 3, 8, 8)).astype(np.float32))
+    col = gpu_kernels.im2col(x, 3, 3, 1, 1, 1, 1)
+    results = [col, gpu_kernels.col2im(col, x.shape, 3, 3, 1, 1, 1, 1)]
+    y, argmax = gpu_kernels.max_pool_forward(x, 3, 3, 2, 2, 0, 0, 4, 4)
+    results += [y, argmax, gpu_kernels.max_pool_backward(y, argmax, x.shape, 3, 3, 2, 2, 0, 0)]
+    a = gpu_kernels.avg_pool_forward(x, 3, 3, 2, 2, 0, 0, 4, 4)
+    results += [a, gpu_kernels.avg_pool_backward(a, x.shape, 3, 3, 2, 2, 0, 0)]
+    logits = x.reshape(6, 64)
+    labels = cupy.arange(6, dtype=cupy.int64)
+    results += [gpu_kernels.cross_entropy_forward(logits, labels),
+                gpu_kernels.cross_entropy_backward(logits, labels, 1 / 6),
+                gpu_kernels.cross_entropy_backward(logits, labels, cupy.asarray(1 / 6))]
+    results += [gpu_kernels.bias_relu_(x.copy(), cupy.ones(3, np.float32)),
+                gpu_kernels.add_bias_(x.copy(), cupy.ones(3, np.float32)),
+                gpu_kernels.relu_backward(x, x),
+                gpu_kernels.dropout_mask((4, 5), 0.5, 1, 2, np.float32)]
+    p, buf = x.copy(), cupy.zeros_like(x)
+    results += [gpu_kernels.sgd_update_(p, x, buf, 0.1, 0.9, 1e-4, False), buf]
+    results.append(gpu_kernels.matmul_shared(cupy.ones((5, 3), np.float32), x.reshape(2, 3, 64)))
+    return results
+
+
+@pytest.mark.gpu
+def test_kernels_launch_on_the_current_stream_without_host_synchronisation():
+    cupy = backend.require_gpu()
+    import cupyx
+
+    _every_kernel_once(cupy)  # compile first (compiling may synchronise)
+    expected = [cupy.asnumpy(r) for r in _every_kernel_once(cupy)]
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream, warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # allow_synchronize is deprecated, still works
+        with cupyx.allow_synchronize(False):
+            results = _every_kernel_once(cupy)
+    stream.synchronize()
+    for got, want in zip(results, expected):
+        np.testing.assert_array_equal(cupy.asnumpy(got), want)
+
+
+# --- GPU only: a whole NIN training step, GPU vs CPU, and determinism ----------------------------
+
+def _nin_step(model, x, labels, device, steps=2):
+    """`steps` SGD steps on one batch; returns (first loss, {name: NumPy array} after the steps)."""
+    import ninpy.functional as F
+    from ninpy import Tensor, optim
+
+    optimizer = optim.SGD(model.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-4)
+    inputs = Tensor(x, device=device)
+    targets = backend.to_device(labels, device)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(inputs), targets)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.item()))
+    return losses, {name: backend.to_device(value, "cpu") for name, value in model.state_dict().items()}
+
+
+def _small_batch(dtype, n=4):
+    rng = np.random.default_rng(7)
+    return rng.standard_normal((n, 3, 32, 32)).astype(dtype), rng.integers(0, 10, n).astype(np.int64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nin_training_step_gpu_matches_cpu(dtype):
+    import ninpy
+    from ninpy import models
+
+    ninpy.random.manual_seed(0)
+    cpu_model = models.nin(dtype=dtype).eval()  # eval: dropout off, so both devices see one network
+    gpu_model = models.nin(dtype=dtype).eval()
+    gpu_model.load_state_dict(cpu_model.state_dict())
+    gpu_model.to("gpu")
+    x, labels = _small_batch(dtype)
+    cpu_losses, cpu_weights = _nin_step(cpu_model, x, labels, "cpu")
+    gpu_losses, gpu_weights = _nin_step(gpu_model, x, labels, "gpu")
+    if dtype == np.float64:
+        rtol, atol = 1e-9, 1e-11
+    else:  # float32 sums in another order (and in TF32 when CUPY_TF32=1)
+        rtol, atol = (2e-2, 2e-4) if os.environ.get("CUPY_TF32", "0") not in ("", "0") else (1e-3, 1e-5)
+    np.testing.assert_allclose(gpu_losses, cpu_losses, rtol=rtol, atol=atol)
+    assert cpu_weights.keys() == gpu_weights.keys()
+    for name in cpu_weights:
+        np.testing.assert_allclose(gpu_weights[name], cpu_weights[name], rtol=rtol, atol=atol,
+                                   err_msg=f"parameter {name} after two SGD steps")
+
+
+@pytest.mark.gpu
+def test_nin_training_step_is_deterministic_on_gpu():
+    """Same state, same seed -> bit-identical weights (dropout on: the mask is counter-based)."""
+    import ninpy
+    from ninpy import models
+
+    ninpy.random.manual_seed(0)
+    reference_model = models.nin()
+    state = reference_model.state_dict()
+    x, labels = _small_batch(np.float32, n=8)
+    runs = []
+    for _ in range(2):
+        ninpy.random.manual_seed(123)
+        model = models.nin().train()
+        model.load_state_dict(state)
+        model.to("gpu")
+        runs.append(_nin_step(model, x, labels, "gpu", steps=3))
+    (losses_a, weights_a), (losses_b, weights_b) = runs
+    assert losses_a == losses_b
+    for name in weights_a:
+        np.testing.assert_array_equal(weights_a[name], weights_b[name], err_msg=name)
