@@ -1,0 +1,283 @@
+"""CPU kernels with Numba: the same functions, names and signatures as `reference.py`, made fast.
+
+Each public function is a thin Python wrapper that allocates the output (np.empty wherever the
+kernel writes every element) and calls one `@njit(parallel=True, cache=True)` kernel whose outer
+loop is a `prange` over independent work: the N*C image planes, or the rows of col for im2col.
+No two iterations write the same element, so there are no races and no atomics. The backward
+kernels (col2im, pooling) are gathers: the thread that owns an image plane computes each of its
+elements as a sum, in a fixed order, of what reaches it, so results are deterministic. They work
+one image row at a time (the row gathers from the window rows that cover it), which keeps the
+inner loops long and contiguous.
+
+Numba compiles one version per dtype (float32 and float64), and `cache=True` keeps the machine code
+on disk (in `__pycache__`) between processes; the first call in a fresh checkout compiles (seconds).
+Index formulas are those of `reference.py` (see its docstring for the im2col layout and the pooling
+windows); the comment on each kernel says which elements each iteration owns.
+Arrays are assumed C-contiguous, as the kernel contract says.
+"""
+import numpy as np
+from numba import njit, prange
+
+from ninpy.reference import cross_entropy_backward, cross_entropy_forward  # noqa: F401 (re-exported)
+
+# cross_entropy_forward / cross_entropy_backward: the reference NumPy code is used as is. The logits
+# are (batch, classes), a few thousand numbers; NumPy's vectorised exp/sum is already as fast as a
+# kernel would be, and the time is nothing next to one convolution.
+
+
+def _output_size(size, kernel, stride, padding):
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+@njit(parallel=True, cache=True)
+def _im2col_kernel(xp, col, kh, kw, sh, sw, oh, ow):
+    # xp is x zero-padded by ph, pw (so no bounds tests). One iteration = one row (c, i, j) of col,
+    # i.e. one weight entry, over the whole batch: for each (n, oy) it copies ow elements.
+    # (Slicing a 1-D view first lets LLVM vectorise the copy: indexing with ox from 0.)
+    N, C = xp.shape[0], xp.shape[1]
+    for row in prange(C * kh * kw):
+        c = row // (kh * kw)
+        i = (row // kw) % kh
+        j = row % kw
+        for n in range(N):
+            for oy in range(oh):
+                dst = col[row, (n * oh + oy) * ow:(n * oh + oy + 1) * ow]
+                src = xp[n, c, oy * sh + i]
+                if sw == 1:
+                    src = src[j:j + ow]
+                    for ox in range(ow):
+                        dst[ox] = src[ox]
+                else:
+                    for ox in range(ow):
+                        dst[ox] = src[ox * sw + j]
+
+
+def im2col(x, kh, kw, sh, sw, ph, pw):
+    """col[(c*kh + i)*kw + j, (n*oh + y)*ow + x] = x[n, c, y*sh - ph + i, x*sw - pw + j], 0 outside."""
+    N, C, H, W = x.shape
+    oh, ow = _output_size(H, kh, sh, ph), _output_size(W, kw, sw, pw)
+    if ph or pw:   # one padded copy of x (kh*kw times smaller than col) saves a bounds test per element
+        xp = np.zeros((N, C, H + 2 * ph, W + 2 * pw), dtype=x.dtype)
+        xp[:, :, ph:ph + H, pw:pw + W] = x
+    else:
+        xp = x
+    col = np.empty((C * kh * kw, N * oh * ow), dtype=x.dtype)
+    _im2col_kernel(xp, col, kh, kw, sh, sw, oh, ow)
+    return col
+
+
+@njit(parallel=True, cache=True)
+def _col2im_kernel(col, dx, kh, kw, sh, sw, ph, pw, oh, ow):
+    # One iteration = one image plane (n, c) of dx, a gather. For each image row h, the window rows
+    # oy with oy*sh - ph + i = h each give kw col segments of ow elements, summed into `acc`, one
+    # row of the padded image (its columns -pw .. span - pw - 1); then acc's real columns are
+    # copied into dx. Every dx element is summed in (i, j) order by one thread: deterministic.
+    N, C, H, W = dx.shape
+    span = (ow - 1) * sw + kw                                 # padded columns that windows reach
+    for p in prange(N * C):
+        n = p // C
+        c = p % C
+        acc = np.empty(span, dtype=dx.dtype)
+        for h in range(H):
+            acc[:] = 0
+            for i in range(kh):
+                t = h + ph - i                                # = oy * sh for the window row oy
+                if t < 0 or t % sh != 0 or t // sh >= oh:
+                    continue
+                base = (n * oh + t // sh) * ow
+                for j in range(kw):
+                    src = col[(c * kh + i) * kw + j, base:base + ow]
+                    if sw == 1:
+                        dst = acc[j:j + ow]
+                        for ox in range(ow):
+                            dst[ox] += src[ox]
+                    else:
+                        for ox in range(ow):
+                            acc[ox * sw + j] += src[ox]
+            for w in range(W):                                # columns no window reaches get 0
+                dx[n, c, h, w] = acc[w + pw] if w + pw < span else 0
+
+
+def col2im(col, x_shape, kh, kw, sh, sw, ph, pw):
+    """dx[n, c, h, w] = sum of col[(c*kh + i)*kw + j, (n*oh + y)*ow + x] over y*sh - ph + i = h, x*sw - pw + j = w."""
+    N, C, H, W = x_shape
+    oh, ow = _output_size(H, kh, sh, ph), _output_size(W, kw, sw, pw)
+    dx = np.empty((N, C, H, W), dtype=col.dtype)
+    _col2im_kernel(col, dx, kh, kw, sh, sw, ph, pw, oh, ow)
+    return dx
+
+
+@njit(parallel=True, cache=True)
+def _max_pool_forward_kernel(x, y, argmax, kh, kw, sh, sw, ph, pw):
+    # x (P, H, W), y and argmax (P, oh, ow) with P = N*C. One iteration = one image plane; each
+    # window scans its real elements in row-major order.
+    H, W = x.shape[1], x.shape[2]
+    for p in prange(x.shape[0]):
+        for oy in range(y.shape[1]):
+            h0 = max(oy * sh - ph, 0)
+            h1 = min(oy * sh - ph + kh, H)
+            for ox in range(y.shape[2]):
+                w0 = max(ox * sw - pw, 0)
+                w1 = min(ox * sw - pw + kw, W)
+                best = x[p, h0, w0]                           # the first real element starts
+                where = h0 * W + w0
+                for h in range(h0, h1):
+                    for w in range(w0, w1):
+                        if x[p, h, w] > best:                 # strict: the first maximum wins ties
+                            best = x[p, h, w]
+                            where = h * W + w
+                y[p, oy, ox] = best
+                argmax[p, oy, ox] = where
+
+
+def max_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow):
+    """y[n, c, oy, ox] = max of x[n, c, h, w] over the window's real elements; argmax = h*W + w of the first max."""
+    N, C, H, W = x.shape
+    y = np.empty((N, C, oh, ow), dtype=x.dtype)
+    argmax = np.empty((N, C, oh, ow), dtype=np.int32)
+    _max_pool_forward_kernel(x.reshape(N * C, H, W), y.reshape(N * C, oh, ow),
+                             argmax.reshape(N * C, oh, ow), kh, kw, sh, sw, ph, pw)
+    return y, argmax
+
+
+@njit(cache=True)
+def _covering(h, kh, sh, ph, oh):
+    """Window rows oy in [lo, hi) whose rows oy*sh - ph .. oy*sh - ph + kh - 1 include image row h."""
+    lo = max(0, -((kh - 1 - h - ph) // sh))                 # ceil((h + ph - kh + 1) / sh)
+    hi = min(oh, (h + ph) // sh + 1)
+    return lo, hi
+
+
+@njit(parallel=True, cache=True)
+def _max_pool_backward_kernel(dy, argmax, dx, kh, sh, ph):
+    # dy and argmax (P, oh, ow), dx (P, H, W). One iteration = one image plane. Image row h gathers
+    # from the window rows covering it: each window whose argmax lies in row h adds its dy there.
+    # Every dx element sums its windows in (oy, ox) order, by one thread.
+    H, W = dx.shape[1], dx.shape[2]
+    for p in prange(dx.shape[0]):
+        for h in range(H):
+            for w in range(W):
+                dx[p, h, w] = 0
+            oy0, oy1 = _covering(h, kh, sh, ph, dy.shape[1])
+            for oy in range(oy0, oy1):
+                for ox in range(dy.shape[2]):
+                    w = argmax[p, oy, ox] - h * W
+                    if 0 <= w < W:
+                        dx[p, h, w] += dy[p, oy, ox]
+
+
+def max_pool_backward(dy, argmax, x_shape, kh, kw, sh, sw, ph, pw):
+    """dx[n, c, h, w] = sum of dy[n, c, oy, ox] over the windows whose argmax is h*W + w."""
+    N, C, H, W = x_shape
+    P, oh, ow = N * C, dy.shape[2], dy.shape[3]
+    dx = np.empty(x_shape, dtype=dy.dtype)
+    _max_pool_backward_kernel(dy.reshape(P, oh, ow), argmax.reshape(P, oh, ow), dx.reshape(P, H, W),
+                              kh, sh, ph)
+    return dx
+
+
+@njit(parallel=True, cache=True)
+def _avg_pool_forward_kernel(x, y, kh, kw, sh, sw, ph, pw):
+    # x (P, H, W), y (P, oh, ow). One iteration = one image plane; each window sums its real
+    # elements and divides by Caffe's size: the window clipped to the padded image [-p, size + p).
+    H, W = x.shape[1], x.shape[2]
+    for p in prange(x.shape[0]):
+        for oy in range(y.shape[1]):
+            hstart = oy * sh - ph
+            rows = min(hstart + kh, H + ph) - hstart
+            for ox in range(y.shape[2]):
+                wstart = ox * sw - pw
+                cols = min(wstart + kw, W + pw) - wstart
+                total = 0.0
+                for h in range(max(hstart, 0), min(hstart + kh, H)):
+                    for w in range(max(wstart, 0), min(wstart + kw, W)):
+                        total += x[p, h, w]
+                y[p, oy, ox] = total / (rows * cols)
+
+
+def avg_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow):
+    """y[n, c, oy, ox] = (sum of the window's real elements) / Caffe's size (padding counted, overhang not)."""
+    N, C, H, W = x.shape
+    y = np.empty((N, C, oh, ow), dtype=x.dtype)
+    _avg_pool_forward_kernel(x.reshape(N * C, H, W), y.reshape(N * C, oh, ow), kh, kw, sh, sw, ph, pw)
+    return y
+
+
+@njit(parallel=True, cache=True)
+def _avg_pool_backward_kernel(dy, dx, kh, kw, sh, sw, ph, pw):
+    # dy (P, oh, ow), dx (P, H, W). One iteration = one image plane. Image row h gathers from the
+    # window rows covering it: each window adds dy / size to its real columns in row h.
+    # Every dx element sums its windows in (oy, ox) order, by one thread.
+    H, W = dx.shape[1], dx.shape[2]
+    for p in prange(dx.shape[0]):
+        for h in range(H):
+            for w in range(W):
+                dx[p, h, w] = 0
+            oy0, oy1 = _covering(h, kh, sh, ph, dy.shape[1])
+            for oy in range(oy0, oy1):
+                hstart = oy * sh - ph
+                rows = min(hstart + kh, H + ph) - hstart
+                for ox in range(dy.shape[2]):
+                    wstart = ox * sw - pw
+                    share = dy[p, oy, ox] / (rows * (min(wstart + kw, W + pw) - wstart))
+                    for w in range(max(wstart, 0), min(wstart + kw, W)):
+                        dx[p, h, w] += share
+
+
+def avg_pool_backward(dy, x_shape, kh, kw, sh, sw, ph, pw):
+    """dx[n, c, h, w] = sum of dy[n, c, oy, ox] / size(oy, ox) over the windows covering (h, w)."""
+    N, C, H, W = x_shape
+    P, oh, ow = N * C, dy.shape[2], dy.shape[3]
+    dx = np.empty(x_shape, dtype=dy.dtype)
+    _avg_pool_backward_kernel(dy.reshape(P, oh, ow), dx.reshape(P, H, W), kh, kw, sh, sw, ph, pw)
+    return dx
+
+
+@njit(parallel=True, cache=True)
+def _bias_kernel(out, bias, relu):
+    # one iteration = one (n, c) plane of out viewed as (N*C, L): one pass over memory, in place
+    C = bias.shape[0]
+    for p in prange(out.shape[0]):
+        b = bias[p % C]
+        for k in range(out.shape[1]):
+            v = out[p, k] + b
+            if relu and v < 0:                               # `v < 0`, not `v <= 0`: NaN stays NaN
+                out[p, k] = 0
+            else:
+                out[p, k] = v
+
+
+def _planes(out):
+    if not out.flags.c_contiguous:
+        raise ValueError("bias_relu_/add_bias_ work in place and need a C-contiguous `out`; "
+                         "pass np.ascontiguousarray(out)")
+    return out.reshape(out.shape[0] * out.shape[1], -1)      # a view, so the kernel writes into out
+
+
+def bias_relu_(out, bias):
+    """out = max(out + bias[c], 0), in place; returns out."""
+    _bias_kernel(_planes(out), bias.astype(out.dtype, copy=False), True)
+    return out
+
+
+def add_bias_(out, bias):
+    """out = out + bias[c], in place; returns out."""
+    _bias_kernel(_planes(out), bias.astype(out.dtype, copy=False), False)
+    return out
+
+
+@njit(parallel=True, cache=True)
+def _relu_backward_kernel(dy, y, dx):
+    # one iteration = one element of the flattened arrays
+    for k in prange(dx.shape[0]):
+        if y[k] > 0:
+            dx[k] = dy[k]
+        else:
+            dx[k] = 0
+
+
+def relu_backward(dy, y):
+    """dx = dy where y > 0, else 0."""
+    dx = np.empty_like(dy)
+    _relu_backward_kernel(dy.reshape(-1), y.reshape(-1), dx.reshape(-1))
+    return dx

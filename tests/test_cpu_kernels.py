@@ -1,0 +1,123 @@
+"""Every Numba kernel in ninpy.cpu_kernels against the NumPy reference, in float32 and float64.
+
+Exact where the computation is a copy or a comparison (im2col, max pooling values and argmax); close
+where sums may be taken in another order or precision (col2im, pooling backward, average pooling).
+"""
+import numpy as np
+import pytest
+from hypothesis import example, given, settings
+
+from ninpy import cpu_kernels as K
+from ninpy import reference as R
+from strategies import (conv_geometries, dtypes, make_geometry, pool_geometries, random_array,
+                        random_labels, seeds)
+
+# Fixed cases on top of the drawn ones: batch 1 and channel 1, odd sizes, overlapping windows
+# (stride < kernel), gaps (stride > kernel), NIN's 3x3 stride-2 ceil-mode pool whose last window
+# hangs past the edge, windows that do not tile the input, and NIN-sized planes.
+POOL_EXAMPLES = [make_geometry(1, 1, 7, 7, 3, 2, 0, True), make_geometry(1, 1, 1, 1, 1, 1, 0, False),
+                 make_geometry(2, 3, 9, 5, 3, 2, 1, True), make_geometry(1, 2, 8, 7, (2, 4), (3, 1), (1, 2), True),
+                 make_geometry(1, 1, 5, 5, 2, 3, 0, False), make_geometry(2, 4, 32, 32, 3, 2, 0, True),
+                 make_geometry(2, 4, 16, 16, 3, 2, 0, True)]
+CONV_EXAMPLES = [make_geometry(1, 1, 5, 5, 5, 1, 2), make_geometry(2, 3, 32, 32, 5, 1, 2),
+                 make_geometry(1, 2, 7, 9, 3, 2, 1), make_geometry(3, 1, 4, 9, (1, 4), (3, 2), (0, 2)),
+                 make_geometry(1, 1, 1, 1, 1, 1, 0)]
+
+
+def with_examples(examples):
+    def decorate(test):
+        for g in examples:
+            for dtype in (np.float32, np.float64):
+                test = example(g=g, dtype=dtype, seed=1)(test)
+        return test
+    return decorate
+
+
+def close(actual, expected):
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    assert actual.flags.c_contiguous
+    tol = dict(rtol=1e-5, atol=1e-6) if actual.dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(actual, expected, **tol)
+
+
+def same(actual, expected):
+    assert actual.dtype == expected.dtype and actual.flags.c_contiguous
+    np.testing.assert_array_equal(actual, expected)
+
+
+@settings(max_examples=30)
+@with_examples(CONV_EXAMPLES)
+@given(g=conv_geometries(), dtype=dtypes, seed=seeds)
+def test_im2col_and_col2im(g, dtype, seed):
+    x = random_array(seed, g.x_shape, dtype)
+    same(K.im2col(x, *g.window), R.im2col(x, *g.window))
+    col = random_array(seed + 1, (g.c * g.kh * g.kw, g.n * g.oh * g.ow), dtype)
+    close(K.col2im(col, g.x_shape, *g.window), R.col2im(col, g.x_shape, *g.window))
+
+
+@settings(max_examples=30)
+@with_examples(POOL_EXAMPLES)
+@given(g=pool_geometries(), dtype=dtypes, seed=seeds)
+def test_max_pool(g, dtype, seed):
+    x = random_array(seed, g.x_shape, dtype, distinct=True)
+    y, argmax = K.max_pool_forward(x, *g.window, g.oh, g.ow)
+    expected_y, expected_argmax = R.max_pool_forward(x, *g.window, g.oh, g.ow)
+    same(y, expected_y)
+    same(argmax, expected_argmax)
+    dy = random_array(seed + 1, g.y_shape, dtype)
+    close(K.max_pool_backward(dy, argmax, g.x_shape, *g.window),
+          R.max_pool_backward(dy, argmax, g.x_shape, *g.window))
+
+
+@settings(max_examples=15)
+@with_examples(POOL_EXAMPLES[:3])
+@given(g=pool_geometries(), dtype=dtypes, seed=seeds)
+def test_max_pool_with_ties(g, dtype, seed):
+    x = np.round(random_array(seed, g.x_shape, dtype))    # few distinct values: many ties
+    y, argmax = K.max_pool_forward(x, *g.window, g.oh, g.ow)
+    expected_y, expected_argmax = R.max_pool_forward(x, *g.window, g.oh, g.ow)
+    same(y, expected_y)
+    same(argmax, expected_argmax)
+
+
+@settings(max_examples=30)
+@with_examples(POOL_EXAMPLES)
+@given(g=pool_geometries(), dtype=dtypes, seed=seeds)
+def test_avg_pool(g, dtype, seed):
+    x = random_array(seed, g.x_shape, dtype)
+    close(K.avg_pool_forward(x, *g.window, g.oh, g.ow), R.avg_pool_forward(x, *g.window, g.oh, g.ow))
+    dy = random_array(seed + 1, g.y_shape, dtype)
+    close(K.avg_pool_backward(dy, g.x_shape, *g.window), R.avg_pool_backward(dy, g.x_shape, *g.window))
+
+
+@settings(max_examples=20)
+@given(dtype=dtypes, seed=seeds)
+def test_cross_entropy(dtype, seed):
+    n, k = 1 + seed % 9, 1 + seed % 11
+    logits = random_array(seed, (n, k), dtype, low=-8, high=8)
+    labels = random_labels(seed, n, k).astype(np.int32 if seed % 2 else np.int64)
+    close(K.cross_entropy_forward(logits, labels), R.cross_entropy_forward(logits, labels))
+    for scale in (1.0 / n, np.array(1.0 / n)):
+        close(K.cross_entropy_backward(logits, labels, scale), R.cross_entropy_backward(logits, labels, scale))
+
+
+@settings(max_examples=20)
+@given(dtype=dtypes, seed=seeds)
+def test_bias_relu_add_bias_relu_backward(dtype, seed):
+    shape = (1 + seed % 3, 1 + seed % 5, 1 + seed % 7, 1 + seed % 4)
+    out = random_array(seed, shape, dtype, away_from_zero=True)
+    bias = random_array(seed + 1, shape[1:2], dtype)
+    for kernel_shape in (shape, shape[:2] + (-1,)):            # (N, C, H, W) and (N, C, L)
+        for name in ("bias_relu_", "add_bias_"):
+            actual, expected = out.reshape(kernel_shape).copy(), out.reshape(kernel_shape).copy()
+            assert getattr(K, name)(actual, bias) is actual                  # in place, returns out
+            getattr(R, name)(expected, bias)
+            close(actual, expected)
+    dy = random_array(seed + 2, shape, dtype)
+    same(K.relu_backward(dy, out), R.relu_backward(dy, out))
+
+
+def test_in_place_bias_refuses_a_non_contiguous_out():
+    out = np.zeros((2, 3, 4, 4), dtype=np.float32)[:, :, ::2]
+    with pytest.raises(ValueError, match="C-contiguous"):
+        K.bias_relu_(out, np.zeros(3, dtype=np.float32))
