@@ -1,0 +1,532 @@
+"""The training loop behind train.py: data, model, SGD, metrics, checkpoints, exact resume, faults.
+
+    config = Config(dataset="fashion-mnist", out="runs/fmnist", **recipe fields)
+    trainer = Trainer(config)                  # or Trainer(config, resume="runs/fmnist")
+    trainer.fit()                              # epochs; metrics.jsonl, checkpoint.npz, final.json
+
+One epoch: the batches of ninpy.data for (seed, epoch) (shuffled, augmented on the training
+device, preprocessed), forward, cross-entropy, backward, SGD step; then the test split under
+no_grad() with model.eval(). After every epoch the checkpoint is written atomically, then a line of
+metrics.jsonl and final.json.
+
+Exact resume. Everything random is a function of saved state: the batch order and augmentation
+draws of epoch e are a pure function of (seed, e) (ninpy.data), dropout draws come from
+ninpy.random whose state is in the checkpoint, and the learning rate is a function of the epoch
+and step. So `Trainer(config, resume=...)` continues with the same numbers an uninterrupted run
+would have produced. A checkpoint written on Ctrl-C in the middle of an epoch records how many
+batches were done and the epoch's running sums; the resumed run replays the epoch's batch stream
+(skipping the batches already trained on) so the remaining batches and draws are identical.
+
+Faults. A NaN/inf loss stops the run with the step named (TrainingError) and nothing is written:
+the last good checkpoint stays as it was. A training loss that sits at ln(C) for a whole epoch gets
+a warning (the class maps died). Ctrl-C finishes the current step, saves a resumable checkpoint and
+raises Interrupted; a second Ctrl-C stops at once without saving.
+"""
+import json
+import math
+import os
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from . import backend, checkpoint, data, datasets, models
+from . import functional as F
+from . import random as nrandom
+from . import recipes
+from .autograd import Tensor, no_grad
+from .optim import SGD
+
+__all__ = ["Config", "Trainer", "TrainingError", "Interrupted", "FIXED_KEYS", "TUNABLE_KEYS", "RUN_KEYS",
+           "METRICS", "FINAL"]
+
+METRICS = "metrics.jsonl"
+FINAL = "final.json"
+EVAL = "eval.json"
+
+
+class TrainingError(RuntimeError):
+    """A run cannot go on (bad option, unusable --out, NaN loss); the message is one line."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C: `saved` is the checkpoint written (None when the second Ctrl-C skipped saving)."""
+
+    def __init__(self, message, saved=None):
+        super().__init__(message)
+        self.saved = saved
+
+
+@dataclass
+class Config:
+    """Every setting of a run. The recipe fields default to recipes.RECIPES[dataset] via for_dataset."""
+    dataset: str
+    out: str = None
+    device: str = "auto"
+    epochs: int = None
+    batch_size: int = None
+    lr: float = None
+    momentum: float = None
+    weight_decay: float = None
+    bias_lr_mult: float = None
+    last_lr_mult: float = None
+    schedule: str = None
+    warmup_epochs: float = None
+    augment: str = None
+    crop_pad: int = None
+    preprocess: str = None
+    seed: int = 0
+    data_dir: str = None
+    limit: int = None
+    val_split: int = 0
+    svhn_extra: bool = False
+    download: bool = True
+
+    @classmethod
+    def for_dataset(cls, dataset, **values):
+        """A Config whose unset (None) recipe fields come from the dataset's recipe."""
+        recipe = recipes.recipe_for(dataset)
+        config = cls(dataset=dataset, **{k: v for k, v in values.items() if v is not None})
+        for name, default in recipe.as_dict().items():
+            if getattr(config, name) is None:
+                setattr(config, name, default)
+        return config
+
+    def as_dict(self):
+        return asdict(self)
+
+    def validate(self):
+        """Raise TrainingError naming the first setting that cannot work."""
+        def bad(flag, value, expected):
+            raise TrainingError(f"--{flag.replace('_', '-')} {value!r}: expected {expected}")
+        if self.dataset not in recipes.RECIPES:
+            bad("dataset", self.dataset, f"one of {', '.join(recipes.RECIPES)}")
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            bad("epochs", self.epochs, "a whole number >= 1")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            bad("batch_size", self.batch_size, "a whole number >= 1")
+        for name in ("lr", "weight_decay", "bias_lr_mult", "last_lr_mult", "warmup_epochs"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                bad(name, value, "a finite number >= 0")
+        if self.lr <= 0:
+            bad("lr", self.lr, "a number > 0")
+        if not (0 <= self.momentum < 1):
+            bad("momentum", self.momentum, "a number in [0, 1)")
+        if self.augment not in recipes.AUGMENT_MODES:
+            bad("augment", self.augment, f"one of {', '.join(recipes.AUGMENT_MODES)}")
+        if not isinstance(self.crop_pad, int) or self.crop_pad < 0:
+            bad("crop_pad", self.crop_pad, "a whole number >= 0")
+        if self.preprocess not in recipes.PREPROCESS_MODES:
+            bad("preprocess", self.preprocess, f"one of {', '.join(recipes.PREPROCESS_MODES)}")
+        try:
+            recipes.parse_schedule(self.schedule)
+        except ValueError as error:
+            raise TrainingError(str(error)) from None
+        if not isinstance(self.seed, int) or self.seed < 0:
+            bad("seed", self.seed, "a whole number >= 0")
+        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
+            bad("limit", self.limit, "a whole number >= 1")
+        if not isinstance(self.val_split, int) or self.val_split < 0:
+            bad("val_split", self.val_split, "a whole number >= 0")
+        if self.svhn_extra and self.dataset != "svhn":
+            raise TrainingError(f"--svhn-extra applies to --dataset svhn only, not {self.dataset}")
+        return self
+
+
+# The settings that fix the data and the model: a resumed run must keep them.
+FIXED_KEYS = ("dataset", "batch_size", "preprocess", "seed", "limit", "val_split", "svhn_extra")
+# Optimisation settings a resumed run may change (e.g. a lower lr after a divergence); the run is
+# then no longer the same as an uninterrupted one, and train.py says so.
+TUNABLE_KEYS = ("lr", "momentum", "weight_decay", "bias_lr_mult", "last_lr_mult", "schedule",
+                "warmup_epochs", "augment", "crop_pad")
+RUN_KEYS = FIXED_KEYS + TUNABLE_KEYS
+# epochs, device, out, data_dir and download may change freely.
+
+
+# ---------------------------------------------------------------------------------------------
+
+class _SigintGuard:
+    """While active, the first Ctrl-C only raises a flag (checked between steps); the second one
+    raises KeyboardInterrupt at once. Installed only from the main thread."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        self.requested = False
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave Ctrl-C alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+class _StopForInterrupt(Exception):
+    pass
+
+
+def _json_line(record):
+    return json.dumps(record, allow_nan=True)
+
+
+def _atomic_write_text(path, text):
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
+
+
+def _read_metrics(path, up_to_epoch):
+    """The records of a metrics.jsonl with epoch <= up_to_epoch (a torn last line is dropped)."""
+    records = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return records
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("epoch", math.inf) <= up_to_epoch:
+            records.append(record)
+    return records
+
+
+class Trainer:
+    """One run: builds everything in __init__ (errors surface before any training), then fit()."""
+
+    def __init__(self, config, resume=None, eval_only=False, progress=None, log=None):
+        """config: a Config (recipe fields filled). resume: a checkpoint file, run directory or
+        a loaded checkpoint.Checkpoint.
+        eval_only: only evaluate (needs resume; --out is not required to be empty).
+        progress: show tqdm bars (None: only when stderr is a terminal). log: print function."""
+        self.config = config.validate()
+        self.eval_only = eval_only
+        self.progress = progress
+        self.log = log or (lambda message: tqdm.write(message, file=sys.stdout))
+        self.device = backend.resolve_device(config.device)
+
+        if resume is None or isinstance(resume, checkpoint.Checkpoint):
+            self.state = resume
+        else:
+            self.state = checkpoint.load(resume)
+        if eval_only and self.state is None:
+            raise TrainingError("--eval-only needs --resume DIR_OR_FILE: the checkpoint to evaluate")
+        self._created_out = False
+        self.out = self._prepare_out(config.out, self.state)
+        try:
+            self._set_up()
+        except BaseException:
+            if self._created_out:  # leave no empty run directory behind a failed start
+                try:
+                    self.out.rmdir()
+                except OSError:
+                    pass
+            raise
+
+    def _set_up(self):
+        config = self.config
+        self._load_data()
+        nrandom.manual_seed(config.seed)
+        self.model = models.nin_for(config.dataset, in_channels=self.in_channels,
+                                    num_classes=self.num_classes).to(self.device)
+        self.optimizer = SGD(recipes.param_groups(self.model, config.lr, config.weight_decay,
+                                                  config.bias_lr_mult, config.last_lr_mult),
+                             lr=config.lr, momentum=config.momentum)
+        self.schedule = recipes.make_schedule(self.optimizer, config.schedule, config.epochs)
+        self.steps_per_epoch = math.ceil(len(self.x_train) / config.batch_size)
+        self.warmup = recipes.WarmupSchedule(
+            self.optimizer, round(config.warmup_epochs * self.steps_per_epoch))
+        self.start_epoch, self.start_batch, self.partial = 0, 0, {}
+        if self.state is not None:
+            # The config's optimiser settings win over the saved ones (they are equal unless the
+            # user changed one on resume): keep them across the restore of the SGD state.
+            settings = [{k: g[k] for k in ("initial_lr", "momentum", "weight_decay")}
+                        for g in self.optimizer.param_groups]
+            self.state.restore(self.model, self.optimizer, self.schedule)
+            for group, kept in zip(self.optimizer.param_groups, settings):
+                group.update(kept)
+            self.schedule.load_state_dict(self.state.schedule)  # lrs from the kept initial_lr
+            self.start_epoch, self.start_batch = self.state.epoch, self.state.batch
+            self.partial = self.state.progress if self.state.batch else {}
+
+    # ---- set-up ----------------------------------------------------------------------------
+    def _prepare_out(self, out, state):
+        """The run directory, created and checked writable; refuse one holding another run."""
+        if out is None:
+            if state is None:
+                raise TrainingError("no --out directory given")
+            out = state.path.parent
+        out = Path(out).expanduser()
+        if out.exists() and not out.is_dir():
+            raise TrainingError(f"--out {out} is a file, not a directory; choose a directory")
+        if self.eval_only:
+            return out
+        existing = out / checkpoint.FILENAME
+        resuming_here = state is not None and existing.exists() and \
+            existing.resolve() == state.path.resolve()
+        if not resuming_here:
+            held = [name for name in (checkpoint.FILENAME, METRICS, FINAL) if (out / name).exists()]
+            if held:
+                raise TrainingError(
+                    f"--out {out} already holds {', '.join(held)} from another run; continue it with "
+                    f"--resume {out}, or choose another --out (nothing was changed)")
+        try:
+            self._created_out = not out.exists()
+            out.mkdir(parents=True, exist_ok=True)
+            handle, probe = tempfile.mkstemp(prefix=".write-test.", dir=out)
+            os.close(handle)
+            os.unlink(probe)
+        except OSError as error:
+            raise TrainingError(f"--out {out} is not writable ({error.strerror or error}); choose "
+                                "another directory") from None
+        return out
+
+    def _load_data(self):
+        c = self.config
+        ds = datasets.load_dataset(c.dataset, c.data_dir, download=c.download,
+                                   svhn_extra=c.svhn_extra, progress=self.progress is not False)
+        if c.limit is not None:
+            ds = ds.limit(c.limit)
+        self.num_classes, self.in_channels = ds.num_classes, ds.in_channels
+        x_train, y_train = ds.x_train, ds.y_train
+        self.x_val = self.y_val = None
+        if c.val_split:
+            if c.val_split >= len(x_train):
+                raise TrainingError(f"--val-split {c.val_split}: expected fewer than the "
+                                    f"{len(x_train)} training images")
+            x_train, y_train, self.x_val, self.y_val = data.split_validation(
+                x_train, y_train, c.val_split, seed=c.seed)
+        if c.preprocess == "gcn-zca":
+            self.transform = data.fit_gcn_zca(x_train)
+        else:
+            self.transform = data.Standardize().fit(x_train)
+        crop, flip = recipes.parse_augment(c.augment)
+        self.augment = (partial(data.random_crop_flip, pad=c.crop_pad if crop else 0, flip=flip)
+                        if crop or flip else None)
+        to = partial(backend.to_device, device=self.device)  # the whole uint8 set lives on the device
+        self.x_train, self.y_train = to(x_train), y_train
+        self.x_test, self.y_test = to(ds.x_test), ds.y_test
+        if self.x_val is not None:
+            self.x_val = to(self.x_val)
+
+    def num_parameters(self):
+        return self.model.num_parameters()
+
+    # ---- evaluation ------------------------------------------------------------------------
+    def evaluate(self, x, y, guard=None):
+        """(mean loss, accuracy) of the model in eval mode over (x, y), under no_grad()."""
+        self.model.eval()
+        xp = backend.array_module(x)
+        loss_sum, correct = xp.zeros((), np.float64), xp.zeros((), np.int64)
+        with no_grad():
+            for xb, yb in data.batches(x, y, self.config.batch_size, device=self.device,
+                                       transform=self.transform):
+                if guard is not None and guard.requested:
+                    raise _StopForInterrupt
+                logits = self.model(Tensor(xb))
+                loss_sum = loss_sum + F.cross_entropy(logits, yb).data.astype(np.float64) * len(yb)
+                correct = correct + (logits.data.argmax(axis=1) == yb).sum()
+        self.model.train()
+        return float(loss_sum) / len(x), int(correct) / len(x)
+
+    def evaluate_only(self):
+        """--eval-only: test (and validation) loss and accuracy of the checkpoint; writes eval.json."""
+        test_loss, test_acc = self.evaluate(self.x_test, self.y_test)
+        record = {"epoch": self.state.epoch, "test_loss": test_loss, "test_acc": test_acc,
+                  "dataset": self.config.dataset, "device": self.device,
+                  "checkpoint": str(self.state.path), "test_images": len(self.x_test)}
+        if self.x_val is not None:
+            record["val_loss"], record["val_acc"] = self.evaluate(self.x_val, self.y_val)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            _atomic_write_text(self.out / EVAL, json.dumps(record, indent=1) + "\n")
+        except OSError as error:
+            self.log(f"warning: could not write {self.out / EVAL} ({error.strerror or error})")
+        return record
+
+    # ---- training --------------------------------------------------------------------------
+    def fit(self):
+        """Train from the start (or the checkpoint) to config.epochs; returns final.json's dict."""
+        c = self.config
+        self._carry_metrics()
+        if self.start_epoch >= c.epochs:
+            self.log(f"the checkpoint has already trained {self.start_epoch} epoch(s) "
+                     f"(--epochs {c.epochs}): nothing to do")
+            return self._final(self._records[-1] if self._records else {})
+        record = None
+        # Overflow / NaN warnings from NumPy would be noise: non-finite losses are caught below.
+        with _SigintGuard() as guard, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            for epoch in range(self.start_epoch, c.epochs):
+                record = self._epoch(epoch, guard)
+        return self._final(record)
+
+    def _carry_metrics(self):
+        """Keep the metrics of the epochs the checkpoint holds (and drop later, unsaved ones)."""
+        self._records = []
+        if self.state is None:
+            return
+        source = self.state.path.parent / METRICS
+        self._records = _read_metrics(source, self.state.epoch)
+        text = "".join(_json_line(r) + "\n" for r in self._records)
+        _atomic_write_text(self.out / METRICS, text)
+
+    def _epoch(self, epoch, guard):
+        c, model, xp = self.config, self.model, backend.array_module(self.x_train)
+        first = self.start_batch if epoch == self.start_epoch else 0
+        part = self.partial if first else {}
+        loss_sum = xp.asarray(part.get("loss_sum", 0.0), np.float64)
+        correct = xp.asarray(part.get("correct", 0), np.int64)
+        seen = int(part.get("seen", 0))
+        train_seconds = float(part.get("train_seconds", 0.0))
+        eval_seconds_before = float(part.get("eval_seconds", 0.0))
+        scheduled = self.schedule.get_last_lr()
+        check_every = 1 if self.device == "cpu" else 25  # reading a GPU loss costs a sync
+        pending = []  # (batch index, loss array) not yet checked for NaN/inf
+
+        stream = data.batches(self.x_train, self.y_train, c.batch_size, shuffle=True, seed=c.seed,
+                              epoch=epoch, device=self.device, augment=self.augment,
+                              transform=self.transform)
+        bar = tqdm(total=len(stream), initial=first, desc=f"epoch {epoch + 1}/{c.epochs}",
+                   unit="batch", leave=False, file=sys.stderr,
+                   disable=(not sys.stderr.isatty()) if self.progress is None else not self.progress)
+        model.train()
+        started = time.perf_counter()
+        index = first
+        try:
+            for index, (xb, yb) in enumerate(stream):
+                if index < first:
+                    continue  # done before the checkpoint; iterating keeps the augmentation draws
+                if guard.requested:
+                    raise _StopForInterrupt
+                step = epoch * self.steps_per_epoch + index
+                if step < self.warmup.warmup_steps:
+                    self.warmup.apply(step, scheduled)
+                elif step == self.warmup.warmup_steps and step:
+                    self.warmup.apply(step, scheduled)  # factor 1: the scheduled lrs again
+                logits = model(Tensor(xb))
+                loss = F.cross_entropy(logits, yb)
+                self.optimizer.zero_grad()
+                loss.backward()
+                self.optimizer.step()
+                loss_sum = loss_sum + loss.data.astype(np.float64) * len(yb)
+                correct = correct + (logits.data.argmax(axis=1) == yb).sum()
+                seen += len(yb)
+                pending.append((index, loss.data))
+                bar.update(1)
+                if len(pending) >= check_every:
+                    self._check_finite(pending, epoch)
+                    pending = []
+                    elapsed = train_seconds + time.perf_counter() - started
+                    bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}",
+                                    acc=f"{int(correct) / seen:.4f}",
+                                    img_s=f"{seen / max(elapsed, 1e-9):.0f}", refresh=False)
+            index = len(stream)
+            self._check_finite(pending, epoch)
+            pending = []
+            train_seconds += time.perf_counter() - started
+            eval_started = time.perf_counter()
+            test_loss, test_acc = self.evaluate(self.x_test, self.y_test, guard)
+            val = self.evaluate(self.x_val, self.y_val, guard) if self.x_val is not None else None
+            eval_seconds = eval_seconds_before + time.perf_counter() - eval_started
+        except _StopForInterrupt:
+            self._check_finite(pending, epoch)
+            bar.close()
+            progress = {"loss_sum": float(loss_sum), "correct": int(correct), "seen": seen,
+                        "train_seconds": train_seconds + (time.perf_counter() - started
+                                                          if index < len(stream) else 0.0),
+                        "eval_seconds": eval_seconds_before}
+            self._interrupt(epoch, index, progress)
+        finally:
+            bar.close()
+
+        train_loss, train_acc = float(loss_sum) / seen, int(correct) / seen
+        self._warn_if_dead(epoch, train_loss, train_acc)
+        record = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
+                  "test_loss": test_loss, "test_acc": test_acc,
+                  "lr": self.optimizer.param_groups[0]["lr"],
+                  "images_per_s": seen / train_seconds if train_seconds > 0 else None,
+                  "seconds": train_seconds + eval_seconds}
+        if val is not None:
+            record["val_loss"], record["val_acc"] = val
+        self.schedule.step()
+        checkpoint.save(self.out / checkpoint.FILENAME, model, self.optimizer, self.schedule,
+                        epoch + 1, flags=self._flags())
+        self._records.append(record)
+        with open(self.out / METRICS, "a") as file:
+            file.write(_json_line(record) + "\n")
+        self._final(record)
+        self.log(f"epoch {epoch + 1}/{c.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
+                 f"test loss {test_loss:.4f} acc {test_acc:.4f}  lr {record['lr']:.4g}  "
+                 f"{record['images_per_s'] or 0:.0f} img/s  {record['seconds']:.0f}s")
+        return record
+
+    def _flags(self):
+        return self.config.as_dict()
+
+    def _check_finite(self, pending, epoch):
+        if not pending:
+            return
+        values = backend.to_device(backend.array_module(pending[0][1]).stack(
+            [loss for _, loss in pending]), "cpu")
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            index = pending[bad[0]][0]
+            kept = (f"the last good checkpoint, {self.out / checkpoint.FILENAME}, is untouched"
+                    if (self.out / checkpoint.FILENAME).exists() else "no checkpoint was written")
+            raise TrainingError(
+                f"the loss became {values[bad[0]]} at epoch {epoch + 1}, batch {index + 1} (step "
+                f"{epoch * self.steps_per_epoch + index + 1}): training diverged; {kept}. Lower "
+                f"--lr (now {self.config.lr}) or add --warmup-epochs")
+
+    def _warn_if_dead(self, epoch, train_loss, train_acc):
+        chance = recipes.ln_classes(self.num_classes)
+        if abs(train_loss - chance) < 0.02 and train_acc < 1.5 / self.num_classes:
+            self.log(f"warning: the training loss sat at ln({self.num_classes}) = {chance:.4f} for all "
+                     f"of epoch {epoch + 1} (accuracy {train_acc:.3f}): the class maps have died and "
+                     f"every class scores the same. Lower --lr (now {self.config.lr}), add "
+                     "--warmup-epochs, or check the initialisation")
+
+    def _interrupt(self, epoch, batch, progress):
+        path = checkpoint.save(self.out / checkpoint.FILENAME, self.model, self.optimizer,
+                               self.schedule, epoch, batch=batch, progress=progress,
+                               flags=self._flags())
+        raise Interrupted(f"interrupted in epoch {epoch + 1} after batch {batch}; saved {path}. "
+                          f"Continue with: python train.py --resume {self.out}", saved=path)
+
+    def _final(self, record):
+        final = {**(record or {}), "dataset": self.config.dataset, "device": self.device,
+                 "parameters": self.num_parameters(), "epochs": self.config.epochs,
+                 "train_images": len(self.x_train), "test_images": len(self.x_test),
+                 "flags": self._flags()}
+        _atomic_write_text(self.out / FINAL, json.dumps(final, indent=1) + "\n")
+        return final

@@ -1,0 +1,177 @@
+"""Checkpoints: round trip of every piece of state, atomic writes, and one clear error per bad file."""
+import json
+import os
+import zipfile
+
+import numpy as np
+import pytest
+
+import ninpy
+from ninpy import checkpoint, models, optim
+from ninpy import random as nrandom
+from ninpy.checkpoint import CheckpointError
+from ninpy.recipes import param_groups
+
+
+def small_net(seed=0):
+    ninpy.manual_seed(seed)
+    return models.nin(in_channels=1, num_classes=3, widths=((4, 3, 3), (4, 3, None)),
+                      kernel_sizes=(3, 3), pools=("max",))
+
+
+def trained(seed=0):
+    """A model, SGD with momentum buffers and a schedule a few epochs in."""
+    model = small_net(seed)
+    sgd = optim.SGD(param_groups(model, 0.1, 1e-4), lr=0.1, momentum=0.9)
+    schedule = optim.MultiStepLR(sgd, [2, 4])
+    for p in model.parameters():
+        p.grad = np.full(p.shape, 0.5, p.dtype)
+    sgd.step()
+    for _ in range(3):
+        schedule.step()
+    return model, sgd, schedule
+
+
+def test_round_trip_restores_model_optimizer_schedule_random_and_metadata(tmp_path):
+    model, sgd, schedule = trained()
+    ninpy.manual_seed(7)
+    nrandom.cpu_generator().random(5)           # move the generator away from a fresh seed
+    path = checkpoint.save(tmp_path / "c.npz", model, sgd, schedule, epoch=3, batch=5,
+                           progress={"loss_sum": 1.25, "correct": 4, "seen": 10},
+                           flags={"dataset": "mnist", "lr": 0.1})
+    expected_draws = nrandom.cpu_generator().random(4)
+
+    state = checkpoint.load(path)
+    assert (state.epoch, state.batch) == (3, 5)
+    assert state.flags == {"dataset": "mnist", "lr": 0.1}
+    assert state.progress == {"loss_sum": 1.25, "correct": 4, "seen": 10}
+
+    model2, sgd2, _ = trained(seed=1)           # other weights, other buffers
+    schedule2 = optim.MultiStepLR(sgd2, [2, 4])
+    ninpy.manual_seed(99)
+    state.restore(model2, sgd2, schedule2)
+    for (name, a), (_, b) in zip(model.named_parameters(), model2.named_parameters()):
+        assert np.array_equal(a.data, b.data), name
+    assert schedule2.epoch == 3 and schedule2.get_last_lr() == schedule.get_last_lr()
+    saved, loaded = sgd.state_dict(), sgd2.state_dict()
+    assert saved["param_groups"] == loaded["param_groups"]
+    assert saved["momentum_buffers"].keys() == loaded["momentum_buffers"].keys()
+    for key, buf in saved["momentum_buffers"].items():
+        assert np.array_equal(buf, loaded["momentum_buffers"][key])
+    assert np.array_equal(nrandom.cpu_generator().random(4), expected_draws)
+
+
+def test_a_directory_means_its_checkpoint_npz(tmp_path):
+    model, sgd, schedule = trained()
+    checkpoint.save(tmp_path / checkpoint.FILENAME, model, sgd, schedule, epoch=1)
+    assert checkpoint.load(tmp_path).epoch == 1
+
+
+def test_archive_holds_plain_arrays_only(tmp_path):
+    model, sgd, schedule = trained()
+    path = checkpoint.save(tmp_path / "c.npz", model, sgd, schedule, epoch=1)
+    with np.load(path, allow_pickle=False) as archive:
+        names = set(archive.files)
+        meta = json.loads(str(archive["meta"][()]))
+        assert all(archive[name].dtype != object for name in names)
+    assert {f"model/{name}" for name, _ in model.named_parameters()} <= names
+    assert meta["format"] == checkpoint.FORMAT and meta["epoch"] == 1
+
+
+def test_failed_write_leaves_the_old_checkpoint_byte_identical_and_no_temporary(tmp_path,
+                                                                               monkeypatch):
+    model, sgd, schedule = trained()
+    path = checkpoint.save(tmp_path / "c.npz", model, sgd, schedule, epoch=1)
+    before = path.read_bytes()
+
+    def crash(file, **arrays):
+        file.write(b"PK\x03\x04 half an archive")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", crash)
+    with pytest.raises(CheckpointError, match="No space left"):
+        checkpoint.save(path, model, sgd, schedule, epoch=2)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["c.npz"]
+
+
+def test_interrupt_during_write_leaves_the_old_checkpoint(tmp_path, monkeypatch):
+    model, sgd, schedule = trained()
+    path = checkpoint.save(tmp_path / "c.npz", model, sgd, schedule, epoch=1)
+    before = path.read_bytes()
+
+    def interrupted(file, **arrays):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(path, model, sgd, schedule, epoch=2)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["c.npz"]
+
+
+def test_unwritable_directory_is_a_checkpoint_error(tmp_path):
+    model, sgd, schedule = trained()
+    with pytest.raises(CheckpointError, match="cannot write"):
+        checkpoint.save(tmp_path / "missing" / "c.npz", model, sgd, schedule, epoch=1)
+
+
+def _valid(tmp_path):
+    model, sgd, schedule = trained()
+    return checkpoint.save(tmp_path / "c.npz", model, sgd, schedule, epoch=1)
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda b: b[: len(b) // 2], "truncated or corrupt"),
+    (lambda b: b[:100], "truncated or corrupt"),
+    (lambda b: b"", "truncated or corrupt"),
+    (lambda b: b"not a zip file at all" * 10, "truncated or corrupt"),
+])
+def test_truncated_or_garbage_file_is_one_clear_error(tmp_path, damage, match):
+    path = _valid(tmp_path)
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(CheckpointError, match=match) as info:
+        checkpoint.load(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_flipped_bytes_inside_an_array_are_detected(tmp_path):
+    path = _valid(tmp_path)
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("model/features.0.conv.weight.npy")
+    data = bytearray(path.read_bytes())
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra) + 200
+    data[start:start + 8] = b"\xff" * 8      # inside the stored array: the CRC no longer matches
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        checkpoint.load(path)
+
+
+def test_npz_without_meta_is_not_a_ninpy_checkpoint(tmp_path):
+    path = tmp_path / "other.npz"
+    np.savez(path, weights=np.zeros(3))
+    with pytest.raises(CheckpointError, match="not a ninpy checkpoint"):
+        checkpoint.load(path)
+
+
+def test_pickled_object_arrays_are_refused(tmp_path):
+    path = tmp_path / "pickled.npz"
+    np.savez(path, meta=np.array(json.dumps({"format": checkpoint.FORMAT, "version": 1})),
+             **{"model/x": np.array([{"evil": 1}], dtype=object)})
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        checkpoint.load(path)
+
+
+def test_missing_file_and_empty_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        checkpoint.load(tmp_path / "nope.npz")
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        checkpoint.load(tmp_path)
+
+
+def test_checkpoint_of_another_model_does_not_fit(tmp_path):
+    path = _valid(tmp_path)
+    ninpy.manual_seed(0)
+    other = models.nin(in_channels=1, num_classes=5, widths=((4, 3, 3), (4, 3, None)),
+                       kernel_sizes=(3, 3), pools=("max",))
+    with pytest.raises(CheckpointError, match="does not fit"):
+        checkpoint.load(path).restore(other)

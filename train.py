@@ -1,0 +1,192 @@
+#!/usr/bin/env python
+"""Train, resume or evaluate Network In Network on one of five datasets.
+
+    python train.py --dataset cifar10 --device gpu                  # the default recipe, runs/cifar10
+    python train.py --dataset fashion-mnist --device cpu --epochs 5 --out runs/fm
+    python train.py --resume runs/fm --epochs 10                    # continue exactly where it stopped
+    python train.py --resume runs/fm --eval-only                    # test accuracy of the checkpoint
+
+Unset flags take the dataset's recipe (ninpy/recipes.py, docs/recipes.md). Every expected failure
+(bad flag, no GPU, missing data, unusable --out, NaN loss, ...) is one line on stderr and a non-zero
+exit; Ctrl-C saves a resumable checkpoint and exits with 130.
+"""
+import argparse
+import sys
+
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+DATASETS = ("cifar10", "cifar100", "svhn", "mnist", "fashion-mnist")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + message
+        sys.stderr.write(f"train.py: error: {message} (see --help)\n")
+        sys.exit(EXIT_USAGE)
+
+
+def _number(kind, low, low_inclusive=True, high=None):
+    """An argparse type: kind(text), finite, >= low (or > low), < high; the error names the rule."""
+    rule = (f"{'>=' if low_inclusive else '>'} {low}" + (f" and < {high}" if high is not None else ""))
+    noun = "a whole number" if kind is int else "a number"
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if value != value or value in (float("inf"), float("-inf")) or \
+                (value < low if low_inclusive else value <= low) or \
+                (high is not None and value >= high):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {noun} {rule}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value"
+    return parse
+
+
+POSITIVE_INT, COUNT = _number(int, 1), _number(int, 0)
+POSITIVE, NON_NEGATIVE, FRACTION = _number(float, 0, False), _number(float, 0), _number(float, 0, True, 1)
+
+
+def build_parser():
+    p = _Parser(description="Train Network In Network (Lin, Chen, Yan 2014) with ninpy.",
+                epilog="Recipe defaults per dataset: docs/recipes.md.")
+    p.add_argument("--dataset", choices=DATASETS, help="required unless --resume")
+    p.add_argument("--device", choices=("auto", "cpu", "gpu"), default=None,
+                   help="auto: the GPU when usable, else the CPU (default auto)")
+    p.add_argument("--epochs", type=POSITIVE_INT, help="total epochs to train (recipe)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, help="(recipe: 128)")
+    p.add_argument("--lr", type=POSITIVE, help="base learning rate of the weights (recipe: 0.1)")
+    p.add_argument("--momentum", type=FRACTION, help="(recipe: 0.9)")
+    p.add_argument("--weight-decay", type=NON_NEGATIVE, help="on weights, not biases (recipe: 1e-4)")
+    p.add_argument("--bias-lr-mult", type=NON_NEGATIVE, help="lr multiplier of biases (recipe: 2)")
+    p.add_argument("--last-lr-mult", type=NON_NEGATIVE,
+                   help="lr multiplier of the last 1x1 convolution (recipe: 0.1)")
+    p.add_argument("--schedule", help="step:E1,E2 (lr x0.1 at those epochs), cosine or constant")
+    p.add_argument("--warmup-epochs", type=NON_NEGATIVE,
+                   help="linear lr warm-up over this many epochs, per step (recipe)")
+    p.add_argument("--augment", choices=("none", "crop", "flip", "crop+flip"),
+                   help="crop: random translation by up to --crop-pad pixels (recipe)")
+    p.add_argument("--crop-pad", type=COUNT, help="padding of the random crop (recipe)")
+    p.add_argument("--preprocess", choices=("standardize", "gcn-zca"),
+                   help="per-channel standardisation, or the paper's GCN + ZCA (recipe)")
+    p.add_argument("--seed", type=COUNT, help="seeds weights, batch order, augmentation, dropout (0)")
+    p.add_argument("--data-dir", help="dataset folder (default $NINPY_DATA or ~/.cache/ninpy)")
+    p.add_argument("--no-download", action="store_true", help="never download; fail if missing")
+    p.add_argument("--out", help="run directory: metrics.jsonl, checkpoint.npz, final.json "
+                                 "(default runs/<dataset>; with --resume, the checkpoint's)")
+    p.add_argument("--resume", metavar="DIR_OR_FILE", help="continue (or --eval-only) a checkpoint")
+    p.add_argument("--eval-only", action="store_true", help="evaluate --resume's checkpoint")
+    p.add_argument("--limit", type=POSITIVE_INT, help="use the first N examples of each split")
+    p.add_argument("--val-split", type=COUNT,
+                   help="hold out N training images as a validation set (reported as val_*)")
+    p.add_argument("--svhn-extra", action="store_true", help="SVHN: add the 531k extra images")
+    p.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
+                   help="progress bar on stderr (auto: when it is a terminal)")
+    return p
+
+
+# flag name -> Config field, for the flags a user may give
+_FIELDS = {"dataset": "dataset", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
+           "momentum": "momentum", "weight_decay": "weight_decay", "bias_lr_mult": "bias_lr_mult",
+           "last_lr_mult": "last_lr_mult", "schedule": "schedule", "warmup_epochs": "warmup_epochs",
+           "augment": "augment", "crop_pad": "crop_pad", "preprocess": "preprocess", "seed": "seed",
+           "data_dir": "data_dir", "out": "out", "limit": "limit", "val_split": "val_split"}
+
+
+def make_config(args, saved_flags=None):
+    """The Config from the flags given, the checkpoint's flags (when resuming) and the recipe."""
+    from ninpy.training import FIXED_KEYS, RUN_KEYS, Config, TrainingError
+
+    given = {field: getattr(args, flag) for flag, field in _FIELDS.items()
+             if getattr(args, flag) is not None}
+    if args.svhn_extra:
+        given["svhn_extra"] = True
+    if saved_flags:
+        changed = [key for key in RUN_KEYS
+                   if key in given and key in saved_flags and given[key] != saved_flags[key]]
+        for key in changed:
+            flag = f"--{key.replace('_', '-')}"
+            if key in FIXED_KEYS:
+                raise TrainingError(
+                    f"{flag} {given[key]!r} differs from the checkpoint's {saved_flags[key]!r}: it "
+                    "fixes the data or the model, so a resumed run keeps it (drop the flag, or start "
+                    "a new run with another --out)")
+            print(f"note: resuming with {flag} {given[key]!r} instead of the checkpoint's "
+                  f"{saved_flags[key]!r}; the run is no longer the same as an uninterrupted one",
+                  flush=True)
+        values = {key: saved_flags[key] for key in RUN_KEYS if key in saved_flags}
+        values.update({key: given[key] for key in changed})
+        values["epochs"] = given.get("epochs", saved_flags.get("epochs"))
+        values["data_dir"] = given.get("data_dir", saved_flags.get("data_dir"))
+        values["out"] = given.get("out")
+    else:
+        if "dataset" not in given:
+            raise TrainingError("--dataset is required (one of " + ", ".join(DATASETS) +
+                                "), unless --resume gives a checkpoint")
+        values = dict(given)
+        values.setdefault("out", f"runs/{given['dataset']}")
+    values["device"] = args.device or "auto"
+    values["download"] = not args.no_download
+    dataset = values.pop("dataset")
+    return Config.for_dataset(dataset, **values)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    # Imported after parsing, so --help and flag errors are instant.
+    from ninpy import checkpoint
+    from ninpy.backend import DeviceError
+    from ninpy.checkpoint import CheckpointError
+    from ninpy.download import DataError
+    from ninpy.training import Interrupted, Trainer, TrainingError
+
+    progress = {"auto": None, "on": True, "off": False}[args.progress]
+    try:
+        state = checkpoint.load(args.resume) if args.resume is not None else None
+        if args.eval_only and state is None:
+            raise TrainingError("--eval-only needs --resume DIR_OR_FILE: the checkpoint to evaluate")
+        config = make_config(args, state.flags if state is not None else None)
+        trainer = Trainer(config, resume=state, eval_only=args.eval_only, progress=progress)
+        print(f"NIN for {config.dataset}: {trainer.num_parameters():,} parameters, device "
+              f"{trainer.device}, {len(trainer.x_train):,} training / {len(trainer.x_test):,} test "
+              f"images", flush=True)
+        if args.eval_only:
+            r = trainer.evaluate_only()
+            print(f"epoch {r['epoch']}: test loss {r['test_loss']:.4f}, test accuracy "
+                  f"{100 * r['test_acc']:.2f}% ({r['test_images']:,} images)")
+            return 0
+        print(f"recipe: lr {config.lr} (biases x{config.bias_lr_mult}, last 1x1 "
+              f"x{config.last_lr_mult}), momentum {config.momentum}, weight decay "
+              f"{config.weight_decay}, batch {config.batch_size}, {config.epochs} epochs, schedule "
+              f"{config.schedule}, warm-up {config.warmup_epochs} epochs, augment {config.augment}, "
+              f"preprocess {config.preprocess}; writing to {trainer.out}", flush=True)
+        final = trainer.fit()
+        if "test_acc" in final:
+            print(f"done: test accuracy {100 * final['test_acc']:.2f}% after epoch "
+                  f"{final['epoch']}; {trainer.out}")
+        return 0
+    except (DataError, DeviceError, CheckpointError, TrainingError) as error:
+        sys.stderr.write(f"train.py: error: {_one_line(error)}\n")
+        return EXIT_ERROR
+    except MemoryError:
+        sys.stderr.write("train.py: error: out of memory; lower --batch-size\n")
+        return EXIT_ERROR
+    except OSError as error:
+        where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+        sys.stderr.write(f"train.py: error: {error.strerror or error}{where}\n")
+        return EXIT_ERROR
+    except Interrupted as stop:
+        sys.stderr.write(f"train.py: {stop}\n")
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        sys.stderr.write("train.py: interrupted; nothing new was saved (an earlier checkpoint, if "
+                         "any, is intact)\n")
+        return EXIT_INTERRUPTED
+
+
+def _one_line(error):
+    """The error's message on one line (a few data errors list files on further lines)."""
+    return " ".join(str(error).split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
