@@ -9,64 +9,42 @@ import ninpy
 import ninpy.functional as F
 from ninpy import Tensor, models
 from ninpy.shapes import conv_output_size, pool_output_size
+from strategies import conv_geometries, pool_geometries, random_array, seeds
 
 
 def arr(seed, shape, low=None):
-    """Standard normal values; with `low`, magnitudes kept >= low (away from ReLU's kink)."""
-    rng = np.random.default_rng(seed)
-    values = rng.standard_normal(shape)
-    if low is not None:
-        values = np.sign(values) * (np.abs(values) + low)
-    return values
+    """Uniform values in [-2, 2]; with `low`, kept away from ReLU's kink at 0."""
+    return random_array(seed, shape, away_from_zero=low is not None)
 
 
 def distinct(seed, shape):
-    """A permutation of evenly spaced values: no two equal, so max pooling has no ties."""
-    size = int(np.prod(shape))
-    return np.random.default_rng(seed).permutation(size).reshape(shape) / size - 0.5
-
-
-@st.composite
-def conv_cases(draw):
-    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    ph, pw = draw(st.integers(0, 2)), draw(st.integers(0, 2))
-    h = draw(st.integers(max(1, kh - 2 * ph), 6))
-    w = draw(st.integers(max(1, kw - 2 * pw), 6))
-    n, c, c_out = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    return dict(n=n, c=c, c_out=c_out, h=h, w=w, k=(kh, kw), stride=(sh, sw), pad=(ph, pw),
-                seed=draw(st.integers(0, 2**16)))
-
-
-@st.composite
-def pool_cases(draw):
-    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
-    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    ph, pw = draw(st.integers(0, kh // 2)), draw(st.integers(0, kw // 2))
-    h = draw(st.integers(max(1, kh - 2 * ph), 7))
-    w = draw(st.integers(max(1, kw - 2 * pw), 7))
-    return dict(n=draw(st.integers(1, 2)), c=draw(st.integers(1, 2)), h=h, w=w, k=(kh, kw),
-                stride=(sh, sw), pad=(ph, pw), ceil_mode=draw(st.booleans()),
-                seed=draw(st.integers(0, 2**16)))
+    """No two values equal, so max pooling has no ties."""
+    return random_array(seed, shape, distinct=True)
 
 
 def leaf(values):
     return Tensor(np.asarray(values, dtype=np.float64), requires_grad=True)
 
 
+def conv_inputs(g, c_out, seed):
+    """x, weight and bias leaves for a drawn geometry; stride and padding as F.conv2d takes them."""
+    x = leaf(arr(seed, g.x_shape))
+    w = leaf(arr(seed + 1, (c_out, g.c, g.kh, g.kw)))
+    b = leaf(arr(seed + 2, (c_out,)))
+    return x, w, b, (g.sh, g.sw), (g.ph, g.pw)
+
+
 @settings(max_examples=40)
-@given(conv_cases(), st.booleans())
-def test_conv2d_gradients(case, with_bias):
-    x = leaf(arr(case["seed"], (case["n"], case["c"], case["h"], case["w"])))
-    w = leaf(arr(case["seed"] + 1, (case["c_out"], case["c"], *case["k"])))
-    b = leaf(arr(case["seed"] + 2, (case["c_out"],))) if with_bias else None
+@given(conv_geometries(max_size=6), st.integers(1, 3), seeds, st.booleans())
+def test_conv2d_gradients(g, c_out, seed, with_bias):
+    x, w, b, stride, pad = conv_inputs(g, c_out, seed)
     inputs = [x, w] + ([b] if with_bias else [])
-    conv = lambda x, w, b=None: F.conv2d(x, w, b, case["stride"], case["pad"])  # noqa: E731
+    conv = lambda x, w, b=None: F.conv2d(x, w, b, stride, pad)  # noqa: E731
     assert ninpy.gradcheck(conv, inputs)
 
 
 @settings(max_examples=15)
-@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 4), st.integers(0, 2**16))
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 4), seeds)
 def test_pointwise_conv_path_gradients(n, c, c_out, seed):
     """1x1, stride 1, pad 0 takes the batched-GEMM path: check it separately."""
     x = leaf(arr(seed, (n, c, 3, 2)))
@@ -76,39 +54,39 @@ def test_pointwise_conv_path_gradients(n, c, c_out, seed):
 
 
 @settings(max_examples=15)
-@given(conv_cases())
-def test_conv2d_relu_is_relu_of_conv_and_has_right_gradients(case):
-    x = leaf(arr(case["seed"], (case["n"], case["c"], case["h"], case["w"])))
-    w = leaf(arr(case["seed"] + 1, (case["c_out"], case["c"], *case["k"])))
-    b = leaf(arr(case["seed"] + 2, (case["c_out"],)))
-    fused = F.conv2d_relu(x, w, b, case["stride"], case["pad"])
-    plain = F.relu(F.conv2d(x, w, b, case["stride"], case["pad"]))
+@given(conv_geometries(max_size=6), st.integers(1, 3), seeds)
+def test_conv2d_relu_is_relu_of_conv_and_has_right_gradients(g, c_out, seed):
+    x, w, b, stride, pad = conv_inputs(g, c_out, seed)
+    fused = F.conv2d_relu(x, w, b, stride, pad)
+    plain = F.relu(F.conv2d(x, w, b, stride, pad))
     np.testing.assert_allclose(fused.data, plain.data, rtol=1e-12, atol=1e-12)
-    pre = F.conv2d(x, w, b, case["stride"], case["pad"]).data
+    pre = F.conv2d(x, w, b, stride, pad).data
     if np.abs(pre).min() > 1e-3:  # finite differences across ReLU's kink are meaningless
-        assert ninpy.gradcheck(lambda x, w, b: F.conv2d_relu(x, w, b, case["stride"], case["pad"]),
-                               [x, w, b])
+        assert ninpy.gradcheck(lambda x, w, b: F.conv2d_relu(x, w, b, stride, pad), [x, w, b])
 
 
-@given(st.integers(0, 2**16))
+@given(seeds)
 def test_relu_gradient(seed):
     assert ninpy.gradcheck(F.relu, [leaf(arr(seed, (2, 3, 4), low=0.05))])
 
 
-@settings(max_examples=40)
-@given(pool_cases())
-def test_max_pool_gradients(case):
-    x = leaf(distinct(case["seed"], (case["n"], case["c"], case["h"], case["w"])))
-    pool = lambda x: F.max_pool2d(x, case["k"], case["stride"], case["pad"], case["ceil_mode"])  # noqa: E731
-    assert ninpy.gradcheck(pool, [x], eps=1e-7)
+def pool_args(g):
+    return dict(kernel_size=(g.kh, g.kw), stride=(g.sh, g.sw), padding=(g.ph, g.pw),
+                ceil_mode=g.ceil_mode)
 
 
 @settings(max_examples=40)
-@given(pool_cases())
-def test_avg_pool_gradients(case):
-    x = leaf(arr(case["seed"], (case["n"], case["c"], case["h"], case["w"])))
-    pool = lambda x: F.avg_pool2d(x, case["k"], case["stride"], case["pad"], case["ceil_mode"])  # noqa: E731
-    assert ninpy.gradcheck(pool, [x])
+@given(pool_geometries(max_batch=2, max_channels=2, max_size=7), seeds)
+def test_max_pool_gradients(g, seed):
+    x = leaf(distinct(seed, g.x_shape))
+    assert ninpy.gradcheck(lambda x: F.max_pool2d(x, **pool_args(g)), [x], eps=1e-7)
+
+
+@settings(max_examples=40)
+@given(pool_geometries(max_batch=2, max_channels=2, max_size=7), seeds)
+def test_avg_pool_gradients(g, seed):
+    x = leaf(arr(seed, g.x_shape))
+    assert ninpy.gradcheck(lambda x: F.avg_pool2d(x, **pool_args(g)), [x])
 
 
 def test_global_avg_pool_gradient_and_value():
@@ -117,7 +95,7 @@ def test_global_avg_pool_gradient_and_value():
     assert ninpy.gradcheck(F.global_avg_pool2d, [x])
 
 
-@given(st.integers(2, 5), st.integers(1, 6), st.integers(0, 2**16))
+@given(st.integers(2, 5), st.integers(1, 6), seeds)
 def test_cross_entropy_gradient_and_value(n, k, seed):
     logits = leaf(arr(seed, (n, k)) * 3)
     labels = np.random.default_rng(seed).integers(0, k, n)
@@ -233,30 +211,26 @@ class TestAgainstTorch:
         return pytest.importorskip("torch")
 
     @settings(max_examples=20)
-    @given(conv_cases())
-    def test_conv2d(self, case):
+    @given(conv_geometries(max_size=6), st.integers(1, 3), seeds)
+    def test_conv2d(self, g, c_out, seed):
         torch = self._torch()
-        x = arr(case["seed"], (case["n"], case["c"], case["h"], case["w"]))
-        w = arr(case["seed"] + 1, (case["c_out"], case["c"], *case["k"]))
-        b = arr(case["seed"] + 2, (case["c_out"],))
-        tx, tw, tb = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
-        ty = torch.nn.functional.conv2d(tx, tw, tb, case["stride"], case["pad"])
-        g = arr(case["seed"] + 3, tuple(ty.shape))
-        ty.backward(torch.tensor(g))
-        nx, nw, nb = leaf(x), leaf(w), leaf(b)
-        ny = F.conv2d(nx, nw, nb, case["stride"], case["pad"])
-        ny.backward(g)
+        nx, nw, nb, stride, pad = conv_inputs(g, c_out, seed)
+        tx, tw, tb = (torch.tensor(t.data, requires_grad=True) for t in (nx, nw, nb))
+        ty = torch.nn.functional.conv2d(tx, tw, tb, stride, pad)
+        grad = arr(seed + 3, tuple(ty.shape))
+        ty.backward(torch.tensor(grad))
+        ny = F.conv2d(nx, nw, nb, stride, pad)
+        ny.backward(grad)
         np.testing.assert_allclose(ny.data, ty.detach().numpy(), rtol=1e-10, atol=1e-10)
         for ours, theirs in ((nx, tx), (nw, tw), (nb, tb)):
             np.testing.assert_allclose(ours.grad, theirs.grad.numpy(), rtol=1e-10, atol=1e-10)
 
     @settings(max_examples=30)
-    @given(pool_cases(), st.sampled_from(["max", "avg"]))
-    def test_pooling(self, case, kind):
+    @given(pool_geometries(), seeds, st.sampled_from(["max", "avg"]))
+    def test_pooling(self, g, seed, kind):
         torch = self._torch()
-        x = distinct(case["seed"], (case["n"], case["c"], case["h"], case["w"]))
-        args = dict(kernel_size=case["k"], stride=case["stride"], padding=case["pad"],
-                    ceil_mode=case["ceil_mode"])
+        x = distinct(seed, g.x_shape)
+        args = pool_args(g)
         tx = torch.tensor(x, requires_grad=True)
         if kind == "max":
             ty = torch.nn.functional.max_pool2d(tx, **args)
@@ -264,11 +238,11 @@ class TestAgainstTorch:
         else:
             ty = torch.nn.functional.avg_pool2d(tx, **args, count_include_pad=True)
             ny_fn = F.avg_pool2d
-        g = arr(case["seed"] + 1, tuple(ty.shape))
-        ty.backward(torch.tensor(g))
+        grad = arr(seed + 1, tuple(ty.shape))
+        ty.backward(torch.tensor(grad))
         nx = leaf(x)
         ny = ny_fn(nx, **args)
-        ny.backward(g)
+        ny.backward(grad)
         np.testing.assert_allclose(ny.data, ty.detach().numpy(), rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(nx.grad, tx.grad.numpy(), rtol=1e-10, atol=1e-12)
 
