@@ -19,6 +19,7 @@ math library (expf/logf), or cuBLAS (matmul_shared). Those need tests/test_gpu.p
 import ctypes
 import functools
 import hashlib
+import os
 import re
 import shutil
 import subprocess
@@ -137,14 +138,15 @@ def _build(sources):
     workdir = Path(tempfile.gettempdir()) / f"ninpy-cuda-emulator-{digest}"
     workdir.mkdir(exist_ok=True)
     library = workdir / "emulator.so"
-    if not library.exists():
-        (workdir / "emulator.cpp").write_text(code)
+    if not library.exists():  # built once per source version; each process writes its own files
+        source_file = workdir / f"emulator.{os.getpid()}.cpp"
+        partial = workdir / f"emulator.{os.getpid()}.so.tmp"
+        source_file.write_text(code)
         result = subprocess.run([compiler, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread",
-                                 "-o", str(library) + ".tmp", str(workdir / "emulator.cpp")],
-                                capture_output=True, text=True)
+                                 "-o", str(partial), str(source_file)], capture_output=True, text=True)
         if result.returncode != 0:
             raise EmulatorUnavailable(f"g++ could not build the host emulator:\n{result.stderr[-3000:]}")
-        Path(str(library) + ".tmp").rename(library)
+        partial.replace(library)  # atomic: a concurrent run sees either no library or a whole one
     return ctypes.CDLL(str(library)), wrappers
 
 
@@ -200,3 +202,44 @@ def emulated_cupy(sources):
         ascontiguousarray=np.ascontiguousarray, asarray=np.asarray, asnumpy=np.asarray,
         RawModule=RawModule)
     return fake
+
+
+# --- a whole emulated "GPU" for ninpy: arrays that ninpy.backend takes for CuPy arrays -------------
+
+class EmulatedArray(np.ndarray):
+    """A NumPy array that ninpy.backend.is_gpu_array() takes for a CuPy array (`.get()` included)."""
+
+    def get(self):
+        return np.array(self)
+
+
+class EmulatorLacks(AttributeError):
+    """ninpy asked the emulated cupy for something NumPy does not have (a CuPy-only API)."""
+
+
+def _to_device(value):
+    if isinstance(value, np.ndarray) and not isinstance(value, EmulatedArray):
+        return value.view(EmulatedArray)
+    if isinstance(value, tuple):
+        return tuple(_to_device(v) for v in value)
+    return value
+
+
+class EmulatedCupyModule(types.ModuleType):
+    """`cupy` made of NumPy: every NumPy function, with array results turned into EmulatedArray, plus
+    asnumpy, ndarray and the kernel loader of `emulated_cupy`. Anything CuPy-only raises EmulatorLacks."""
+
+    def __init__(self, sources):
+        super().__init__("emulated_cupy")
+        self.RawModule = emulated_cupy(sources).RawModule
+        self.ndarray = EmulatedArray
+        self.asnumpy = np.array
+
+    def __getattr__(self, name):
+        try:
+            value = getattr(np, name)
+        except AttributeError:
+            raise EmulatorLacks(f"cupy.{name} has no NumPy counterpart in the host emulator") from None
+        if callable(value) and not isinstance(value, type):
+            return lambda *args, **kwargs: _to_device(value(*args, **kwargs))
+        return value
