@@ -102,8 +102,7 @@ def format_compile_error(path, log):
             lines.append(f"{path}:{match['line']}: {match['message']}")
     if not lines:  # an error without a position (bad option, missing name expression): keep it all
         lines = [f"{path}: {log.strip() or 'NVRTC failed without a log'}"]
-    return (f"CUDA kernel source {path} failed to compile:\n  " + "\n  ".join(lines)
-            + "\n(fix the kernel source; the full log is in NVRTC's output above each line)")
+    return f"CUDA kernel source {path} failed to compile (NVRTC):\n  " + "\n  ".join(lines)
 
 
 def compile_with_nvrtc(path, source, name_expressions, arch, options=OPTIONS):
@@ -177,11 +176,12 @@ def _index(count, *sizes):
 
 def _launch(filename, kernel, dtype, count, args, *sizes):
     """Launch kernel<dtype, index> over `count` threads (grid-stride); args receive the index type."""
+    c_type = _c_type(dtype)
     if count == 0:
         return
     index_c, index_np = _index(count, *sizes)
     args = tuple(index_np(a.value) if isinstance(a, _Index) else a for a in args)
-    function = _function(filename, kernel, _c_type(dtype), index_c)
+    function = _function(filename, kernel, c_type, index_c)
     function((_grid(count),), (_BLOCK,), args)
 
 
@@ -370,8 +370,9 @@ def relu_backward(dy, y):
     cupy = backend.require_gpu()
     dy = _contiguous(dy)
     y = _contiguous(y)
-    if dy.shape != y.shape:
-        raise ValueError(f"dy has shape {dy.shape} but y has {y.shape}; they must match")
+    if dy.shape != y.shape or dy.dtype != y.dtype:
+        raise ValueError(f"dy ({dy.shape}, {dy.dtype}) and y ({y.shape}, {y.dtype}) must have one "
+                         "shape and dtype")
     dx = cupy.empty_like(dy)
     _launch("elementwise.cu", "relu_backward_kernel", dy.dtype, dy.size, (dy, y, dx, _Index(dy.size)))
     return dx
