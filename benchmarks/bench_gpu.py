@@ -33,6 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from torch_nin import torch_nin  # noqa: E402
 
 PRECISIONS = ("fp32", "tf32")
 
@@ -92,22 +95,6 @@ def _import_torch(args):
     if not torch.cuda.is_available():
         return None, "this PyTorch build sees no CUDA GPU (a CPU-only wheel?)"
     return torch, None
-
-
-def torch_nin(torch):
-    """DESIGN.md's CIFAR NIN in torch.nn: 966,986 parameters."""
-    nn = torch.nn
-
-    def conv(c_in, c_out, k, pad=0):
-        return [nn.Conv2d(c_in, c_out, k, padding=pad), nn.ReLU(inplace=True)]
-
-    return nn.Sequential(
-        *conv(3, 192, 5, 2), *conv(192, 160, 1), *conv(160, 96, 1),
-        nn.MaxPool2d(3, stride=2, ceil_mode=True), nn.Dropout(0.5),
-        *conv(96, 192, 5, 2), *conv(192, 192, 1), *conv(192, 192, 1),
-        nn.AvgPool2d(3, stride=2, ceil_mode=True), nn.Dropout(0.5),
-        *conv(192, 192, 3, 1), *conv(192, 192, 1), *conv(192, 10, 1),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
 class _PeakHook:
