@@ -111,6 +111,8 @@ def plot_metrics(records, out, title="", num_classes=None):
         positive = [v for v in lr if v > 0]
         if positive and min(positive) == min(lr) and max(lr) / min(positive) >= 10:
             lr_ax.set_yscale("log")
+        elif max(lr) == min(lr) > 0:  # a constant lr: show it against zero, not a 1e-3 wide band
+            lr_ax.set_ylim(0, 1.25 * max(lr))
 
     for ax, name in ((loss_ax, "cross-entropy loss"), (acc_ax, "accuracy (%)"),
                      (lr_ax, "learning rate (weights)")):
