@@ -42,6 +42,14 @@ def _number(kind, low, low_inclusive=True, high=None):
     return parse
 
 
+def _limit(text):
+    """--limit N or N,M."""
+    parts = [POSITIVE_INT(part) for part in text.split(",")]
+    if len(parts) > 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected N or N,M")
+    return parts[0] if len(parts) == 1 else parts
+
+
 POSITIVE_INT, COUNT = _number(int, 1), _number(int, 0)
 POSITIVE, NON_NEGATIVE, FRACTION = _number(float, 0, False), _number(float, 0), _number(float, 0, True, 1)
 
@@ -61,8 +69,10 @@ def build_parser():
     p.add_argument("--last-lr-mult", type=NON_NEGATIVE,
                    help="lr multiplier of the last 1x1 convolution (recipe: 0.1)")
     p.add_argument("--schedule", help="step:E1,E2 (lr x0.1 at those epochs), cosine or constant")
-    p.add_argument("--warmup-epochs", type=NON_NEGATIVE,
-                   help="linear lr warm-up over this many epochs, per step (recipe)")
+    p.add_argument("--warmup-steps", type=COUNT,
+                   help="raise the lr linearly over the first N steps (recipe: 500; 0 = none)")
+    p.add_argument("--dropout", type=_number(float, 0, True, 1),
+                   help="dropout probability after blocks 1 and 2 (recipe: 0.5)")
     p.add_argument("--augment", choices=("none", "crop", "flip", "crop+flip"),
                    help="crop: random translation by up to --crop-pad pixels (recipe)")
     p.add_argument("--crop-pad", type=COUNT, help="padding of the random crop (recipe)")
@@ -75,7 +85,8 @@ def build_parser():
                                  "(default runs/<dataset>; with --resume, the checkpoint's)")
     p.add_argument("--resume", metavar="DIR_OR_FILE", help="continue (or --eval-only) a checkpoint")
     p.add_argument("--eval-only", action="store_true", help="evaluate --resume's checkpoint")
-    p.add_argument("--limit", type=POSITIVE_INT, help="use the first N examples of each split")
+    p.add_argument("--limit", type=_limit, metavar="N[,M]",
+                   help="use the first N examples of each split (N,M: N training, M test)")
     p.add_argument("--val-split", type=COUNT,
                    help="hold out N training images as a validation set (reported as val_*)")
     p.add_argument("--svhn-extra", action="store_true", help="SVHN: add the 531k extra images")
@@ -87,7 +98,7 @@ def build_parser():
 # flag name -> Config field, for the flags a user may give
 _FIELDS = {"dataset": "dataset", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
            "momentum": "momentum", "weight_decay": "weight_decay", "bias_lr_mult": "bias_lr_mult",
-           "last_lr_mult": "last_lr_mult", "schedule": "schedule", "warmup_epochs": "warmup_epochs",
+           "last_lr_mult": "last_lr_mult", "schedule": "schedule", "warmup_steps": "warmup_steps", "dropout": "dropout",
            "augment": "augment", "crop_pad": "crop_pad", "preprocess": "preprocess", "seed": "seed",
            "data_dir": "data_dir", "out": "out", "limit": "limit", "val_split": "val_split"}
 
@@ -157,7 +168,7 @@ def main(argv=None):
         print(f"recipe: lr {config.lr} (biases x{config.bias_lr_mult}, last 1x1 "
               f"x{config.last_lr_mult}), momentum {config.momentum}, weight decay "
               f"{config.weight_decay}, batch {config.batch_size}, {config.epochs} epochs, schedule "
-              f"{config.schedule}, warm-up {config.warmup_epochs} epochs, augment {config.augment}, "
+              f"{config.schedule}, warm-up {config.warmup_steps} steps, dropout {config.dropout}, augment {config.augment}, "
               f"preprocess {config.preprocess}; writing to {trainer.out}", flush=True)
         final = trainer.fit()
         if "test_acc" in final:

@@ -37,7 +37,8 @@ class Recipe:
     batch_size: int
     epochs: int
     schedule: str           # "step:M1,M2" (lr x0.1 at each milestone epoch), "cosine" or "constant"
-    warmup_epochs: float    # linear warm-up from 0 over this many epochs (per step); 0 = none
+    warmup_steps: int       # linear warm-up of the lr over this many steps (batches); 0 = none
+    dropout: float          # after blocks 1 and 2 (paper and authors: 0.5)
     augment: str            # "crop+flip", "crop", "flip" or "none" (crop: random translation)
     crop_pad: int           # pixels of zero padding the random crop moves within
     preprocess: str         # "standardize" (per-channel mean/std) or "gcn-zca" (the paper's, CIFAR)
@@ -52,7 +53,10 @@ _AUTHORS = dict(lr=0.1,             # Caffe solver base_lr (DESIGN.md)
                 bias_lr_mult=2.0,   # Caffe blobs_lr 2 on every bias
                 last_lr_mult=0.1,   # Caffe blobs_lr 0.1 on cccp6 (the last 1x1 conv)
                 batch_size=128,     # Caffe data layer
-                warmup_epochs=0.0)  # the authors use none
+                dropout=0.5,        # paper, Caffe model
+                warmup_steps=500)   # ours (~1 epoch of (Fashion-)MNIST or CIFAR at batch 128): the
+                                    # authors use none; without it lr 0.1 kills the class maps of
+                                    # our He-initialised NIN (docs/recipes.md)
 
 # One row per dataset. Comments give each number's source; "ours" marks a number we chose.
 RECIPES = {

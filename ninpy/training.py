@@ -29,7 +29,7 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -77,7 +77,8 @@ class Config:
     bias_lr_mult: float = None
     last_lr_mult: float = None
     schedule: str = None
-    warmup_epochs: float = None
+    warmup_steps: int = None
+    dropout: float = None
     augment: str = None
     crop_pad: int = None
     preprocess: str = None
@@ -111,7 +112,7 @@ class Config:
             bad("epochs", self.epochs, "a whole number >= 1")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             bad("batch_size", self.batch_size, "a whole number >= 1")
-        for name in ("lr", "weight_decay", "bias_lr_mult", "last_lr_mult", "warmup_epochs"):
+        for name in ("lr", "weight_decay", "bias_lr_mult", "last_lr_mult"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 bad(name, value, "a finite number >= 0")
@@ -119,6 +120,8 @@ class Config:
             bad("lr", self.lr, "a number > 0")
         if not (0 <= self.momentum < 1):
             bad("momentum", self.momentum, "a number in [0, 1)")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            bad("warmup_steps", self.warmup_steps, "a whole number >= 0")
         if self.augment not in recipes.AUGMENT_MODES:
             bad("augment", self.augment, f"one of {', '.join(recipes.AUGMENT_MODES)}")
         if not isinstance(self.crop_pad, int) or self.crop_pad < 0:
@@ -131,8 +134,10 @@ class Config:
             raise TrainingError(str(error)) from None
         if not isinstance(self.seed, int) or self.seed < 0:
             bad("seed", self.seed, "a whole number >= 0")
-        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
-            bad("limit", self.limit, "a whole number >= 1")
+        if self.limit is not None and not _is_limit(self.limit):
+            bad("limit", self.limit, "a whole number >= 1, or two ([train, test])")
+        if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
+            bad("dropout", self.dropout, "a probability in [0, 1)")
         if not isinstance(self.val_split, int) or self.val_split < 0:
             bad("val_split", self.val_split, "a whole number >= 0")
         if self.svhn_extra and self.dataset != "svhn":
@@ -140,12 +145,19 @@ class Config:
         return self
 
 
+def _is_limit(value):
+    """An int >= 1, or a pair of them (train, test)."""
+    if isinstance(value, (list, tuple)):
+        return len(value) == 2 and all(_is_limit(v) for v in value)
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 # The settings that fix the data and the model: a resumed run must keep them.
 FIXED_KEYS = ("dataset", "batch_size", "preprocess", "seed", "limit", "val_split", "svhn_extra")
 # Optimisation settings a resumed run may change (e.g. a lower lr after a divergence); the run is
 # then no longer the same as an uninterrupted one, and train.py says so.
 TUNABLE_KEYS = ("lr", "momentum", "weight_decay", "bias_lr_mult", "last_lr_mult", "schedule",
-                "warmup_epochs", "augment", "crop_pad")
+                "warmup_steps", "dropout", "augment", "crop_pad")
 RUN_KEYS = FIXED_KEYS + TUNABLE_KEYS
 # epochs, device, out, data_dir and download may change freely.
 
@@ -258,14 +270,14 @@ class Trainer:
         self._load_data()
         nrandom.manual_seed(config.seed)
         self.model = models.nin_for(config.dataset, in_channels=self.in_channels,
-                                    num_classes=self.num_classes).to(self.device)
+                                    num_classes=self.num_classes,
+                                    dropout=config.dropout).to(self.device)
         self.optimizer = SGD(recipes.param_groups(self.model, config.lr, config.weight_decay,
                                                   config.bias_lr_mult, config.last_lr_mult),
                              lr=config.lr, momentum=config.momentum)
         self.schedule = recipes.make_schedule(self.optimizer, config.schedule, config.epochs)
         self.steps_per_epoch = math.ceil(len(self.x_train) / config.batch_size)
-        self.warmup = recipes.WarmupSchedule(
-            self.optimizer, round(config.warmup_epochs * self.steps_per_epoch))
+        self.warmup = recipes.WarmupSchedule(self.optimizer, config.warmup_steps)
         self.start_epoch, self.start_batch, self.partial = 0, 0, {}
         if self.state is not None:
             # The config's optimiser settings win over the saved ones (they are equal unless the
@@ -315,8 +327,12 @@ class Trainer:
         c = self.config
         ds = datasets.load_dataset(c.dataset, c.data_dir, download=c.download,
                                    svhn_extra=c.svhn_extra, progress=self.progress is not False)
-        if c.limit is not None:
+        if isinstance(c.limit, int):
             ds = ds.limit(c.limit)
+        elif c.limit is not None:  # [train, test]: the first N of each split separately
+            n_train, n_test = c.limit
+            ds = replace(ds, x_train=ds.x_train[:n_train], y_train=ds.y_train[:n_train],
+                         x_test=ds.x_test[:n_test], y_test=ds.y_test[:n_test])
         self.num_classes, self.in_channels = ds.num_classes, ds.in_channels
         x_train, y_train = ds.x_train, ds.y_train
         self.x_val = self.y_val = None
@@ -469,11 +485,12 @@ class Trainer:
         finally:
             bar.close()
 
+        last_step = epoch * self.steps_per_epoch + len(stream) - 1
         train_loss, train_acc = float(loss_sum) / seen, int(correct) / seen
         self._warn_if_dead(epoch, train_loss, train_acc)
         record = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
                   "test_loss": test_loss, "test_acc": test_acc,
-                  "lr": self.optimizer.param_groups[0]["lr"],
+                  "lr": scheduled[0] * self.warmup.factor(last_step),  # that of the epoch's last step
                   "images_per_s": seen / train_seconds if train_seconds > 0 else None,
                   "seconds": train_seconds + eval_seconds}
         if val is not None:
@@ -506,7 +523,7 @@ class Trainer:
             raise TrainingError(
                 f"the loss became {values[bad[0]]} at epoch {epoch + 1}, batch {index + 1} (step "
                 f"{epoch * self.steps_per_epoch + index + 1}): training diverged; {kept}. Lower "
-                f"--lr (now {self.config.lr}) or add --warmup-epochs")
+                f"--lr (now {self.config.lr}) or lengthen --warmup-steps")
 
     def _warn_if_dead(self, epoch, train_loss, train_acc):
         chance = recipes.ln_classes(self.num_classes)
@@ -514,7 +531,7 @@ class Trainer:
             self.log(f"warning: the training loss sat at ln({self.num_classes}) = {chance:.4f} for all "
                      f"of epoch {epoch + 1} (accuracy {train_acc:.3f}): the class maps have died and "
                      f"every class scores the same. Lower --lr (now {self.config.lr}), add "
-                     "--warmup-epochs, or check the initialisation")
+                     "lengthen --warmup-steps, or check the initialisation")
 
     def _interrupt(self, epoch, batch, progress):
         path = checkpoint.save(self.out / checkpoint.FILENAME, self.model, self.optimizer,
