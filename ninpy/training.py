@@ -6,8 +6,8 @@
 
 One epoch: the batches of ninpy.data for (seed, epoch) (shuffled, augmented on the training
 device, preprocessed), forward, cross-entropy, backward, SGD step; then the test split under
-no_grad() with model.eval(). After every epoch the checkpoint is written atomically, then a line of
-metrics.jsonl and final.json.
+no_grad() with model.eval(). After every epoch: a line of metrics.jsonl, final.json, then the
+checkpoint, written atomically.
 
 Exact resume. Everything random is a function of saved state: the batch order and augmentation
 draws of epoch e are a pure function of (seed, e) (ninpy.data), dropout draws come from
@@ -495,13 +495,15 @@ class Trainer:
                   "seconds": train_seconds + eval_seconds}
         if val is not None:
             record["val_loss"], record["val_acc"] = val
-        self.schedule.step()
-        checkpoint.save(self.out / checkpoint.FILENAME, model, self.optimizer, self.schedule,
-                        epoch + 1, flags=self._flags())
+        # Metrics first, checkpoint last: a crash in between leaves a checkpoint one epoch behind
+        # the metrics, and resuming from it drops the extra line and redoes that epoch.
         self._records.append(record)
         with open(self.out / METRICS, "a") as file:
             file.write(_json_line(record) + "\n")
         self._final(record)
+        self.schedule.step()
+        checkpoint.save(self.out / checkpoint.FILENAME, model, self.optimizer, self.schedule,
+                        epoch + 1, flags=self._flags())
         self.log(f"epoch {epoch + 1}/{c.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
                  f"test loss {test_loss:.4f} acc {test_acc:.4f}  lr {record['lr']:.4g}  "
                  f"{record['images_per_s'] or 0:.0f} img/s  {record['seconds']:.0f}s")
