@@ -488,6 +488,7 @@ class Trainer:
         last_step = epoch * self.steps_per_epoch + len(stream) - 1
         train_loss, train_acc = float(loss_sum) / seen, int(correct) / seen
         self._warn_if_dead(epoch, train_loss, train_acc)
+        self._stop_if_dead(epoch, test_loss)
         record = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
                   "test_loss": test_loss, "test_acc": test_acc,
                   "lr": scheduled[0] * self.warmup.factor(last_step),  # that of the epoch's last step
@@ -532,8 +533,22 @@ class Trainer:
         if abs(train_loss - chance) < 0.02 and train_acc < 1.5 / self.num_classes:
             self.log(f"warning: the training loss sat at ln({self.num_classes}) = {chance:.4f} for all "
                      f"of epoch {epoch + 1} (accuracy {train_acc:.3f}): the class maps have died and "
-                     f"every class scores the same. Lower --lr (now {self.config.lr}), add "
-                     "lengthen --warmup-steps, or check the initialisation")
+                     f"every class scores the same. Lower --lr (now {self.config.lr}), lengthen "
+                     "--warmup-steps, or check the initialisation")
+
+    def _stop_if_dead(self, epoch, test_loss):
+        """All class maps zero on every test image (loss exactly ln C): no gradient can revive them,
+        so stop like a NaN, before this epoch's state replaces the last good checkpoint."""
+        chance = recipes.ln_classes(self.num_classes)
+        if abs(test_loss - chance) < 1e-4:
+            kept = (f"the last good checkpoint, {self.out / checkpoint.FILENAME}, is untouched; "
+                    f"resume it with a lower lr: python train.py --resume {self.out} --lr "
+                    f"{self.config.lr / 2:g}" if (self.out / checkpoint.FILENAME).exists()
+                    else "no checkpoint was written; lower --lr or lengthen --warmup-steps")
+            raise TrainingError(
+                f"the class maps died in epoch {epoch + 1}: the test loss is ln({self.num_classes}) = "
+                f"{chance:.4f}, every class scores the same on every image, and no gradient can "
+                f"revive them (lr {self.config.lr}); {kept}")
 
     def _interrupt(self, epoch, batch, progress):
         path = checkpoint.save(self.out / checkpoint.FILENAME, self.model, self.optimizer,

@@ -409,6 +409,18 @@ def test_dead_class_maps_are_reported(patched_sources, tmp_path):
     assert not messages
 
 
+def test_dead_class_maps_stop_the_run_and_keep_the_last_checkpoint(patched_sources, tmp_path,
+                                                                  monkeypatch):
+    out = tmp_path / "d"
+    Trainer(_config(patched_sources, out, epochs=1), **QUIET).fit()
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    trainer = Trainer(_config(patched_sources, None, epochs=2), resume=out, **QUIET)
+    monkeypatch.setattr(trainer, "evaluate", lambda *args, **kw: (math.log(10), 0.1))
+    with pytest.raises(training.TrainingError, match=r"class maps died in epoch 2.*--resume .* --lr"):
+        trainer.fit()
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+
+
 def test_param_groups_follow_the_caffe_multipliers(patched_sources, tmp_path):
     trainer = Trainer(_config(patched_sources, tmp_path / "g", epochs=1, lr=0.1), progress=False,
                       log=lambda m: None)
