@@ -19,6 +19,12 @@
 // Index is int when every flat index (and index + grid size) fits in 31 bits, long long otherwise.
 // T is float or double.
 
+// The output positions whose windows cover padded position p (= h + ph): [*start, *end).
+__device__ inline void covering_windows(int p, int k, int s, int out, int* start, int* end) {
+    *start = p < k ? 0 : (p - k) / s + 1;
+    *end = min(p / s + 1, out);
+}
+
 template <typename T, typename Index>
 __global__ void max_pool_forward_kernel(const T* __restrict__ x, T* __restrict__ y,
                                         int* __restrict__ argmax, Index total, int H, int W,
@@ -62,10 +68,9 @@ __global__ void max_pool_backward_kernel(const T* __restrict__ dy, const int* __
         const Index plane = e / ((Index)W * H);
         const int hp = h + ph;
         const int wp = w + pw;
-        const int y_start = hp < kh ? 0 : (hp - kh) / sh + 1;
-        const int y_end = min(hp / sh + 1, oh);
-        const int x_start = wp < kw ? 0 : (wp - kw) / sw + 1;
-        const int x_end = min(wp / sw + 1, ow);
+        int y_start, y_end, x_start, x_end;
+        covering_windows(hp, kh, sh, oh, &y_start, &y_end);
+        covering_windows(wp, kw, sw, ow, &x_start, &x_end);
         const Index base = plane * oh * ow;
         const int me = h * W + w;
         T sum = T(0);
@@ -121,10 +126,9 @@ __global__ void avg_pool_backward_kernel(const T* __restrict__ dy, T* __restrict
         const Index plane = e / ((Index)W * H);
         const int hp = h + ph;
         const int wp = w + pw;
-        const int y_start = hp < kh ? 0 : (hp - kh) / sh + 1;
-        const int y_end = min(hp / sh + 1, oh);
-        const int x_start = wp < kw ? 0 : (wp - kw) / sw + 1;
-        const int x_end = min(wp / sw + 1, ow);
+        int y_start, y_end, x_start, x_end;
+        covering_windows(hp, kh, sh, oh, &y_start, &y_end);
+        covering_windows(wp, kw, sw, ow, &x_start, &x_end);
         const T* dyp = dy + plane * oh * ow;
         T sum = T(0);
         for (int oy = y_start; oy < y_end; ++oy) {
