@@ -9,7 +9,7 @@ Shapes follow PyTorch: images NCHW, conv weights (C_out, C_in, kh, kw).
 import numpy as np
 
 from . import backend, cpu_kernels, random
-from .gemm import batch_to_columns, columns_to_batch, matmul_batch_sum, matmul_shared
+from .gemm import batch_to_columns, columns_to_batch, matmul_shared, pointwise_backward
 from .autograd import Function, Tensor
 from .shapes import conv_output_size, pair, pool_output_size
 
@@ -81,8 +81,8 @@ class Conv2d(Function):
         need_x = self.needs_input_grad[0]
         if self.pointwise:
             x3, g3 = x.reshape(n, x.shape[1], -1), grad.reshape(n, c_out, -1)
-            grad_w = matmul_batch_sum(g3, x3)
-            grad_x = matmul_shared(w2, g3, transpose_w=True).reshape(x.shape) if need_x else None
+            grad_w, grad_x = pointwise_backward(w2, g3, x3, need_x)
+            grad_x = grad_x.reshape(x.shape) if need_x else None
         else:
             g2 = batch_to_columns(grad.reshape(n, c_out, -1))
             grad_w = g2 @ self._im2col(x).T
