@@ -62,7 +62,7 @@ def build_parser():
                    help="auto: the GPU when usable, else the CPU (default auto)")
     p.add_argument("--epochs", type=POSITIVE_INT, help="total epochs to train (recipe)")
     p.add_argument("--batch-size", type=POSITIVE_INT, help="(recipe: 128)")
-    p.add_argument("--lr", type=POSITIVE, help="base learning rate of the weights (recipe: 0.1)")
+    p.add_argument("--lr", type=POSITIVE, help="base learning rate of the weights (recipe)")
     p.add_argument("--momentum", type=FRACTION, help="(recipe: 0.9)")
     p.add_argument("--weight-decay", type=NON_NEGATIVE, help="on weights, not biases (recipe: 1e-4)")
     p.add_argument("--bias-lr-mult", type=NON_NEGATIVE, help="lr multiplier of biases (recipe: 2)")
