@@ -83,7 +83,11 @@ _KERNEL = re.compile(r"template\s*<([^>]*)>\s*__global__\s+void\s+(\w+)\s*\(([^)
 
 
 class EmulatorUnavailable(RuntimeError):
-    pass
+    """This machine cannot run the emulator (no g++): the emulated tests skip."""
+
+
+class EmulatorBuildFailed(RuntimeError):
+    """g++ rejected the kernels: a bug in a .cu file or the shim, so the emulated tests fail."""
 
 
 def parse_kernels(source):
@@ -145,7 +149,7 @@ def _build(sources):
         result = subprocess.run([compiler, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread",
                                  "-o", str(partial), str(source_file)], capture_output=True, text=True)
         if result.returncode != 0:
-            raise EmulatorUnavailable(f"g++ could not build the host emulator:\n{result.stderr[-3000:]}")
+            raise EmulatorBuildFailed(f"g++ could not build the host emulator:\n{result.stderr[-3000:]}")
         partial.replace(library)  # atomic: a concurrent run sees either no library or a whole one
     return ctypes.CDLL(str(library)), wrappers
 
