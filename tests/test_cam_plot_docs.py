@@ -281,3 +281,33 @@ def test_reading_guide_snippets_run(capsys):
         except Exception as error:
             pytest.fail(f"python block {index + 1} of {GUIDE} failed: {type(error).__name__}: "
                         f"{error}\n{block}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The README's recipe table is what train.py does.
+
+def readme_recipe_rows():
+    """{dataset: {flag: cell}} from the README table whose header starts "| dataset | `--lr`"."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| dataset | `--lr`"))
+    flags = [cell.strip(" `").lstrip("-").replace("-", "_") for cell in lines[start].split("|")[2:-1]]
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [cell.strip() for cell in line.split("|")[1:-1]]
+        rows[cells[0]] = dict(zip(flags, cells[1:]))
+    return rows
+
+
+def test_readme_recipe_table_matches_the_recipes():
+    rows = readme_recipe_rows()
+    assert set(rows) == set(recipes.RECIPES)
+    for dataset, row in rows.items():
+        recipe = recipes.RECIPES[dataset]
+        for field, cell in row.items():
+            value = getattr(recipe, field)
+            assert type(value)(cell) == value, f"README says {dataset} {field} {cell}, recipe {value}"
+    shared = {(r.momentum, r.batch_size, r.weight_decay, r.bias_lr_mult, r.last_lr_mult, r.dropout,
+               r.warmup_steps) for r in recipes.RECIPES.values()}
+    assert shared == {(0.9, 128, 1e-4, 2.0, 0.1, 0.5, 500)}, "the README's shared settings changed"
