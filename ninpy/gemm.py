@@ -31,22 +31,14 @@ def matmul_shared(w, x, transpose_w=False):
     return columns_to_batch(op_w @ batch_to_columns(x), x.shape[0])
 
 
-def matmul_batch_sum(g, x):
-    """sum over b of g[b] @ x[b]^T for g (B, M, L), x (B, K, L) -> (M, K): a shared weight's gradient."""
-    if backend.is_gpu_array(x):
-        xp = backend.array_module(x)
-        return xp.matmul(g, x.transpose(0, 2, 1)).sum(axis=0)
-    return batch_to_columns(g) @ batch_to_columns(x).T
-
-
 def pointwise_backward(w, g, x, need_x=True):
     """(dW, dx) of y[b] = w @ x[b]: dW = sum_b g[b] @ x[b]^T, dx[b] = w^T @ g[b] (None unless need_x).
 
     On the CPU both products read the gradient in the (M, B*L) column layout, so it is made once.
     """
     if backend.is_gpu_array(x):
-        grad_x = matmul_shared(w, g, transpose_w=True) if need_x else None
-        return matmul_batch_sum(g, x), grad_x
+        grad_w = backend.array_module(x).matmul(g, x.transpose(0, 2, 1)).sum(axis=0)
+        return grad_w, matmul_shared(w, g, transpose_w=True) if need_x else None
     g_cols = batch_to_columns(g)
     grad_w = g_cols @ batch_to_columns(x).T
     grad_x = columns_to_batch(w.T @ g_cols, g.shape[0]) if need_x else None
