@@ -511,7 +511,9 @@ class Trainer:
         return record
 
     def _flags(self):
-        return self.config.as_dict()
+        # "out" is where the run really lives: a resumed run without --out writes into the
+        # directory it was resumed from, and its checkpoint and final.json should say so.
+        return {**self.config.as_dict(), "out": str(self.out)}
 
     def _check_finite(self, pending, epoch):
         if not pending:

@@ -286,6 +286,9 @@ def test_resume_after_an_epoch_equals_an_uninterrupted_run(env, tmp_path):
         assert np.array_equal(a[name], b[name]), name
     assert without_timing(metrics(straight)) == without_timing(metrics(stopped))
     assert checkpoint.load(straight).random == checkpoint.load(stopped).random
+    # resumed without --out, it wrote into the directory it came from, and its records say so
+    assert checkpoint.load(stopped).flags["out"] == str(stopped)
+    assert json.loads((stopped / "final.json").read_text())["flags"]["out"] == str(stopped)
 
 
 class _StopAfter:
