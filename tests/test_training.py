@@ -480,7 +480,7 @@ def test_fashion_mnist_subset_reaches_80_percent_on_the_cpu(tmp_path):
         [sys.executable, str(REPO / "train.py"), *REAL_DATA_FLAGS, "--data-dir", str(tmp_path / "data"),
          "--out", str(tmp_path / "run")],
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
-        timeout=2700)  # ~6 min on a quiet 2-core machine; much longer when other jobs share it
+        timeout=2700)  # ~5 min on a quiet 2-core machine; much longer when other jobs share it
     assert result.returncode == 0, result.stderr
     records = metrics(tmp_path / "run")
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
