@@ -191,6 +191,45 @@ class _SigintGuard:
         return False
 
 
+@dataclass
+class _EpochTally:
+    """An epoch's running sums. Loss and hits stay device arrays so that a step needs no sync;
+    a checkpoint written in mid-epoch saves them (as_progress) and a resumed run starts from them."""
+    loss_sum: object        # sum over the images seen of their loss (float64 array)
+    correct: object         # images classified right (int64 array)
+    seen: int = 0
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    next_batch: int = 0     # the first batch not yet trained on
+
+    @classmethod
+    def start(cls, xp, progress, first):
+        """Zero, or the sums a mid-epoch checkpoint saved (progress) when resuming at batch first."""
+        return cls(xp.asarray(progress.get("loss_sum", 0.0), np.float64),
+                   xp.asarray(progress.get("correct", 0), np.int64), int(progress.get("seen", 0)),
+                   float(progress.get("train_seconds", 0.0)),
+                   float(progress.get("eval_seconds", 0.0)), first)
+
+    def add(self, loss, logits, labels):
+        self.loss_sum = self.loss_sum + loss.astype(np.float64) * len(labels)
+        self.correct = self.correct + (logits.argmax(axis=1) == labels).sum()
+        self.seen += len(labels)
+
+    def means(self):
+        """(mean loss, accuracy) over the images seen."""
+        return float(self.loss_sum) / self.seen, int(self.correct) / self.seen
+
+    def summary(self, seconds_now):
+        """The progress bar's fields, seconds_now being this session's training time so far."""
+        loss, acc = self.means()
+        rate = self.seen / max(self.train_seconds + seconds_now, 1e-9)
+        return {"loss": f"{loss:.4f}", "acc": f"{acc:.4f}", "img_s": f"{rate:.0f}"}
+
+    def as_progress(self):
+        return {"loss_sum": float(self.loss_sum), "correct": int(self.correct), "seen": self.seen,
+                "train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds}
+
+
 class _StopForInterrupt(Exception):
     pass
 
@@ -417,83 +456,82 @@ class Trainer:
         _atomic_write_text(self.out / METRICS, text)
 
     def _epoch(self, epoch, guard):
-        c, model, xp = self.config, self.model, backend.array_module(self.x_train)
+        """One epoch: its training steps, the test (and validation) pass, then metrics + checkpoint."""
         first = self.start_batch if epoch == self.start_epoch else 0
-        part = self.partial if first else {}
-        loss_sum = xp.asarray(part.get("loss_sum", 0.0), np.float64)
-        correct = xp.asarray(part.get("correct", 0), np.int64)
-        seen = int(part.get("seen", 0))
-        train_seconds = float(part.get("train_seconds", 0.0))
-        eval_seconds_before = float(part.get("eval_seconds", 0.0))
-        scheduled = self.schedule.get_last_lr()
-        check_every = 1 if self.device == "cpu" else 25  # reading a GPU loss costs a sync
-        pending = []  # (batch index, loss array) not yet checked for NaN/inf
-
-        stream = data.batches(self.x_train, self.y_train, c.batch_size, shuffle=True, seed=c.seed,
-                              epoch=epoch, device=self.device, augment=self.augment,
-                              transform=self.transform)
-        bar = tqdm(total=len(stream), initial=first, desc=f"epoch {epoch + 1}/{c.epochs}",
+        scheduled = self.schedule.get_last_lr()  # the epoch's lrs, before a warm-up scales them
+        tally = _EpochTally.start(backend.array_module(self.x_train),
+                                  self.partial if first else {}, first)
+        stream = data.batches(self.x_train, self.y_train, self.config.batch_size, shuffle=True,
+                              seed=self.config.seed, epoch=epoch, device=self.device,
+                              augment=self.augment, transform=self.transform)
+        bar = tqdm(total=len(stream), initial=first, desc=f"epoch {epoch + 1}/{self.config.epochs}",
                    unit="batch", leave=False, file=sys.stderr,
                    disable=(not sys.stderr.isatty()) if self.progress is None else not self.progress)
-        model.train()
+        try:
+            self._train_steps(epoch, stream, first, scheduled, tally, guard, bar)
+            eval_started = time.perf_counter()
+            test = self.evaluate(self.x_test, self.y_test, guard)
+            val = self.evaluate(self.x_val, self.y_val, guard) if self.x_val is not None else None
+            tally.eval_seconds += time.perf_counter() - eval_started
+        except _StopForInterrupt:
+            bar.close()
+            self._interrupt(epoch, tally.next_batch, tally.as_progress())
+        finally:
+            bar.close()
+        return self._end_epoch(epoch, len(stream), scheduled, tally, test, val)
+
+    def _train_steps(self, epoch, stream, first, scheduled, tally, guard, bar):
+        """SGD steps on the epoch's batches from batch `first` on, summed into tally."""
+        check_every = 1 if self.device == "cpu" else 25  # reading a GPU loss costs a sync
+        pending = []  # (batch index, loss array) not yet checked for NaN/inf
+        self.model.train()
         started = time.perf_counter()
-        index = first
         try:
             for index, (xb, yb) in enumerate(stream):
                 if index < first:
                     continue  # done before the checkpoint; iterating keeps the augmentation draws
+                tally.next_batch = index
                 if guard.requested:
                     raise _StopForInterrupt
-                step = epoch * self.steps_per_epoch + index
-                if step < self.warmup.warmup_steps:
-                    self.warmup.apply(step, scheduled)
-                elif step == self.warmup.warmup_steps and step:
-                    self.warmup.apply(step, scheduled)  # factor 1: the scheduled lrs again
-                logits = model(Tensor(xb))
-                loss = F.cross_entropy(logits, yb)
-                self.optimizer.zero_grad()
-                loss.backward()
-                self.optimizer.step()
-                loss_sum = loss_sum + loss.data.astype(np.float64) * len(yb)
-                correct = correct + (logits.data.argmax(axis=1) == yb).sum()
-                seen += len(yb)
-                pending.append((index, loss.data))
+                loss = self._step(epoch * self.steps_per_epoch + index, scheduled, xb, yb, tally)
+                pending.append((index, loss))
                 bar.update(1)
                 if len(pending) >= check_every:
                     self._check_finite(pending, epoch)
                     pending = []
-                    elapsed = train_seconds + time.perf_counter() - started
-                    bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}",
-                                    acc=f"{int(correct) / seen:.4f}",
-                                    img_s=f"{seen / max(elapsed, 1e-9):.0f}", refresh=False)
-            index = len(stream)
-            self._check_finite(pending, epoch)
-            pending = []
-            train_seconds += time.perf_counter() - started
-            eval_started = time.perf_counter()
-            test_loss, test_acc = self.evaluate(self.x_test, self.y_test, guard)
-            val = self.evaluate(self.x_val, self.y_val, guard) if self.x_val is not None else None
-            eval_seconds = eval_seconds_before + time.perf_counter() - eval_started
+                    bar.set_postfix(**tally.summary(time.perf_counter() - started), refresh=False)
+            tally.next_batch = len(stream)
         except _StopForInterrupt:
             self._check_finite(pending, epoch)
-            bar.close()
-            progress = {"loss_sum": float(loss_sum), "correct": int(correct), "seen": seen,
-                        "train_seconds": train_seconds + (time.perf_counter() - started
-                                                          if index < len(stream) else 0.0),
-                        "eval_seconds": eval_seconds_before}
-            self._interrupt(epoch, index, progress)
-        finally:
-            bar.close()
+            tally.train_seconds += time.perf_counter() - started
+            raise
+        self._check_finite(pending, epoch)
+        tally.train_seconds += time.perf_counter() - started
 
-        last_step = epoch * self.steps_per_epoch + len(stream) - 1
-        train_loss, train_acc = float(loss_sum) / seen, int(correct) / seen
+    def _step(self, step, scheduled, xb, yb, tally):
+        """One SGD step on a batch; returns its loss, still on the device (reading it would sync)."""
+        if step <= self.warmup.warmup_steps:
+            self.warmup.apply(step, scheduled)  # at the last warm-up step the factor is 1 again
+        logits = self.model(Tensor(xb))
+        loss = F.cross_entropy(logits, yb)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        tally.add(loss.data, logits.data, yb)
+        return loss.data
+
+    def _end_epoch(self, epoch, steps, scheduled, tally, test, val):
+        """Check for dead class maps, then write the epoch's metrics line, final.json, checkpoint."""
+        train_loss, train_acc = tally.means()
         self._warn_if_dead(epoch, train_loss, train_acc)
-        self._stop_if_dead(epoch, test_loss)
+        self._stop_if_dead(epoch, test[0])
+        last_step = epoch * self.steps_per_epoch + steps - 1
         record = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
-                  "test_loss": test_loss, "test_acc": test_acc,
-                  "lr": scheduled[0] * self.warmup.factor(last_step),  # that of the epoch's last step
-                  "images_per_s": seen / train_seconds if train_seconds > 0 else None,
-                  "seconds": train_seconds + eval_seconds}
+                  "test_loss": test[0], "test_acc": test[1],
+                  "lr": scheduled[0] * self.warmup.factor(last_step),  # that of the last step
+                  "images_per_s": (tally.seen / tally.train_seconds if tally.train_seconds > 0
+                                   else None),
+                  "seconds": tally.train_seconds + tally.eval_seconds}
         if val is not None:
             record["val_loss"], record["val_acc"] = val
         # Metrics first, checkpoint last: a crash in between leaves a checkpoint one epoch behind
@@ -503,10 +541,10 @@ class Trainer:
             file.write(_json_line(record) + "\n")
         self._final(record)
         self.schedule.step()
-        checkpoint.save(self.out / checkpoint.FILENAME, model, self.optimizer, self.schedule,
+        checkpoint.save(self.out / checkpoint.FILENAME, self.model, self.optimizer, self.schedule,
                         epoch + 1, flags=self._flags())
-        self.log(f"epoch {epoch + 1}/{c.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
-                 f"test loss {test_loss:.4f} acc {test_acc:.4f}  lr {record['lr']:.4g}  "
+        self.log(f"epoch {epoch + 1}/{self.config.epochs}  train loss {train_loss:.4f} acc "
+                 f"{train_acc:.4f}  test loss {test[0]:.4f} acc {test[1]:.4f}  lr {record['lr']:.4g}  "
                  f"{record['images_per_s'] or 0:.0f} img/s  {record['seconds']:.0f}s")
         return record
 
