@@ -474,7 +474,6 @@ class Trainer:
             val = self.evaluate(self.x_val, self.y_val, guard) if self.x_val is not None else None
             tally.eval_seconds += time.perf_counter() - eval_started
         except _StopForInterrupt:
-            bar.close()
             self._interrupt(epoch, tally.next_batch, tally.as_progress())
         finally:
             bar.close()
@@ -486,27 +485,27 @@ class Trainer:
         pending = []  # (batch index, loss array) not yet checked for NaN/inf
         self.model.train()
         started = time.perf_counter()
-        try:
-            for index, (xb, yb) in enumerate(stream):
-                if index < first:
-                    continue  # done before the checkpoint; iterating keeps the augmentation draws
-                tally.next_batch = index
-                if guard.requested:
-                    raise _StopForInterrupt
-                loss = self._step(epoch * self.steps_per_epoch + index, scheduled, xb, yb, tally)
-                pending.append((index, loss))
-                bar.update(1)
-                if len(pending) >= check_every:
-                    self._check_finite(pending, epoch)
-                    pending = []
-                    bar.set_postfix(**tally.summary(time.perf_counter() - started), refresh=False)
+        stopped = False
+        for index, (xb, yb) in enumerate(stream):
+            if index < first:
+                continue  # done before the checkpoint; iterating keeps the augmentation draws
+            tally.next_batch = index
+            stopped = guard.requested
+            if stopped:
+                break
+            loss = self._step(epoch * self.steps_per_epoch + index, scheduled, xb, yb, tally)
+            pending.append((index, loss))
+            bar.update(1)
+            if len(pending) >= check_every:
+                self._check_finite(pending, epoch)
+                pending = []
+                bar.set_postfix(**tally.summary(time.perf_counter() - started), refresh=False)
+        else:
             tally.next_batch = len(stream)
-        except _StopForInterrupt:
-            self._check_finite(pending, epoch)
-            tally.train_seconds += time.perf_counter() - started
-            raise
         self._check_finite(pending, epoch)
         tally.train_seconds += time.perf_counter() - started
+        if stopped:
+            raise _StopForInterrupt
 
     def _step(self, step, scheduled, xb, yb, tally):
         """One SGD step on a batch; returns its loss, still on the device (reading it would sync)."""
