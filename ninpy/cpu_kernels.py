@@ -15,10 +15,22 @@ Index formulas are those of `reference.py` (see its docstring for the im2col lay
 windows); the comment on each kernel says which elements each iteration owns.
 Arrays are assumed C-contiguous, as the kernel contract says.
 """
+import os
+
+import numba
 import numpy as np
 from numba import njit, prange
 
 from ninpy.reference import cross_entropy_backward, cross_entropy_forward  # noqa: F401 (re-exported)
+
+# Threads. NumPy's GEMMs run on OpenBLAS's thread pool and these kernels on Numba's; with Numba's
+# default OpenMP layer both pools spin-wait between calls and take the cores from each other: on a
+# 2-core machine a Fashion-MNIST NIN training step ran slower with 2 threads than with 1 (143 vs 155
+# images/s at batch 128). Numba's workqueue layer puts its threads to sleep between kernels (203
+# images/s). Its one limit: two Python threads must not launch kernels at the same time (Numba stops
+# the process if they do). Setting NUMBA_THREADING_LAYER chooses another layer instead.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
 
 # cross_entropy_forward / cross_entropy_backward: the reference NumPy code is used as is. The logits
 # are (batch, classes), a few thousand numbers; NumPy's vectorised exp/sum is already as fast as a

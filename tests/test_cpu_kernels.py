@@ -121,3 +121,27 @@ def test_in_place_bias_refuses_a_non_contiguous_out():
     out = np.zeros((2, 3, 4, 4), dtype=np.float32)[:, :, ::2]
     with pytest.raises(ValueError, match="C-contiguous"):
         K.bias_relu_(out, np.zeros(3, dtype=np.float32))
+
+
+_LAYER_PROBE = """
+import numba, numpy as np
+from ninpy import cpu_kernels
+a = np.ones((1, 2, 3, 3), np.float32)
+cpu_kernels.relu_backward(a, a)
+print(numba.threading_layer())
+"""
+
+
+@pytest.mark.parametrize("chosen, expected", [(None, "workqueue"), ("omp", "omp")])
+def test_threading_layer_is_workqueue_unless_the_user_chose_one(chosen, expected):
+    """Numba's OpenMP pool and OpenBLAS's spin against each other (cpu_kernels explains), so ninpy
+    picks the workqueue layer; a NUMBA_THREADING_LAYER the user set wins."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    if chosen:
+        env["NUMBA_THREADING_LAYER"] = chosen
+    out = subprocess.run([sys.executable, "-c", _LAYER_PROBE], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.split()[-1] == expected
