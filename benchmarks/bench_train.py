@@ -93,12 +93,15 @@ def main():
         for name, step in contenders.items():
             rates[name].append(timed(step, args.steps, args.batch_size))
 
+    import numba  # after the steps: the threading layer is chosen at the first parallel kernel
     result = {"device": "cpu", "machine": platform.processor() or platform.machine(),
-              "cores": os.cpu_count(), "torch_threads": torch_threads, "precision": "fp32",
+              "cores": os.cpu_count(), "torch_threads": torch_threads,
+              "numba_threading_layer": numba.threading_layer(), "precision": "fp32",
               "batch_size": args.batch_size, "versions": versions,
               "images_per_s": {name: statistics.median(r) for name, r in rates.items()},
               "rounds": rates}
-    print(f"NIN CIFAR-10 training step, batch {args.batch_size}, CPU ({os.cpu_count()} cores), fp32")
+    print(f"NIN CIFAR-10 training step, batch {args.batch_size}, CPU ({os.cpu_count()} cores), fp32, "
+          f"Numba threading layer {result['numba_threading_layer']}")
     print(f"{'engine':8s} {'images/s (median)':>18s}   rounds")
     for name, r in rates.items():
         print(f"{name:8s} {statistics.median(r):18.1f}   " + " ".join(f"{v:.1f}" for v in r))
