@@ -70,7 +70,8 @@ def build_parser():
                    help="lr multiplier of the last 1x1 convolution (recipe: 0.1)")
     p.add_argument("--schedule", help="step:E1,E2 (lr x0.1 at those epochs), cosine or constant")
     p.add_argument("--warmup-steps", type=COUNT,
-                   help="raise the lr linearly over the first N steps (recipe: 500; 0 = none)")
+                   help="raise the lr linearly over the first N steps (recipe: 500; "
+                        "fashion-mnist 1000; 0 = none)")
     p.add_argument("--dropout", type=_number(float, 0, True, 1),
                    help="dropout probability after blocks 1 and 2 (recipe: 0.5; fashion-mnist 0)")
     p.add_argument("--augment", choices=("none", "crop", "flip", "crop+flip"),
