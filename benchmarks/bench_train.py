@@ -14,6 +14,7 @@ import statistics
 import sys
 import time
 
+import numba
 import numpy as np
 
 sys.path[:0] = [os.path.join(os.path.dirname(__file__), ".."), os.path.dirname(__file__)]
@@ -93,10 +94,10 @@ def main():
         for name, step in contenders.items():
             rates[name].append(timed(step, args.steps, args.batch_size))
 
-    import numba  # after the steps: the threading layer is chosen at the first parallel kernel
     result = {"device": "cpu", "machine": platform.processor() or platform.machine(),
               "cores": os.cpu_count(), "torch_threads": torch_threads,
-              "numba_threading_layer": numba.threading_layer(), "precision": "fp32",
+              "numba_threading_layer": numba.threading_layer(),  # known after the first kernel
+              "precision": "fp32",
               "batch_size": args.batch_size, "versions": versions,
               "images_per_s": {name: statistics.median(r) for name, r in rates.items()},
               "rounds": rates}

@@ -3,6 +3,10 @@
 Exact where the computation is a copy or a comparison (im2col, max pooling values and argmax); close
 where sums may be taken in another order or precision (col2im, pooling backward, average pooling).
 """
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import example, given, settings
@@ -136,9 +140,6 @@ print(numba.threading_layer())
 def test_threading_layer_is_workqueue_unless_the_user_chose_one(chosen, expected):
     """Numba's OpenMP pool and OpenBLAS's spin against each other (cpu_kernels explains), so ninpy
     picks the workqueue layer; a NUMBA_THREADING_LAYER the user set wins."""
-    import os
-    import subprocess
-    import sys
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
     if chosen:
         env["NUMBA_THREADING_LAYER"] = chosen
