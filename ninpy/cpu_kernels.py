@@ -26,7 +26,7 @@ from ninpy.reference import cross_entropy_backward, cross_entropy_forward  # noq
 # Threads. NumPy's GEMMs run on OpenBLAS's thread pool and these kernels on Numba's; with Numba's
 # default OpenMP layer both pools spin-wait between calls and take the cores from each other: on a
 # 2-core machine a Fashion-MNIST NIN training step ran slower with 2 threads than with 1 (143 vs 155
-# images/s at batch 128). Numba's workqueue layer puts its threads to sleep between kernels (203
+# images/s at batch 128). Numba's workqueue layer puts its threads to sleep between kernels (192-212
 # images/s). Its one limit: two Python threads must not launch kernels at the same time (Numba stops
 # the process if they do). Setting NUMBA_THREADING_LAYER chooses another layer instead.
 if "NUMBA_THREADING_LAYER" not in os.environ:
