@@ -67,7 +67,7 @@ def build_parser():
     p.add_argument("--weight-decay", type=NON_NEGATIVE, help="on weights, not biases (recipe: 1e-4)")
     p.add_argument("--bias-lr-mult", type=NON_NEGATIVE, help="lr multiplier of biases (recipe: 2)")
     p.add_argument("--last-lr-mult", type=NON_NEGATIVE,
-                   help="lr multiplier of the last 1x1 convolution (recipe: 0.1)")
+                   help="lr multiplier of the last 1x1 convolution (recipe: 0.1; fashion-mnist 1)")
     p.add_argument("--schedule", help="step:E1,E2 (lr x0.1 at those epochs), cosine or constant")
     p.add_argument("--warmup-steps", type=COUNT,
                    help="raise the lr linearly over the first N steps (recipe: 500; "
