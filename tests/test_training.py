@@ -471,8 +471,8 @@ DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 # (Raising the class maps' lr multiplier, or lr 0.04 at batch 128, killed the class maps.)
 REAL_DATA_FLAGS = ["--dataset", "fashion-mnist", "--device", "cpu", "--limit", "10000,2000",
                    "--epochs", "4", "--batch-size", "64", "--dropout", "0", "--lr", "0.02",
-                   "--schedule", "cosine", "--warmup-steps", "0", "--last-lr-mult", "0.1", "--augment", "none",
-                   "--seed", "0"]
+                   "--schedule", "cosine", "--warmup-steps", "0", "--last-lr-mult", "0.1",
+                   "--augment", "none", "--seed", "0"]
 
 
 @pytest.mark.skipif(not DEBIAN_FASHION.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
