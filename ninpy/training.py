@@ -19,8 +19,9 @@ batches were done and the epoch's running sums; the resumed run replays the epoc
 
 Faults. A NaN/inf loss stops the run with the step named (TrainingError) and nothing is written:
 the last good checkpoint stays as it was. A training loss that sits at ln(C) for a whole epoch gets
-a warning (the class maps died). Ctrl-C finishes the current step, saves a resumable checkpoint and
-raises Interrupted; a second Ctrl-C stops at once without saving.
+a warning (the class maps died), and so do class maps that are zero on every test image while the
+others live (those classes can no longer be predicted). Ctrl-C finishes the current step, saves a
+resumable checkpoint and raises Interrupted; a second Ctrl-C stops at once without saving.
 """
 import json
 import math
@@ -32,6 +33,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from tqdm import tqdm
@@ -234,6 +236,13 @@ class _StopForInterrupt(Exception):
     pass
 
 
+class Evaluation(NamedTuple):
+    """A pass over a split: mean loss, accuracy, and the classes whose map was 0 on every image."""
+    loss: float
+    accuracy: float
+    dead_classes: tuple = ()
+
+
 def _json_line(record):
     return json.dumps(record, allow_nan=True)
 
@@ -399,10 +408,15 @@ class Trainer:
 
     # ---- evaluation ------------------------------------------------------------------------
     def evaluate(self, x, y, guard=None):
-        """(mean loss, accuracy) of the model in eval mode over (x, y), under no_grad()."""
+        """Loss, accuracy and dead classes of the model in eval mode over (x, y), under no_grad().
+
+        A logit is the mean of a ReLU'd class map, so it is 0 only where the whole map is: a class
+        whose logit is 0 on every image has a dead map.
+        """
         self.model.eval()
         xp = backend.array_module(x)
         loss_sum, correct = xp.zeros((), np.float64), xp.zeros((), np.int64)
+        alive = xp.zeros(self.num_classes, dtype=bool)
         with no_grad():
             for xb, yb in data.batches(x, y, self.config.batch_size, device=self.device,
                                        transform=self.transform):
@@ -411,17 +425,20 @@ class Trainer:
                 logits = self.model(Tensor(xb))
                 loss_sum = loss_sum + F.cross_entropy(logits, yb).data.astype(np.float64) * len(yb)
                 correct = correct + (logits.data.argmax(axis=1) == yb).sum()
+                alive = alive | (logits.data > 0).any(axis=0)
         self.model.train()
-        return float(loss_sum) / len(x), int(correct) / len(x)
+        dead = tuple(int(k) for k in np.flatnonzero(~backend.to_device(alive, "cpu")))
+        return Evaluation(float(loss_sum) / len(x), int(correct) / len(x), dead)
 
     def evaluate_only(self):
         """--eval-only: test (and validation) loss and accuracy of the checkpoint; writes eval.json."""
-        test_loss, test_acc = self.evaluate(self.x_test, self.y_test)
-        record = {"epoch": self.state.epoch, "test_loss": test_loss, "test_acc": test_acc,
+        test = self.evaluate(self.x_test, self.y_test)
+        record = {"epoch": self.state.epoch, "test_loss": test.loss, "test_acc": test.accuracy,
                   "dataset": self.config.dataset, "device": self.device,
                   "checkpoint": str(self.state.path), "test_images": len(self.x_test)}
         if self.x_val is not None:
-            record["val_loss"], record["val_acc"] = self.evaluate(self.x_val, self.y_val)
+            val = self.evaluate(self.x_val, self.y_val)
+            record["val_loss"], record["val_acc"] = val.loss, val.accuracy
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             _atomic_write_text(self.out / EVAL, json.dumps(record, indent=1) + "\n")
@@ -523,16 +540,17 @@ class Trainer:
         """Check for dead class maps, then write the epoch's metrics line, final.json, checkpoint."""
         train_loss, train_acc = tally.means()
         self._warn_if_dead(epoch, train_loss, train_acc)
-        self._stop_if_dead(epoch, test[0])
+        self._stop_if_dead(epoch, test.loss)
+        self._warn_if_partly_dead(epoch, test.dead_classes)
         last_step = epoch * self.steps_per_epoch + steps - 1
         record = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
-                  "test_loss": test[0], "test_acc": test[1],
+                  "test_loss": test.loss, "test_acc": test.accuracy,
                   "lr": scheduled[0] * self.warmup.factor(last_step),  # that of the last step
                   "images_per_s": (tally.seen / tally.train_seconds if tally.train_seconds > 0
                                    else None),
                   "seconds": tally.train_seconds + tally.eval_seconds}
         if val is not None:
-            record["val_loss"], record["val_acc"] = val
+            record["val_loss"], record["val_acc"] = val.loss, val.accuracy
         # Metrics first, checkpoint last: a crash in between leaves a checkpoint one epoch behind
         # the metrics, and resuming from it drops the extra line and redoes that epoch.
         self._records.append(record)
@@ -588,6 +606,17 @@ class Trainer:
                 f"the class maps died in epoch {epoch + 1}: the test loss is ln({self.num_classes}) = "
                 f"{chance:.4f}, every class scores the same on every image, and no gradient can "
                 f"revive them (lr {self.config.lr}); {kept}")
+
+    def _warn_if_partly_dead(self, epoch, dead):
+        """Some class maps zero on every test image while others live: through the ReLU those
+        classes get no gradient and can no longer win, so the run will plateau below its best."""
+        if not dead or len(dead) == self.num_classes:  # all dead: _stop_if_dead has stopped the run
+            return
+        shown = ", ".join(map(str, dead[:10])) + (", ..." if len(dead) > 10 else "")
+        self.log(f"warning: after epoch {epoch + 1}, {len(dead)} of {self.num_classes} class maps "
+                 f"(classes {shown}) are zero on every test image: those classes are never "
+                 f"predicted and get no gradient. Lower --lr (now {self.config.lr}), lengthen "
+                 "--warmup-steps, or slow the class maps with --last-lr-mult 0.1")
 
     def _interrupt(self, epoch, batch, progress):
         path = checkpoint.save(self.out / checkpoint.FILENAME, self.model, self.optimizer,

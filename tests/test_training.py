@@ -418,10 +418,29 @@ def test_dead_class_maps_stop_the_run_and_keep_the_last_checkpoint(patched_sourc
     Trainer(_config(patched_sources, out, epochs=1), **QUIET).fit()
     before = {name: (out / name).read_bytes() for name in os.listdir(out)}
     trainer = Trainer(_config(patched_sources, None, epochs=2), resume=out, **QUIET)
-    monkeypatch.setattr(trainer, "evaluate", lambda *args, **kw: (math.log(10), 0.1))
+    all_dead = training.Evaluation(math.log(10), 0.1, tuple(range(10)))
+    monkeypatch.setattr(trainer, "evaluate", lambda *args, **kw: all_dead)
     with pytest.raises(training.TrainingError, match=r"class maps died in epoch 2.*--resume .* --lr"):
         trainer.fit()
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+
+
+def test_class_maps_dead_on_every_test_image_are_named(patched_sources, tmp_path):
+    messages = []
+    trainer = Trainer(_config(patched_sources, tmp_path / "p", epochs=1), progress=False,
+                      log=messages.append)
+    last = trainer.model.features[-1].cccp2
+    assert trainer.evaluate(trainer.x_test, trainer.y_test).dead_classes == ()
+    last.weight.data[[2, 7]] = 0.0  # a negative bias alone under the ReLU: zero maps
+    last.bias.data[[2, 7]] = -1.0
+    result = trainer.evaluate(trainer.x_test, trainer.y_test)
+    assert result.dead_classes == (2, 7)
+    trainer._warn_if_partly_dead(0, result.dead_classes)
+    assert len(messages) == 1 and "2 of 10 class maps (classes 2, 7)" in messages[0]
+    assert "--last-lr-mult" in messages[0]
+    messages.clear()
+    trainer._warn_if_partly_dead(0, tuple(range(10)))  # all dead is _stop_if_dead's to report
+    assert not messages
 
 
 def test_param_groups_follow_the_caffe_multipliers(patched_sources, tmp_path):
