@@ -608,15 +608,18 @@ class Trainer:
                 f"revive them (lr {self.config.lr}); {kept}")
 
     def _warn_if_partly_dead(self, epoch, dead):
-        """Some class maps zero on every test image while others live: through the ReLU those
-        classes get no gradient and can no longer win, so the run will plateau below its best."""
+        """Some class maps zero on every test image while others live: those classes cannot win,
+        and a map that is zero everywhere gets no gradient through its ReLU, so it comes back only
+        if the layers below it change enough (docs/recipes.md, CI section: of the five maps dead
+        after epoch 1, two came back and three never did)."""
         if not dead or len(dead) == self.num_classes:  # all dead: _stop_if_dead has stopped the run
             return
         shown = ", ".join(map(str, dead[:10])) + (", ..." if len(dead) > 10 else "")
         self.log(f"warning: after epoch {epoch + 1}, {len(dead)} of {self.num_classes} class maps "
                  f"(classes {shown}) are zero on every test image: those classes are never "
-                 f"predicted and get no gradient. Lower --lr (now {self.config.lr}), lengthen "
-                 "--warmup-steps, or slow the class maps with --last-lr-mult 0.1")
+                 "predicted, and a map at zero gets no gradient through its ReLU. Lower --lr (now "
+                 f"{self.config.lr}), lengthen --warmup-steps, or slow the class maps with "
+                 "--last-lr-mult 0.1")
 
     def _interrupt(self, epoch, batch, progress):
         path = checkpoint.save(self.out / checkpoint.FILENAME, self.model, self.optimizer,
