@@ -615,11 +615,12 @@ class Trainer:
         if not dead or len(dead) == self.num_classes:  # all dead: _stop_if_dead has stopped the run
             return
         shown = ", ".join(map(str, dead[:10])) + (", ..." if len(dead) > 10 else "")
+        slower = (", or slow the class maps with --last-lr-mult 0.1"
+                  if self.config.last_lr_mult > 0.1 else "")
         self.log(f"warning: after epoch {epoch + 1}, {len(dead)} of {self.num_classes} class maps "
                  f"(classes {shown}) are zero on every test image: those classes are never "
                  "predicted, and a map at zero gets no gradient through its ReLU. Lower --lr (now "
-                 f"{self.config.lr}), lengthen --warmup-steps, or slow the class maps with "
-                 "--last-lr-mult 0.1")
+                 f"{self.config.lr}) or lengthen --warmup-steps{slower}")
 
     def _interrupt(self, epoch, batch, progress):
         path = checkpoint.save(self.out / checkpoint.FILENAME, self.model, self.optimizer,

@@ -427,8 +427,8 @@ def test_dead_class_maps_stop_the_run_and_keep_the_last_checkpoint(patched_sourc
 
 def test_class_maps_dead_on_every_test_image_are_named(patched_sources, tmp_path):
     messages = []
-    trainer = Trainer(_config(patched_sources, tmp_path / "p", epochs=1), progress=False,
-                      log=messages.append)
+    trainer = Trainer(_config(patched_sources, tmp_path / "p", epochs=1, last_lr_mult=1.0),
+                      progress=False, log=messages.append)
     last = trainer.model.features[-1].cccp2
     assert trainer.evaluate(trainer.x_test, trainer.y_test).dead_classes == ()
     last.weight.data[[2, 7]] = 0.0  # a negative bias alone under the ReLU: zero maps
@@ -437,7 +437,12 @@ def test_class_maps_dead_on_every_test_image_are_named(patched_sources, tmp_path
     assert result.dead_classes == (2, 7)
     trainer._warn_if_partly_dead(0, result.dead_classes)
     assert len(messages) == 1 and "2 of 10 class maps (classes 2, 7)" in messages[0]
-    assert "--last-lr-mult" in messages[0]
+    assert "--last-lr-mult 0.1" in messages[0]
+    messages.clear()
+    trainer.config.last_lr_mult = 0.1  # already the slow setting: not suggested again
+    trainer._warn_if_partly_dead(0, result.dead_classes)
+    assert len(messages) == 1 and "--warmup-steps" in messages[0]
+    assert "--last-lr-mult" not in messages[0]
     messages.clear()
     trainer._warn_if_partly_dead(0, tuple(range(10)))  # all dead is _stop_if_dead's to report
     assert not messages
