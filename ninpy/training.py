@@ -540,7 +540,7 @@ class Trainer:
         """Check for dead class maps, then write the epoch's metrics line, final.json, checkpoint."""
         train_loss, train_acc = tally.means()
         self._warn_if_dead(epoch, train_loss, train_acc)
-        self._stop_if_dead(epoch, test.loss)
+        self._stop_if_dead(epoch, test.dead_classes)
         self._warn_if_partly_dead(epoch, test.dead_classes)
         last_step = epoch * self.steps_per_epoch + steps - 1
         record = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
@@ -593,18 +593,18 @@ class Trainer:
                      f"every class scores the same. Lower --lr (now {self.config.lr}), lengthen "
                      "--warmup-steps, or check the initialisation")
 
-    def _stop_if_dead(self, epoch, test_loss):
-        """All class maps zero on every test image (loss exactly ln C): no gradient can revive them,
-        so stop like a NaN, before this epoch's state replaces the last good checkpoint."""
+    def _stop_if_dead(self, epoch, dead):
+        """All class maps zero on every test image (so the loss is exactly ln C): no gradient can
+        revive them, so stop like a NaN, before this epoch's state replaces the last checkpoint."""
         chance = recipes.ln_classes(self.num_classes)
-        if abs(test_loss - chance) < 1e-4:
+        if len(dead) == self.num_classes:
             kept = (f"the last good checkpoint, {self.out / checkpoint.FILENAME}, is untouched; "
                     f"resume it with a lower lr: python train.py --resume {self.out} --lr "
                     f"{self.config.lr / 2:g}" if (self.out / checkpoint.FILENAME).exists()
                     else "no checkpoint was written; lower --lr or lengthen --warmup-steps")
             raise TrainingError(
-                f"the class maps died in epoch {epoch + 1}: the test loss is ln({self.num_classes}) = "
-                f"{chance:.4f}, every class scores the same on every image, and no gradient can "
+                f"the class maps died in epoch {epoch + 1}: every one is zero on every test image "
+                f"(test loss ln({self.num_classes}) = {chance:.4f}), and no gradient can "
                 f"revive them (lr {self.config.lr}); {kept}")
 
     def _warn_if_partly_dead(self, epoch, dead):
