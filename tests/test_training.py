@@ -490,12 +490,14 @@ def test_schedule_strings(text, parsed):
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 # Chosen by measurement on a 2-core CPU (docs/recipes.md, "CI"): the settings that passed 80% on the
-# least data we tried. No dropout, no augmentation and no warm-up learn fastest in a few hundred
-# steps; lr 0.02 decayed by a cosine over the 4 epochs ends 1 point higher than a constant 0.01.
+# least data we tried. No dropout and no augmentation learn fastest in a few hundred steps; lr 0.02
+# decayed by a cosine over the 4 epochs ends 1 point higher than a constant 0.01. The 200-step
+# warm-up is the margin: without it float32 summation order alone decided whether two class maps
+# died (82.3% or 74.6%); with it both orders reached 83.1-83.6% and no map died.
 # (Raising the class maps' lr multiplier, or lr 0.04 at batch 128, killed the class maps.)
 REAL_DATA_FLAGS = ["--dataset", "fashion-mnist", "--device", "cpu", "--limit", "10000,2000",
                    "--epochs", "4", "--batch-size", "64", "--dropout", "0", "--lr", "0.02",
-                   "--schedule", "cosine", "--warmup-steps", "0", "--last-lr-mult", "0.1",
+                   "--schedule", "cosine", "--warmup-steps", "200", "--last-lr-mult", "0.1",
                    "--augment", "none", "--seed", "0"]
 
 
