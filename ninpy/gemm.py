@@ -1,12 +1,18 @@
 """The batched matrix products of a 1x1 convolution, done the way that measured fastest per device.
 
 A 1x1 convolution of x (B, K, L) (L = H*W pixels) is a matrix product per image with one shared
-weight w (M, K). Two shapes of the same arithmetic:
-- GPU: one cuBLAS strided-batched GEMM with stride 0 for w (gpu_kernels.matmul_shared): no copy.
-- CPU: NumPy's broadcast matmul loops over images with small GEMMs (measured 1.0 s for a NIN 1x1
-  layer at batch 64 on 2 cores, against 0.05 s below), so the batch is moved next to the pixels,
-  x -> (K, B*L), and one large 2-D GEMM does the work.
+weight w (M, K). Each device runs it without moving the batch:
+- GPU: one cuBLAS strided-batched GEMM with stride 0 for w (gpu_kernels.matmul_shared).
+- CPU: NumPy's matmul broadcasts w over the batch and calls one BLAS GEMM per image, writing
+  straight into the output. The other shape of the same arithmetic, one large GEMM on x moved to
+  (K, B*L), pays for two layout copies and took about 1.5x as long over NIN's 1x1 layers
+  (batch 128, 2 cores, benchmarks/bench_gemm.py).
+
+`batch_to_columns` and `columns_to_batch` are those copies; the im2col convolution needs them,
+because im2col lays out the whole batch as one column matrix.
 """
+import numpy as np
+
 from . import backend
 
 
@@ -27,19 +33,10 @@ def matmul_shared(w, x, transpose_w=False):
     if backend.is_gpu_array(x):
         from . import gpu_kernels
         return gpu_kernels.matmul_shared(w, x, transpose_w)
-    op_w = w.T if transpose_w else w
-    return columns_to_batch(op_w @ batch_to_columns(x), x.shape[0])
+    return np.matmul(w.T if transpose_w else w, x)
 
 
 def pointwise_backward(w, g, x, need_x=True):
-    """(dW, dx) of y[b] = w @ x[b]: dW = sum_b g[b] @ x[b]^T, dx[b] = w^T @ g[b] (None unless need_x).
-
-    On the CPU both products read the gradient in the (M, B*L) column layout, so it is made once.
-    """
-    if backend.is_gpu_array(x):
-        grad_w = backend.array_module(x).matmul(g, x.transpose(0, 2, 1)).sum(axis=0)
-        return grad_w, matmul_shared(w, g, transpose_w=True) if need_x else None
-    g_cols = batch_to_columns(g)
-    grad_w = g_cols @ batch_to_columns(x).T
-    grad_x = columns_to_batch(w.T @ g_cols, g.shape[0]) if need_x else None
-    return grad_w, grad_x
+    """(dW, dx) of y[b] = w @ x[b]: dW = sum_b g[b] @ x[b]^T, dx[b] = w^T @ g[b] (None unless need_x)."""
+    grad_w = backend.array_module(x).matmul(g, x.transpose(0, 2, 1)).sum(axis=0)
+    return grad_w, matmul_shared(w, g, transpose_w=True) if need_x else None
