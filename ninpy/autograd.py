@@ -118,8 +118,11 @@ class Tensor:
         """Fill `.grad` of every leaf that requires it with d(self)/d(leaf), accumulating (+=).
 
         grad: the gradient flowing into this tensor; may be omitted only for a one-element tensor.
-        Unless retain_graph, each Function drops its saved arrays once used, as PyTorch does, so the
-        activations of one step are freed before the next step's forward.
+        Unless retain_graph, each Function drops what it saved once used, as PyTorch does, so the
+        activations of one step are freed before the next step's forward; a second backward()
+        through those Functions is then an error, as in PyTorch.
+        A leaf's .grad is always an array of its own: never the array passed in as `grad`, nor one
+        shared with another leaf, so changing one gradient in place cannot change another.
         """
         if not self.requires_grad:
             raise RuntimeError("backward() on a tensor that does not require grad: no input of the "
@@ -132,8 +135,13 @@ class Tensor:
                 continue
             fn = tensor.creator
             if fn is None:
-                tensor.grad = g if tensor.grad is None else tensor.grad + g
+                tensor.grad = g.copy() if tensor.grad is None else tensor.grad + g
                 continue
+            if fn.released:
+                raise RuntimeError(
+                    "Trying to backward through the graph a second time: the first backward() freed "
+                    f"what {type(fn).__name__} saved for it. Pass retain_graph=True to the first "
+                    "backward() if you need to call it again")
             for parent, parent_grad in zip(fn.inputs, fn.backward(g)):
                 if parent is None or parent_grad is None or not parent.requires_grad:
                     continue
@@ -141,7 +149,7 @@ class Tensor:
                 key = id(parent)
                 grads[key] = parent_grad if key not in grads else grads[key] + parent_grad
             if not retain_graph:
-                tensor.creator = None
+                fn.release()
 
     def _initial_grad(self, grad):
         xp = backend.array_module(self.data)
@@ -169,7 +177,7 @@ class Tensor:
                 continue
             visited.add(id(tensor))
             stack.append((tensor, True))
-            if tensor.creator is not None:
+            if tensor.creator is not None:  # a released Function has no inputs left to visit
                 for parent in tensor.creator.inputs:
                     if parent is not None and parent.requires_grad and id(parent) not in visited:
                         stack.append((parent, False))
@@ -243,6 +251,7 @@ class Function:
 
     inputs = ()
     needs_input_grad = ()
+    released = False
 
     @classmethod
     def apply(cls, *inputs, **params):
@@ -263,6 +272,11 @@ class Function:
 
     def backward(self, grad):
         raise NotImplementedError
+
+    def release(self):
+        """Drop the inputs and everything forward saved (its arrays): backward has used them."""
+        self.__dict__.clear()
+        self.released = True
 
 
 def unbroadcast(grad, shape):

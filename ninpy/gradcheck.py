@@ -23,17 +23,17 @@ def _projected(fn, inputs, v):
 def numerical_grad(fn, inputs, index, v, eps):
     """Central differences of <v, fn(*inputs)> with respect to inputs[index], element by element."""
     tensor = inputs[index]
-    flat = tensor.data.reshape(-1)  # a view: perturbing it perturbs the input
-    grad = np.zeros(tensor.size, dtype=np.float64)
-    for i in range(tensor.size):
-        original = flat[i].item()
-        flat[i] = original + eps
+    data = tensor.data  # perturbed in place, element by element, whatever its strides
+    grad = np.zeros(tensor.shape, dtype=np.float64)
+    for where in np.ndindex(tensor.shape):
+        original = data[where].item()
+        data[where] = original + eps
         plus = _projected(fn, inputs, v)
-        flat[i] = original - eps
+        data[where] = original - eps
         minus = _projected(fn, inputs, v)
-        flat[i] = original
-        grad[i] = (plus - minus) / (2 * eps)
-    return grad.reshape(tensor.shape)
+        data[where] = original
+        grad[where] = (plus - minus) / (2 * eps)
+    return grad
 
 
 def gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4, seed=0):

@@ -6,6 +6,11 @@ from it with `random_array`, so a failing example prints as a few numbers. Use i
     @given(geometry=pool_geometries(), dtype=dtypes, seed=seeds)
     def test_something(geometry, dtype, seed):
         x = random_array(seed, geometry.x_shape, dtype, distinct=True)
+
+Memory layouts are drawn the same way: `layouts` draws a name, and `in_layout(array, name)` gives the
+same values stored another way (C order, all axes transposed, channels last, or a strided slice of a
+larger buffer), so every operator and kernel is tested with inputs and upstream gradients of any
+strides, as the kernel contract (docs/design.md) promises.
 """
 from dataclasses import dataclass
 
@@ -16,6 +21,38 @@ from ninpy.shapes import conv_output_size, pair, pool_output_size
 
 dtypes = st.sampled_from([np.float32, np.float64])
 seeds = st.integers(min_value=0, max_value=2**32 - 1)
+
+LAYOUTS = ("c_order", "transposed", "channels_last", "strided")
+layouts = st.sampled_from(LAYOUTS)
+
+
+def in_layout(array, layout, xp=np):
+    """The values of `array` in another memory layout (a new array; `array` is left as it is).
+
+    c_order: C-contiguous. transposed: every axis reversed in memory (Fortran order), viewed back in
+    the original axis order. channels_last: axis 1 stored last (NHWC for images), viewed as NCHW.
+    strided: every other element of a buffer twice as large along each axis (a strided slice).
+    xp: the array module that holds `array` (numpy, cupy, or the host emulator's stand-in).
+    """
+    array = xp.ascontiguousarray(array)
+    if layout == "c_order" or array.ndim < 2:   # one axis: C order is the only dense layout
+        return array if layout != "strided" or array.ndim == 0 else _strided(array, xp)
+    if layout == "transposed":
+        return xp.ascontiguousarray(array.T).T
+    if layout == "channels_last":
+        order = (0,) + tuple(range(2, array.ndim)) + (1,)   # (N, H, W, C) for (N, C, H, W)
+        stored = xp.ascontiguousarray(array.transpose(order))
+        return stored.transpose(tuple(int(i) for i in np.argsort(order)))
+    if layout == "strided":
+        return _strided(array, xp)
+    raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+
+
+def _strided(array, xp):
+    buffer = xp.empty(tuple(2 * size for size in array.shape), dtype=array.dtype)
+    view = buffer[(slice(None, None, 2),) * array.ndim]
+    view[...] = array
+    return view
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 import ninpy
 from ninpy import Tensor, no_grad
+from strategies import in_layout, layouts, random_array, seeds
 
 
 def leaf(values, dtype=np.float64):
@@ -127,9 +128,48 @@ def test_backward_without_requires_grad_is_an_error():
 
 def test_graph_is_freed_after_backward():
     x = leaf([1.0, 2.0])
-    y = (x * 2.0).sum()
+    doubled = x * 2.0
+    y = doubled.sum()
     y.backward()
-    assert y.creator is None
+    for fn in (y.creator, doubled.creator):
+        assert fn.released and fn.inputs == () and not hasattr(fn, "a")  # saved arrays dropped
+    assert not y.is_leaf and y.grad is None
+
+
+def test_second_backward_through_a_freed_graph_raises_like_pytorch():
+    x = leaf([1.0, 2.0])
+    hidden = x * x
+    y = hidden.sum()
+    y.backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time.*retain_graph=True"):
+        y.backward()
+    with pytest.raises(RuntimeError, match="second time"):
+        hidden.backward(np.ones(2))                  # an intermediate of the freed graph, too
+    np.testing.assert_allclose(x.grad, 2 * x.data)   # the failed calls added nothing
+    assert y.grad is None
+
+
+def test_retain_graph_allows_a_second_backward():
+    x = leaf([1.0, 2.0])
+    y = (x * x).sum()
+    y.backward(retain_graph=True)
+    y.backward()
+    np.testing.assert_allclose(x.grad, 4 * x.data)
+
+
+def test_leaf_gradients_own_their_arrays():
+    a, b = leaf([1.0, 2.0]), leaf([3.0, 4.0])
+    g = np.array([0.5, -0.5])
+    (a + b).backward(g)
+    assert a.grad is not g and b.grad is not g and a.grad is not b.grad
+    a.grad *= 10.0                                    # an in-place edit of one gradient ...
+    np.testing.assert_array_equal(b.grad, [0.5, -0.5])  # ... leaves the other one
+    np.testing.assert_array_equal(g, [0.5, -0.5])       # ... and the caller's array alone
+    c = leaf([1.0])
+    seed = np.array(2.0)
+    (c * 1.0).sum().backward(seed)
+    c.grad += 1.0
+    assert seed == 2.0
 
 
 def test_gradcheck_catches_a_wrong_backward():
@@ -143,6 +183,21 @@ def test_gradcheck_catches_a_wrong_backward():
 
     with pytest.raises(ninpy.GradcheckError, match="input 0"):
         ninpy.gradcheck(lambda a: WrongSquare.apply(a), [leaf([1.0, 2.0])])
+
+
+@given(layout=layouts, seed=seeds)
+def test_gradcheck_perturbs_inputs_of_any_layout(layout, seed):
+    """Finite differences must perturb the input itself, not a reshaped copy of it."""
+    values = random_array(seed, (3, 4, 2))
+    x = Tensor(in_layout(values, layout), requires_grad=True)
+    assert ninpy.gradcheck(lambda a: a * a * 0.5 + a.sum(axis=0, keepdims=True), [x])
+    np.testing.assert_array_equal(x.data, values)   # and put every element back
+
+
+def test_gradcheck_of_a_transposed_input():
+    x = Tensor(np.arange(1.0, 7.0).reshape(2, 3).T, requires_grad=True)   # not C-contiguous
+    assert not x.data.flags.c_contiguous
+    assert ninpy.gradcheck(lambda a: a * a, [x])
 
 
 def test_gradcheck_refuses_float32():
