@@ -3,9 +3,9 @@
 // Mapping: one thread per element e of the (flattened, C-contiguous) array, grid-stride loop over
 // `total` elements. For the bias kernels out is (N, C, L) with L = H*W, so the channel of element e
 // is c = (e / L) % C:
-//   bias_relu:      out[e] = max(out[e] + bias[c], 0)
+//   bias_relu:      out[e] = max(out[e] + bias[c], 0)    (written v < 0 ? 0 : v, so NaN stays NaN)
 //   add_bias:       out[e] = out[e] + bias[c]
-//   relu_backward:  dx[e] = y[e] > 0 ? dy[e] : 0
+//   relu_backward:  dx[e] = y[e] <= 0 ? 0 : dy[e]      (a NaN y passes dy on, as in PyTorch)
 //   dropout_mask:   mask[e] = (uniform(seed, offset + e) >= p) ? scale : 0,  scale = 1 / (1 - p)
 //
 // The dropout uniform is counter-based: h = mix64(mix64(seed + GOLDEN) + (offset + e) * GOLDEN), the
@@ -37,7 +37,7 @@ __global__ void bias_relu_kernel(T* __restrict__ out, const T* __restrict__ bias
     for (Index e = (Index)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
         const int c = (int)((e / L) % C);
         const T v = out[e] + bias[c];
-        out[e] = v > T(0) ? v : T(0);
+        out[e] = v < T(0) ? T(0) : v;
     }
 }
 
@@ -56,7 +56,7 @@ __global__ void relu_backward_kernel(const T* __restrict__ dy, const T* __restri
                                      T* __restrict__ dx, Index total) {
     const Index stride = (Index)blockDim.x * gridDim.x;
     for (Index e = (Index)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
-        dx[e] = y[e] > T(0) ? dy[e] : T(0);
+        dx[e] = y[e] <= T(0) ? T(0) : dy[e];
     }
 }
 

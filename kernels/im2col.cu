@@ -6,17 +6,18 @@
 //   col (C*kh*kw, N*oh*ow)
 //   col[(c*kh + i)*kw + j][(n*oh + y)*ow + x] = x[n][c][y*sh - ph + i][x*sw - pw + j]  (0 off the image)
 //
-// im2col: one thread per (c, n, y, x), i.e. per column entry of channel c (grid-stride loop over
-//   C * N*oh*ow). The thread writes the kh*kw rows (c*kh + i)*kw + j of its column, so the index
-//   arithmetic is paid once per kh*kw elements; for each (i, j) neighbouring threads read
+// im2col: one thread per (channel c, column (n, y, x)) (grid-stride loop over C * N*oh*ow). The
+//   thread writes the kh*kw entries of its column that belong to channel c, rows (c*kh + i)*kw + j,
+//   so the index arithmetic is paid once per kh*kw elements; for each (i, j) neighbouring threads read
 //   neighbouring pixels and write neighbouring columns (coalesced). Every col element is written by
 //   exactly one thread, padding included (zeros), so col needs no prior fill.
 //
 // col2im: the adjoint, written as a GATHER: one thread per element e of dx (n, c, h, w) sums every
 //   col entry that im2col copied from x[n][c][h][w]: the output positions (y, x) whose window covers
 //   (h, w), i.e. y*sh - ph <= h <= y*sh - ph + kh - 1, with i = h + ph - y*sh (same for columns).
-//   y runs from (h+ph < kh ? 0 : (h+ph-kh)/sh + 1) to min((h+ph)/sh, oh-1). No atomics: each dx element
-//   is written by exactly one thread, so the result is deterministic.
+//   y runs from (h+ph < kh ? 0 : (h+ph-kh)/sh + 1) to min((h+ph)/sh, oh-1): the covering windows derived
+//   in ninpy/shapes.py (covering_windows), repeated here in C. No atomics: each dx element is written
+//   by exactly one thread, so the result is deterministic.
 //
 // Index is int when every flat index (and index + grid size) fits in 31 bits, long long otherwise;
 // gpu_kernels.py picks it. T is float or double.

@@ -11,18 +11,32 @@
 //   (h, w): oy from (h+ph < kh ? 0 : (h+ph-kh)/sh + 1) to min((h+ph)/sh, oh-1), same for ox.
 //   Each dx element is written by exactly one thread: no atomics, deterministic (Caffe/Chainer style).
 //
-// Max pooling: padding acts as -inf (only real elements compete); argmax (int32) stores h*W + w, the
-//   flat index inside the plane; ties go to the first element in row-major order (strict >).
-// Average pooling: Caffe's divisor (PyTorch count_include_pad=True): hend = min(hstart + kh, H + ph),
-//   size = (hend - hstart) * (wend - wstart) counted BEFORE clipping the window to the image.
+// Max pooling: only real elements compete (padding acts as -inf). Each window starts from its first
+//   real element and scans the rest in row-major order, taking an element that is greater (strict >:
+//   ties go to the first maximum) or NaN (a NaN wins, the last one, as in PyTorch). argmax (int32)
+//   stores h*W + w, the flat index inside the plane.
+// Average pooling divides by avg_pool_divisor(rows) * avg_pool_divisor(columns): with
+//   count_include_pad (Caffe's rule, PyTorch's default) the window clipped to the padded image
+//   [-p, size + p), else clipped to the image [0, size): the real elements only.
+//
+// The window arithmetic (covering_windows, avg_pool_divisor) is derived once, with its reasoning, in
+// ninpy/shapes.py, whose functions of the same names these repeat in C; tests/test_gpu.py holds these
+// kernels to ninpy/reference.py, which uses them.
 //
 // Index is int when every flat index (and index + grid size) fits in 31 bits, long long otherwise.
 // T is float or double.
 
 // The output positions whose windows cover padded position p (= h + ph): [*start, *end).
+// shapes.covering_windows: start = ceil((p - k + 1) / s) clipped at 0, end = floor(p / s) + 1.
 __device__ inline void covering_windows(int p, int k, int s, int out, int* start, int* end) {
     *start = p < k ? 0 : (p - k) / s + 1;
     *end = min(p / s + 1, out);
+}
+
+// shapes.avg_pool_divisor along one axis, for the window starting at `start`.
+__device__ inline int avg_pool_divisor(int start, int k, int size, int pad, int count_include_pad) {
+    const int end = start + k;
+    return count_include_pad ? min(end, size + pad) - start : min(end, size) - max(start, 0);
 }
 
 template <typename T, typename Index>
@@ -45,7 +59,7 @@ __global__ void max_pool_forward_kernel(const T* __restrict__ x, T* __restrict__
         for (int h = hstart; h < hend; ++h) {
             for (int w = wstart; w < wend; ++w) {
                 const T v = xp[h * W + w];
-                if (v > best) {
+                if (v > best || isnan(v)) {
                     best = v;
                     best_index = h * W + w;
                 }
@@ -89,22 +103,19 @@ __global__ void max_pool_backward_kernel(const T* __restrict__ dy, const int* __
 template <typename T, typename Index>
 __global__ void avg_pool_forward_kernel(const T* __restrict__ x, T* __restrict__ y, Index total,
                                         int H, int W, int kh, int kw, int sh, int sw,
-                                        int ph, int pw, int oh, int ow) {
+                                        int ph, int pw, int oh, int ow, int count_include_pad) {
     const Index stride = (Index)blockDim.x * gridDim.x;
     for (Index e = (Index)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
         const int ox = (int)(e % ow);
         const int oy = (int)((e / ow) % oh);
         const Index plane = e / ((Index)ow * oh);
         const T* xp = x + plane * H * W;
-        int hstart = oy * sh - ph;
-        int wstart = ox * sw - pw;
-        int hend = min(hstart + kh, H + ph);
-        int wend = min(wstart + kw, W + pw);
-        const int size = (hend - hstart) * (wend - wstart);  // Caffe: before clipping
-        hstart = max(hstart, 0);
-        wstart = max(wstart, 0);
-        hend = min(hend, H);
-        wend = min(wend, W);
+        const int size = avg_pool_divisor(oy * sh - ph, kh, H, ph, count_include_pad) *
+                         avg_pool_divisor(ox * sw - pw, kw, W, pw, count_include_pad);
+        const int hstart = max(oy * sh - ph, 0);
+        const int wstart = max(ox * sw - pw, 0);
+        const int hend = min(oy * sh - ph + kh, H);
+        const int wend = min(ox * sw - pw + kw, W);
         T sum = T(0);
         for (int h = hstart; h < hend; ++h) {
             for (int w = wstart; w < wend; ++w) {
@@ -118,7 +129,7 @@ __global__ void avg_pool_forward_kernel(const T* __restrict__ x, T* __restrict__
 template <typename T, typename Index>
 __global__ void avg_pool_backward_kernel(const T* __restrict__ dy, T* __restrict__ dx, Index total,
                                          int H, int W, int kh, int kw, int sh, int sw,
-                                         int ph, int pw, int oh, int ow) {
+                                         int ph, int pw, int oh, int ow, int count_include_pad) {
     const Index stride = (Index)blockDim.x * gridDim.x;
     for (Index e = (Index)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
         const int w = (int)(e % W);
@@ -132,12 +143,9 @@ __global__ void avg_pool_backward_kernel(const T* __restrict__ dy, T* __restrict
         const T* dyp = dy + plane * oh * ow;
         T sum = T(0);
         for (int oy = y_start; oy < y_end; ++oy) {
-            const int hstart = oy * sh - ph;
-            const int hend = min(hstart + kh, H + ph);
+            const int rows = avg_pool_divisor(oy * sh - ph, kh, H, ph, count_include_pad);
             for (int ox = x_start; ox < x_end; ++ox) {
-                const int wstart = ox * sw - pw;
-                const int wend = min(wstart + kw, W + pw);
-                const int size = (hend - hstart) * (wend - wstart);
+                const int size = rows * avg_pool_divisor(ox * sw - pw, kw, W, pw, count_include_pad);
                 sum += dyp[oy * ow + ox] / T(size);
             }
         }

@@ -12,8 +12,10 @@ inner loops long and contiguous.
 Numba compiles one version per dtype (float32 and float64), and `cache=True` keeps the machine code
 on disk (in `__pycache__`) between processes; the first call in a fresh checkout compiles (seconds).
 Index formulas are those of `reference.py` (see its docstring for the im2col layout and the pooling
-windows); the comment on each kernel says which elements each iteration owns.
-Arrays are assumed C-contiguous, as the kernel contract says.
+windows); the window arithmetic comes from `ninpy/shapes.py`, compiled here by Numba. The comment on
+each kernel says which elements each iteration owns. Inputs may have any strides: each wrapper makes
+them C-contiguous first (a copy only when they are not), because the kernels index flat planes and
+write through reshaped views, as the kernel contract in docs/design.md says.
 """
 import os
 
@@ -21,7 +23,9 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ninpy.reference import cross_entropy_backward, cross_entropy_forward  # noqa: F401 (re-exported)
+from ninpy import shapes
+from ninpy.reference import (cross_entropy_backward, cross_entropy_forward,  # noqa: F401 (re-exported)
+                             sgd_update_)
 
 # Threads. NumPy's GEMMs run on OpenBLAS's thread pool and these kernels on Numba's; with Numba's
 # default OpenMP layer both pools spin-wait between calls and take the cores from each other: on a
@@ -35,10 +39,13 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 # cross_entropy_forward / cross_entropy_backward: the reference NumPy code is used as is. The logits
 # are (batch, classes), a few thousand numbers; NumPy's vectorised exp/sum is already as fast as a
 # kernel would be, and the time is nothing next to one convolution.
+# sgd_update_: the reference too. It is a handful of whole-array NumPy operations on each parameter
+# (about a million numbers for NIN), a few milliseconds next to a training step's seconds.
 
-
-def _output_size(size, kernel, stride, padding):
-    return (size + 2 * padding - kernel) // stride + 1
+# The window arithmetic of shapes.py, compiled for use inside the kernels below.
+_covering = njit(cache=True)(shapes.covering_windows)
+_divisor = njit(cache=True)(shapes.avg_pool_divisor)
+_contiguous = np.ascontiguousarray
 
 
 @njit(parallel=True, cache=True)
@@ -66,8 +73,9 @@ def _im2col_kernel(xp, col, kh, kw, sh, sw, oh, ow):
 
 def im2col(x, kh, kw, sh, sw, ph, pw):
     """col[(c*kh + i)*kw + j, (n*oh + y)*ow + x] = x[n, c, y*sh - ph + i, x*sw - pw + j], 0 outside."""
+    x = _contiguous(x)
     N, C, H, W = x.shape
-    oh, ow = _output_size(H, kh, sh, ph), _output_size(W, kw, sw, pw)
+    oh, ow = shapes.conv_output_size(H, kh, sh, ph), shapes.conv_output_size(W, kw, sw, pw)
     if ph or pw:   # one padded copy of x (kh*kw times smaller than col) saves a bounds test per element
         xp = np.zeros((N, C, H + 2 * ph, W + 2 * pw), dtype=x.dtype)
         xp[:, :, ph:ph + H, pw:pw + W] = x
@@ -80,10 +88,11 @@ def im2col(x, kh, kw, sh, sw, ph, pw):
 
 @njit(parallel=True, cache=True)
 def _col2im_kernel(col, dx, kh, kw, sh, sw, ph, pw, oh, ow):
-    # One iteration = one image plane (n, c) of dx, a gather. For each image row h, the window rows
-    # oy with oy*sh - ph + i = h each give kw col segments of ow elements, summed into `acc`, one
-    # row of the padded image (its columns -pw .. span - pw - 1); then acc's real columns are
-    # copied into dx. Every dx element is summed in (i, j) order by one thread: deterministic.
+    # One iteration = one image plane (n, c) of dx, a gather. For each image row h, each window
+    # row oy covering it (shapes.covering_windows) holds h at kernel row i = h + ph - oy*sh, and
+    # gives kw col segments of ow elements, summed into `acc`, one row of the padded image (its
+    # columns -pw .. span - pw - 1); then acc's real columns are copied into dx. Every dx element
+    # is summed in (oy, j) order by one thread: deterministic.
     N, C, H, W = dx.shape
     span = (ow - 1) * sw + kw                                 # padded columns that windows reach
     for p in prange(N * C):
@@ -92,11 +101,10 @@ def _col2im_kernel(col, dx, kh, kw, sh, sw, ph, pw, oh, ow):
         acc = np.empty(span, dtype=dx.dtype)
         for h in range(H):
             acc[:] = 0
-            for i in range(kh):
-                t = h + ph - i                                # = oy * sh for the window row oy
-                if t < 0 or t % sh != 0 or t // sh >= oh:
-                    continue
-                base = (n * oh + t // sh) * ow
+            oy0, oy1 = _covering(h, kh, sh, ph, oh)
+            for oy in range(oy0, oy1):
+                i = h + ph - oy * sh
+                base = (n * oh + oy) * ow
                 for j in range(kw):
                     src = col[(c * kh + i) * kw + j, base:base + ow]
                     if sw == 1:
@@ -112,8 +120,9 @@ def _col2im_kernel(col, dx, kh, kw, sh, sw, ph, pw, oh, ow):
 
 def col2im(col, x_shape, kh, kw, sh, sw, ph, pw):
     """dx[n, c, h, w] = sum of col[(c*kh + i)*kw + j, (n*oh + y)*ow + x] over y*sh - ph + i = h, x*sw - pw + j = w."""
+    col = _contiguous(col)
     N, C, H, W = x_shape
-    oh, ow = _output_size(H, kh, sh, ph), _output_size(W, kw, sw, pw)
+    oh, ow = shapes.conv_output_size(H, kh, sh, ph), shapes.conv_output_size(W, kw, sw, pw)
     dx = np.empty((N, C, H, W), dtype=col.dtype)
     _col2im_kernel(col, dx, kh, kw, sh, sw, ph, pw, oh, ow)
     return dx
@@ -122,7 +131,7 @@ def col2im(col, x_shape, kh, kw, sh, sw, ph, pw):
 @njit(parallel=True, cache=True)
 def _max_pool_forward_kernel(x, y, argmax, kh, kw, sh, sw, ph, pw):
     # x (P, H, W), y and argmax (P, oh, ow) with P = N*C. One iteration = one image plane; each
-    # window scans its real elements in row-major order.
+    # window starts from its first real element and scans its real elements in row-major order.
     H, W = x.shape[1], x.shape[2]
     for p in prange(x.shape[0]):
         for oy in range(y.shape[1]):
@@ -135,29 +144,23 @@ def _max_pool_forward_kernel(x, y, argmax, kh, kw, sh, sw, ph, pw):
                 where = h0 * W + w0
                 for h in range(h0, h1):
                     for w in range(w0, w1):
-                        if x[p, h, w] > best:                 # strict: the first maximum wins ties
-                            best = x[p, h, w]
+                        v = x[p, h, w]                        # strict >: the first maximum wins
+                        if v > best or np.isnan(v):           # ties; NaN always wins (PyTorch)
+                            best = v
                             where = h * W + w
                 y[p, oy, ox] = best
                 argmax[p, oy, ox] = where
 
 
 def max_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow):
-    """y[n, c, oy, ox] = max of x[n, c, h, w] over the window's real elements; argmax = h*W + w of the first max."""
+    """y[n, c, oy, ox] = max of x[n, c, h, w] over the window's real elements (NaN wins); argmax = h*W + w of it."""
+    x = _contiguous(x)
     N, C, H, W = x.shape
     y = np.empty((N, C, oh, ow), dtype=x.dtype)
     argmax = np.empty((N, C, oh, ow), dtype=np.int32)
     _max_pool_forward_kernel(x.reshape(N * C, H, W), y.reshape(N * C, oh, ow),
                              argmax.reshape(N * C, oh, ow), kh, kw, sh, sw, ph, pw)
     return y, argmax
-
-
-@njit(cache=True)
-def _covering(h, kh, sh, ph, oh):
-    """Window rows oy in [lo, hi) whose rows oy*sh - ph .. oy*sh - ph + kh - 1 include image row h."""
-    lo = max(0, -((kh - 1 - h - ph) // sh))                 # ceil((h + ph - kh + 1) / sh)
-    hi = min(oh, (h + ph) // sh + 1)
-    return lo, hi
 
 
 @njit(parallel=True, cache=True)
@@ -180,6 +183,7 @@ def _max_pool_backward_kernel(dy, argmax, dx, kh, sh, ph):
 
 def max_pool_backward(dy, argmax, x_shape, kh, kw, sh, sw, ph, pw):
     """dx[n, c, h, w] = sum of dy[n, c, oy, ox] over the windows whose argmax is h*W + w."""
+    dy, argmax = _contiguous(dy), _contiguous(argmax)
     N, C, H, W = x_shape
     P, oh, ow = N * C, dy.shape[2], dy.shape[3]
     dx = np.empty(x_shape, dtype=dy.dtype)
@@ -189,17 +193,17 @@ def max_pool_backward(dy, argmax, x_shape, kh, kw, sh, sw, ph, pw):
 
 
 @njit(parallel=True, cache=True)
-def _avg_pool_forward_kernel(x, y, kh, kw, sh, sw, ph, pw):
+def _avg_pool_forward_kernel(x, y, kh, kw, sh, sw, ph, pw, count_include_pad):
     # x (P, H, W), y (P, oh, ow). One iteration = one image plane; each window sums its real
-    # elements and divides by Caffe's size: the window clipped to the padded image [-p, size + p).
+    # elements and divides by shapes.avg_pool_divisor of its rows times that of its columns.
     H, W = x.shape[1], x.shape[2]
     for p in prange(x.shape[0]):
         for oy in range(y.shape[1]):
             hstart = oy * sh - ph
-            rows = min(hstart + kh, H + ph) - hstart
+            rows = _divisor(oy, kh, sh, ph, H, count_include_pad)
             for ox in range(y.shape[2]):
                 wstart = ox * sw - pw
-                cols = min(wstart + kw, W + pw) - wstart
+                cols = _divisor(ox, kw, sw, pw, W, count_include_pad)
                 total = 0.0
                 for h in range(max(hstart, 0), min(hstart + kh, H)):
                     for w in range(max(wstart, 0), min(wstart + kw, W)):
@@ -207,18 +211,20 @@ def _avg_pool_forward_kernel(x, y, kh, kw, sh, sw, ph, pw):
                 y[p, oy, ox] = total / (rows * cols)
 
 
-def avg_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow):
-    """y[n, c, oy, ox] = (sum of the window's real elements) / Caffe's size (padding counted, overhang not)."""
+def avg_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad=True):
+    """y[n, c, oy, ox] = (sum of the window's real elements) / divisor(oy, ox) (padding counted if count_include_pad)."""
+    x = _contiguous(x)
     N, C, H, W = x.shape
     y = np.empty((N, C, oh, ow), dtype=x.dtype)
-    _avg_pool_forward_kernel(x.reshape(N * C, H, W), y.reshape(N * C, oh, ow), kh, kw, sh, sw, ph, pw)
+    _avg_pool_forward_kernel(x.reshape(N * C, H, W), y.reshape(N * C, oh, ow), kh, kw, sh, sw, ph, pw,
+                             bool(count_include_pad))
     return y
 
 
 @njit(parallel=True, cache=True)
-def _avg_pool_backward_kernel(dy, dx, kh, kw, sh, sw, ph, pw):
+def _avg_pool_backward_kernel(dy, dx, kh, kw, sh, sw, ph, pw, count_include_pad):
     # dy (P, oh, ow), dx (P, H, W). One iteration = one image plane. Image row h gathers from the
-    # window rows covering it: each window adds dy / size to its real columns in row h.
+    # window rows covering it: each window adds dy / divisor to its real columns in row h.
     # Every dx element sums its windows in (oy, ox) order, by one thread.
     H, W = dx.shape[1], dx.shape[2]
     for p in prange(dx.shape[0]):
@@ -227,21 +233,22 @@ def _avg_pool_backward_kernel(dy, dx, kh, kw, sh, sw, ph, pw):
                 dx[p, h, w] = 0
             oy0, oy1 = _covering(h, kh, sh, ph, dy.shape[1])
             for oy in range(oy0, oy1):
-                hstart = oy * sh - ph
-                rows = min(hstart + kh, H + ph) - hstart
+                rows = _divisor(oy, kh, sh, ph, H, count_include_pad)
                 for ox in range(dy.shape[2]):
                     wstart = ox * sw - pw
-                    share = dy[p, oy, ox] / (rows * (min(wstart + kw, W + pw) - wstart))
+                    share = dy[p, oy, ox] / (rows * _divisor(ox, kw, sw, pw, W, count_include_pad))
                     for w in range(max(wstart, 0), min(wstart + kw, W)):
                         dx[p, h, w] += share
 
 
-def avg_pool_backward(dy, x_shape, kh, kw, sh, sw, ph, pw):
-    """dx[n, c, h, w] = sum of dy[n, c, oy, ox] / size(oy, ox) over the windows covering (h, w)."""
+def avg_pool_backward(dy, x_shape, kh, kw, sh, sw, ph, pw, count_include_pad=True):
+    """dx[n, c, h, w] = sum of dy[n, c, oy, ox] / divisor(oy, ox) over the windows covering (h, w)."""
+    dy = _contiguous(dy)
     N, C, H, W = x_shape
     P, oh, ow = N * C, dy.shape[2], dy.shape[3]
     dx = np.empty(x_shape, dtype=dy.dtype)
-    _avg_pool_backward_kernel(dy.reshape(P, oh, ow), dx.reshape(P, H, W), kh, kw, sh, sw, ph, pw)
+    _avg_pool_backward_kernel(dy.reshape(P, oh, ow), dx.reshape(P, H, W), kh, kw, sh, sw, ph, pw,
+                              bool(count_include_pad))
     return dx
 
 
@@ -263,7 +270,8 @@ def _planes(out):
     if not out.flags.c_contiguous:
         raise ValueError("bias_relu_/add_bias_ work in place and need a C-contiguous `out`; "
                          "pass np.ascontiguousarray(out)")
-    return out.reshape(out.shape[0] * out.shape[1], -1)      # a view, so the kernel writes into out
+    planes, pixels = out.shape[0] * out.shape[1], int(np.prod(out.shape[2:]))
+    return out.reshape(planes, pixels)                       # a view, so the kernel writes into out
 
 
 def bias_relu_(out, bias):
@@ -282,14 +290,15 @@ def add_bias_(out, bias):
 def _relu_backward_kernel(dy, y, dx):
     # one iteration = one element of the flattened arrays
     for k in prange(dx.shape[0]):
-        if y[k] > 0:
-            dx[k] = dy[k]
-        else:
+        if y[k] <= 0:                                        # `<=`, not `not >`: a NaN y passes dy
             dx[k] = 0
+        else:
+            dx[k] = dy[k]
 
 
 def relu_backward(dy, y):
-    """dx = dy where y > 0, else 0."""
-    dx = np.empty_like(dy)
+    """dx = 0 where y <= 0, else dy (a NaN y passes its gradient on, as in PyTorch)."""
+    dy, y = _contiguous(dy), _contiguous(y)
+    dx = np.empty(dy.shape, dtype=dy.dtype)                  # C order, so reshape(-1) is a view
     _relu_backward_kernel(dy.reshape(-1), y.reshape(-1), dx.reshape(-1))
     return dx

@@ -2,7 +2,8 @@
 
 Every operator works on both devices: the arrays' own module (NumPy or CuPy) does the cheap
 elementwise parts, and the hot parts go to `cpu_kernels` (Numba) or `gpu_kernels` (our CUDA kernels),
-which share one contract with the readable NumPy versions in `reference`.
+which share one contract with the readable NumPy versions in `reference` (docs/design.md, "The
+kernel contract").
 
 Shapes follow PyTorch: images NCHW, conv weights (C_out, C_in, kh, kw).
 """
@@ -56,8 +57,8 @@ class Conv2d(Function):
                        conv_output_size(width, kw, self.stride[1], self.padding[1]))
         self.pointwise = (kh, kw) == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
         w2 = w.reshape(c_out, -1)
-        if self.pointwise:
-            y = matmul_shared(w2, x.reshape(n, x.shape[1], -1))
+        if self.pointwise:   # explicit sizes, not -1: a batch of 0 images must reshape too
+            y = matmul_shared(w2, x.reshape(n, x.shape[1], h * width))
         else:
             y = columns_to_batch(w2 @ self._im2col(x), n)
         if relu and b is not None:
@@ -76,15 +77,16 @@ class Conv2d(Function):
             grad = self.kernels.relu_backward(grad, self.y)
         x, w = self.x, self.w
         n, c_out = grad.shape[:2]
+        pixels = self.out_hw[0] * self.out_hw[1]
         w2 = w.reshape(c_out, -1)
         grad_b = grad.sum(axis=(0, 2, 3)) if self.has_bias else None
         need_x = self.needs_input_grad[0]
         if self.pointwise:
-            x3, g3 = x.reshape(n, x.shape[1], -1), grad.reshape(n, c_out, -1)
+            x3, g3 = x.reshape(n, x.shape[1], pixels), grad.reshape(n, c_out, pixels)
             grad_w, grad_x = pointwise_backward(w2, g3, x3, need_x)
             grad_x = grad_x.reshape(x.shape) if need_x else None
         else:
-            g2 = batch_to_columns(grad.reshape(n, c_out, -1))
+            g2 = batch_to_columns(grad.reshape(n, c_out, pixels))
             grad_w = g2 @ self._im2col(x).T
             grad_x = self._col2im(w2.T @ g2) if need_x else None
         return grad_x, grad_w.reshape(w.shape), grad_b
@@ -157,21 +159,28 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False):
 
 
 class AvgPool2d(Function):
-    """y = sum over each window / window size (Caffe: padding counts, overhang past it does not)."""
+    """y = sum over each window / divisor;  dx: dy / divisor to every real element of the window.
 
-    def forward(self, x, kernel_size, stride, padding, ceil_mode):
+    The divisor counts the padding (count_include_pad=True, PyTorch's default and Caffe's rule) or
+    only the real elements (False); a ceil-mode overhang past the padding never counts
+    (shapes.avg_pool_divisor).
+    """
+
+    def forward(self, x, kernel_size, stride, padding, ceil_mode, count_include_pad):
         self.geometry, out_hw = _pool_geometry(x, kernel_size, stride, padding, ceil_mode,
                                                "avg_pool2d")
         self.kernels, self.x_shape = kernels_for(x), x.shape
-        return self.kernels.avg_pool_forward(x, *self.geometry, *out_hw)
+        self.count_include_pad = bool(count_include_pad)
+        return self.kernels.avg_pool_forward(x, *self.geometry, *out_hw, self.count_include_pad)
 
     def backward(self, grad):
-        return (self.kernels.avg_pool_backward(grad, self.x_shape, *self.geometry),)
+        return (self.kernels.avg_pool_backward(grad, self.x_shape, *self.geometry,
+                                               self.count_include_pad),)
 
 
-def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False):
+def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
     return AvgPool2d.apply(x, kernel_size=kernel_size, stride=stride, padding=padding,
-                           ceil_mode=ceil_mode)
+                           ceil_mode=ceil_mode, count_include_pad=count_include_pad)
 
 
 class GlobalAvgPool2d(Function):
@@ -233,10 +242,12 @@ class CrossEntropy(Function):
     def forward(self, logits, labels):
         self.kernels = kernels_for(logits)
         self.logits, self.labels = logits, labels
+        if logits.shape[0] == 0:   # the mean of no losses is NaN, as in PyTorch (without a warning)
+            return backend.array_module(logits).full((), np.nan, dtype=logits.dtype)
         return self.kernels.cross_entropy_forward(logits, labels).mean()
 
     def backward(self, grad):
-        scale = grad / self.logits.shape[0]
+        scale = grad / max(self.logits.shape[0], 1)   # an empty batch has an empty gradient
         return self.kernels.cross_entropy_backward(self.logits, self.labels, scale), None
 
 

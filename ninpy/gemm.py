@@ -25,7 +25,8 @@ def batch_to_columns(x):
 def columns_to_batch(y, batch):
     """(M, B*L) -> (B, M, L) (a copy)."""
     m = y.shape[0]
-    return backend.array_module(y).ascontiguousarray(y.reshape(m, batch, -1).transpose(1, 0, 2))
+    pixels = y.shape[1] // batch if batch else 0   # not -1, which an empty batch cannot resolve
+    return backend.array_module(y).ascontiguousarray(y.reshape(m, batch, pixels).transpose(1, 0, 2))
 
 
 def matmul_shared(w, x, transpose_w=False):

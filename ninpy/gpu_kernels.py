@@ -1,8 +1,9 @@
 """GPU kernels: launch the CUDA sources in `kernels/*.cu` on CuPy arrays.
 
 Same names and signatures as `ninpy.reference` (the readable NumPy oracle) and `ninpy.cpu_kernels`,
-plus the GPU-only `dropout_mask`, `sgd_update_` and `matmul_shared` (see spec/KERNELS.md). Every
-function takes and returns CuPy arrays, allocates its outputs with `cupy.empty`, launches on the
+plus the GPU-only `dropout_mask` and `matmul_shared` (the kernel contract in docs/design.md lists them
+all). Every function takes and returns CuPy arrays of any strides (inputs are made C-contiguous,
+because a raw kernel ignores strides), allocates its outputs with `cupy.empty`, launches on the
 current stream and never waits for the GPU or copies to the host.
 
 Each `.cu` file is one concern with `template <typename T, ...>` kernels; its float and double
@@ -15,6 +16,14 @@ through the same error path; tests/test_kernels_compile.py uses it so a broken k
 
 Scalars go to the kernels as NumPy scalars of the exact C type (`numpy.int32`, the array's float
 type): CuPy would turn a Python int into `long long` and a float into `double`.
+
+A launch, step by step (every public function below does this, in `_launch`):
+1. `_c_type`: the array's dtype -> "float" or "double" (anything else is a clear TypeError);
+2. `_index`: "int" if every flat index fits in 31 bits, else "long long" (the kernels index with it);
+   arguments marked `_Index(...)` are converted to that type, since it is only known here;
+3. `_function`: the compiled kernel "name<float, int>", compiling its .cu file on first use;
+4. call it with `_grid(count)` blocks of `_BLOCK` threads (grid-stride loops cover the rest).
+Cross-entropy launches one warp per row instead, so it builds its grid in `_row_launch`.
 """
 import math
 import os
@@ -24,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ninpy import backend
+from ninpy.shapes import conv_output_size
 
 
 def _kernel_dir():
@@ -36,25 +46,33 @@ def _kernel_dir():
 
 KERNEL_DIR = _kernel_dir()
 OPTIONS = ("-std=c++14",)
-FLOATS = ("float", "double")
-INDICES = ("int", "long long")
-LABELS = ("int", "long long")
+FLOATS = ("float", "double")          # the first template argument, T
+# The second template argument is an integer type, one of these two. For most kernels it is Index,
+# the type of flat indices, chosen per launch by size (`_index`); for cross-entropy it is Label, the
+# C type of the labels array (int32 -> int, int64 -> long long).
+INTEGERS = ("int", "long long")
 
-# file -> {kernel: the lists of template arguments that follow T}
+# file -> {kernel: the integer types its second template argument is instantiated with}
 _KERNELS = {
-    "im2col.cu": {"im2col_kernel": INDICES, "col2im_kernel": INDICES},
-    "pooling.cu": {"max_pool_forward_kernel": INDICES, "max_pool_backward_kernel": INDICES,
-                   "avg_pool_forward_kernel": INDICES, "avg_pool_backward_kernel": INDICES},
-    "cross_entropy.cu": {"cross_entropy_forward_kernel": LABELS,
-                         "cross_entropy_backward_kernel": LABELS},
-    "elementwise.cu": {"bias_relu_kernel": INDICES, "add_bias_kernel": INDICES,
-                       "relu_backward_kernel": INDICES, "dropout_mask_kernel": INDICES},
-    "sgd.cu": {"sgd_update_kernel": INDICES},
+    "im2col.cu": {"im2col_kernel": INTEGERS, "col2im_kernel": INTEGERS},
+    "pooling.cu": {"max_pool_forward_kernel": INTEGERS, "max_pool_backward_kernel": INTEGERS,
+                   "avg_pool_forward_kernel": INTEGERS, "avg_pool_backward_kernel": INTEGERS},
+    "cross_entropy.cu": {"cross_entropy_forward_kernel": INTEGERS,
+                         "cross_entropy_backward_kernel": INTEGERS},
+    "elementwise.cu": {"bias_relu_kernel": INTEGERS, "add_bias_kernel": INTEGERS,
+                       "relu_backward_kernel": INTEGERS, "dropout_mask_kernel": INTEGERS},
+    "sgd.cu": {"sgd_update_kernel": INTEGERS},
 }
 
 _C_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
-_BLOCK = 256          # threads per block (a multiple of 32: cross_entropy maps one warp per row)
-_MAX_BLOCKS = 1 << 20  # grid-stride loops cover the rest
+_WARP = 32            # threads that run in lockstep on NVIDIA GPUs; cross_entropy.cu reduces a row
+                      # across one warp with __shfl_xor_sync, so a block must hold whole warps
+_BLOCK = 256          # threads per block: a multiple of _WARP, and a common size that keeps enough
+                      # blocks resident per multiprocessor for these memory-bound kernels
+_MAX_BLOCKS = 1 << 20  # cap on the grid: a million blocks of 256 threads is already more than a GPU
+                      # runs at once; larger arrays are covered by the kernels' grid-stride loops
+                      # (each thread takes elements e, e + grid size, ...), so the cap only bounds
+                      # the grid, never what is computed
 _INT32_MAX = 2 ** 31 - 1
 
 
@@ -215,8 +233,7 @@ def im2col(x, kh, kw, sh, sw, ph, pw):
     cupy = backend.require_gpu()
     x = _contiguous(x)
     N, C, H, W = x.shape
-    oh = (H + 2 * ph - kh) // sh + 1
-    ow = (W + 2 * pw - kw) // sw + 1
+    oh, ow = conv_output_size(H, kh, sh, ph), conv_output_size(W, kw, sw, pw)
     col = cupy.empty((C * kh * kw, N * oh * ow), dtype=x.dtype)
     _launch("im2col.cu", "im2col_kernel", x.dtype, C * N * oh * ow,
             (x, col) + _i32(N, C, H, W, kh, kw, sh, sw, ph, pw, oh, ow), x.size, col.size)
@@ -228,8 +245,7 @@ def col2im(col, x_shape, kh, kw, sh, sw, ph, pw):
     cupy = backend.require_gpu()
     col = _contiguous(col)
     N, C, H, W = x_shape
-    oh = (H + 2 * ph - kh) // sh + 1
-    ow = (W + 2 * pw - kw) // sw + 1
+    oh, ow = conv_output_size(H, kh, sh, ph), conv_output_size(W, kw, sw, pw)
     if col.shape != (C * kh * kw, N * oh * ow):
         raise ValueError(f"col has shape {col.shape}, expected {(C * kh * kw, N * oh * ow)} for "
                          f"x_shape {tuple(x_shape)} and kernel {kh}x{kw}")
@@ -242,7 +258,7 @@ def col2im(col, x_shape, kh, kw, sh, sw, ph, pw):
 # --- pooling --------------------------------------------------------------------------------------
 
 def max_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow):
-    """y = max over each window's real elements; argmax (int32) = h*W + w of the first maximum."""
+    """y = max over each window's real elements (NaN wins); argmax (int32) = h*W + w of the winner."""
     cupy = backend.require_gpu()
     x = _contiguous(x)
     N, C, H, W = x.shape
@@ -266,26 +282,28 @@ def max_pool_backward(dy, argmax, x_shape, kh, kw, sh, sw, ph, pw):
     return dx
 
 
-def avg_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow):
-    """y = sum of each window's real elements / Caffe's window size (padding counted)."""
+def avg_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad=True):
+    """y = sum of each window's real elements / divisor (padding counted if count_include_pad)."""
     cupy = backend.require_gpu()
     x = _contiguous(x)
     N, C, H, W = x.shape
     y = cupy.empty((N, C, oh, ow), dtype=x.dtype)
     _launch("pooling.cu", "avg_pool_forward_kernel", x.dtype, y.size,
-            (x, y, _Index(y.size)) + _i32(H, W, kh, kw, sh, sw, ph, pw, oh, ow), x.size)
+            (x, y, _Index(y.size)) + _i32(H, W, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad),
+            x.size)
     return y
 
 
-def avg_pool_backward(dy, x_shape, kh, kw, sh, sw, ph, pw):
-    """dx[n, c, h, w] = sum over the windows covering (h, w) of dy / size (a gather)."""
+def avg_pool_backward(dy, x_shape, kh, kw, sh, sw, ph, pw, count_include_pad=True):
+    """dx[n, c, h, w] = sum over the windows covering (h, w) of dy / divisor (a gather)."""
     cupy = backend.require_gpu()
     dy = _contiguous(dy)
     N, C, H, W = x_shape
     oh, ow = dy.shape[2:]
     dx = cupy.empty((N, C, H, W), dtype=dy.dtype)
     _launch("pooling.cu", "avg_pool_backward_kernel", dy.dtype, dx.size,
-            (dy, dx, _Index(dx.size)) + _i32(H, W, kh, kw, sh, sw, ph, pw, oh, ow), dy.size)
+            (dy, dx, _Index(dx.size)) + _i32(H, W, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad),
+            dy.size)
     return dx
 
 
@@ -309,7 +327,7 @@ def _row_launch(kernel, logits, labels, args):
         raise ValueError(f"logits of shape {logits.shape} have no classes; expected (N, K) with K >= 1")
     if N == 0:
         return
-    warps_per_block = _BLOCK // 32
+    warps_per_block = _BLOCK // _WARP
     grid = min((N + warps_per_block - 1) // warps_per_block, _MAX_BLOCKS)
     label_type = "int" if labels.dtype == np.int32 else "long long"
     function = _function("cross_entropy.cu", kernel, _c_type(logits.dtype), label_type)
@@ -366,7 +384,7 @@ def add_bias_(out, bias):
 
 
 def relu_backward(dy, y):
-    """dx = dy where y > 0, else 0."""
+    """dx = 0 where y <= 0, else dy (a NaN y passes its gradient on, as in PyTorch)."""
     cupy = backend.require_gpu()
     dy = _contiguous(dy)
     y = _contiguous(y)

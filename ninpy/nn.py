@@ -13,6 +13,7 @@ from . import backend
 from . import functional as F
 from . import random
 from .autograd import Tensor
+from .shapes import pair
 
 
 class Parameter(Tensor):
@@ -108,7 +109,7 @@ class Conv2d(Module):
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
                  init_std=None, dtype=np.float32):
-        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+        kh, kw = pair(kernel_size, "kernel_size")
         self.stride, self.padding = stride, padding
         self.weight = Parameter(init_weight((out_channels, in_channels, kh, kw), init_std, dtype))
         self.bias = Parameter(np.zeros(out_channels, dtype=dtype)) if bias else None
@@ -150,12 +151,14 @@ class MaxPool2d(Module):
 
 
 class AvgPool2d(Module):
-    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False):
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
         self.kernel_size, self.stride, self.padding, self.ceil_mode = (
             kernel_size, stride, padding, ceil_mode)
+        self.count_include_pad = count_include_pad
 
     def forward(self, x):
-        return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode)
+        return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode,
+                            self.count_include_pad)
 
 
 class GlobalAvgPool2d(Module):

@@ -3,10 +3,13 @@
 SGD with momentum m, weight decay wd and learning rate lr, for each parameter p with gradient g:
     g <- g + wd * p;   buf <- m * buf + g;   p <- p - lr * (g + m * buf if nesterov else buf)
 (buf starts at zero, so the first step has buf = g, exactly as in PyTorch.)
+The update itself is a kernel like every other operator's: `sgd_update_` in ninpy/reference.py
+(the NumPy version, which the CPU uses as is) and kernels/sgd.cu on the GPU.
 """
 import math
 
 from . import backend
+from .functional import kernels_for
 
 _GROUP_DEFAULTS = ("lr", "momentum", "weight_decay", "nesterov")
 
@@ -71,18 +74,9 @@ class SGD:
 
 
 def _update(param, grad, buf, group):
-    """One SGD step on arrays, in place."""
+    """One SGD step on arrays, in place, by the kernel of the parameter's device."""
     lr, momentum, wd, nesterov = (group[key] for key in _GROUP_DEFAULTS)
-    if backend.is_gpu_array(param):
-        from . import gpu_kernels
-        gpu_kernels.sgd_update_(param, grad, buf, lr, momentum, wd, nesterov)
-        return
-    dtype = param.dtype.type
-    g = grad + dtype(wd) * param if wd else grad
-    buf *= dtype(momentum)
-    buf += g
-    step = g + dtype(momentum) * buf if nesterov else buf
-    param -= dtype(lr) * step
+    kernels_for(param).sgd_update_(param, grad, buf, lr, momentum, wd, nesterov)
 
 
 class _Schedule:

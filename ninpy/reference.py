@@ -17,13 +17,20 @@ each input element receives the SUM of every col entry that was copied from it, 
 gradient of the input given the gradient of col.
 
 Pooling windows: output (oy, ox) looks at rows oy*sh - ph .. oy*sh - ph + kh - 1 and the matching
-columns. Max pooling pads with -inf (only real elements compete; argmax is the flat index h*W + w of
-the winner inside its image plane, first one in row-major order on ties). Average pooling divides by
-Caffe's window size (= PyTorch's count_include_pad=True): the window clipped to the PADDED image,
-counted before clipping to the real image. With ceil_mode the last window may hang past the padded
-edge; the caller guarantees every window still holds at least one real element.
+columns (ninpy/shapes.py derives the window arithmetic once). Max pooling: only real elements
+compete (padding acts as -inf); each window starts from its first real element and scans the rest in
+row-major order, replacing the best when an element is greater or is NaN, as PyTorch does. So ties go
+to the first maximum, a NaN anywhere in the window wins (the last NaN, in row-major order), and a
+window of -inf reports -inf at its first real element. argmax is the flat index h*W + w of the winner
+inside its image plane (int32). Average pooling divides by `shapes.avg_pool_divisor`: with
+count_include_pad (the default, Caffe's rule) the window clipped to the PADDED image, else the real
+elements only. With ceil_mode the last window may hang past the padded edge; the caller guarantees
+every window still holds at least one real element. docs/design.md states this contract for all three
+implementations.
 """
 import numpy as np
+
+from .shapes import avg_pool_divisor, conv_output_size
 
 
 def _window_rows(start, stride, count):
@@ -42,8 +49,7 @@ def _pad(x, value, kh, kw, sh, sw, ph, pw, oh, ow):
 def im2col(x, kh, kw, sh, sw, ph, pw):
     """col[(c*kh + i)*kw + j, (n*oh + y)*ow + x] = x[n, c, y*sh - ph + i, x*sw - pw + j], 0 outside."""
     N, C, H, W = x.shape
-    oh = (H + 2 * ph - kh) // sh + 1
-    ow = (W + 2 * pw - kw) // sw + 1
+    oh, ow = conv_output_size(H, kh, sh, ph), conv_output_size(W, kw, sw, pw)
     xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
     col = np.empty((C, kh, kw, N, oh, ow), dtype=x.dtype)
     for i in range(kh):
@@ -56,8 +62,7 @@ def im2col(x, kh, kw, sh, sw, ph, pw):
 def col2im(col, x_shape, kh, kw, sh, sw, ph, pw):
     """dx[n, c, h, w] = sum of col[(c*kh + i)*kw + j, (n*oh + y)*ow + x] over y*sh - ph + i = h, x*sw - pw + j = w."""
     N, C, H, W = x_shape
-    oh = (H + 2 * ph - kh) // sh + 1
-    ow = (W + 2 * pw - kw) // sw + 1
+    oh, ow = conv_output_size(H, kh, sh, ph), conv_output_size(W, kw, sw, pw)
     col = col.reshape(C, kh, kw, N, oh, ow)
     dxp = np.zeros((N, C, H + 2 * ph, W + 2 * pw), dtype=col.dtype)
     for i in range(kh):
@@ -68,17 +73,19 @@ def col2im(col, x_shape, kh, kw, sh, sw, ph, pw):
 
 
 def max_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow):
-    """y[n, c, oy, ox] = max of x[n, c, h, w] over the window's real elements; argmax = h*W + w of the first max."""
+    """y[n, c, oy, ox] = max of x[n, c, h, w] over the window's real elements (NaN wins); argmax = h*W + w of it."""
     N, C, H, W = x.shape
+    h0 = np.maximum(np.arange(oh) * sh - ph, 0)[:, None]   # each window's first real element
+    w0 = np.maximum(np.arange(ow) * sw - pw, 0)[None, :]
+    y = x[:, :, h0, w0]                                    # (N, C, oh, ow): the starting best
+    argmax = np.broadcast_to(h0 * W + w0, y.shape)
     xp = _pad(x, -np.inf, kh, kw, sh, sw, ph, pw, oh, ow)   # -inf: padding never wins
-    y = np.full((N, C, oh, ow), -np.inf, dtype=x.dtype)
-    argmax = np.full((N, C, oh, ow), -1)
-    for i in range(kh):
-        for j in range(kw):
+    for i in range(kh):                                    # offsets in row-major order = each
+        for j in range(kw):                                # window's elements in row-major order
             value = xp[:, :, _window_rows(i, sh, oh), _window_rows(j, sw, ow)]
             h = np.arange(oh)[:, None] * sh - ph + i          # image row and column of this offset,
             w = np.arange(ow)[None, :] * sw - pw + j          # one per window
-            better = value > y                                # strict: the first maximum wins ties
+            better = (value > y) | np.isnan(value)            # strict: the first maximum wins ties
             y = np.where(better, value, y)
             argmax = np.where(better, h * W + w, argmax)
     return y, argmax.astype(np.int32)
@@ -93,31 +100,31 @@ def max_pool_backward(dy, argmax, x_shape, kh, kw, sh, sw, ph, pw):
     return dx.reshape(N, C, H, W)
 
 
-def _avg_pool_divisor(H, W, kh, kw, sh, sw, ph, pw, oh, ow):
-    """Caffe's window size (oh, ow): the window clipped to the padded image [-p, size + p)."""
-    hstart = np.arange(oh) * sh - ph
-    wstart = np.arange(ow) * sw - pw
-    rows = np.minimum(hstart + kh, H + ph) - hstart
-    cols = np.minimum(wstart + kw, W + pw) - wstart
-    return rows[:, None] * cols[None, :]
+def _avg_pool_divisors(H, W, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad):
+    """(oh, ow): the number each window's sum is divided by (shapes.avg_pool_divisor per axis)."""
+    rows = [avg_pool_divisor(oy, kh, sh, ph, H, count_include_pad) for oy in range(oh)]
+    cols = [avg_pool_divisor(ox, kw, sw, pw, W, count_include_pad) for ox in range(ow)]
+    return np.outer(rows, cols)
 
 
-def avg_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow):
-    """y[n, c, oy, ox] = (sum of the window's real elements) / Caffe's size (padding counted, overhang not)."""
+def avg_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad=True):
+    """y[n, c, oy, ox] = (sum of the window's real elements) / divisor(oy, ox) (padding counted if count_include_pad)."""
     N, C, H, W = x.shape
     xp = _pad(x, 0, kh, kw, sh, sw, ph, pw, oh, ow)
     total = np.zeros((N, C, oh, ow), dtype=x.dtype)
     for i in range(kh):
         for j in range(kw):
             total += xp[:, :, _window_rows(i, sh, oh), _window_rows(j, sw, ow)]
-    return total / _avg_pool_divisor(H, W, kh, kw, sh, sw, ph, pw, oh, ow).astype(x.dtype)
+    divisors = _avg_pool_divisors(H, W, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad)
+    return total / divisors.astype(x.dtype)
 
 
-def avg_pool_backward(dy, x_shape, kh, kw, sh, sw, ph, pw):
-    """dx[n, c, h, w] = sum of dy[n, c, oy, ox] / size(oy, ox) over the windows covering (h, w)."""
+def avg_pool_backward(dy, x_shape, kh, kw, sh, sw, ph, pw, count_include_pad=True):
+    """dx[n, c, h, w] = sum of dy[n, c, oy, ox] / divisor(oy, ox) over the windows covering (h, w)."""
     N, C, H, W = x_shape
     oh, ow = dy.shape[2:]
-    share = dy / _avg_pool_divisor(H, W, kh, kw, sh, sw, ph, pw, oh, ow).astype(dy.dtype)
+    divisors = _avg_pool_divisors(H, W, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad)
+    share = dy / divisors.astype(dy.dtype)
     dxp = _pad(np.zeros(x_shape, dtype=dy.dtype), 0, kh, kw, sh, sw, ph, pw, oh, ow)  # padded image gradient
     for i in range(kh):
         for j in range(kw):
@@ -134,6 +141,7 @@ def cross_entropy_forward(logits, labels):
 
 def cross_entropy_backward(logits, labels, scale):
     """dlogits[n, k] = scale * (softmax(logits[n])[k] - (k == labels[n]))."""
+    logits = np.ascontiguousarray(logits)   # so dlogits is C-contiguous, like every kernel's output
     e = np.exp(logits - logits.max(axis=1, keepdims=True))
     dlogits = e / e.sum(axis=1, keepdims=True)
     dlogits[np.arange(logits.shape[0]), labels] -= 1
@@ -160,5 +168,17 @@ def add_bias_(out, bias):
 
 
 def relu_backward(dy, y):
-    """dx = dy where y > 0, else 0."""
-    return dy * (y > 0)
+    """dx = 0 where y <= 0, else dy (a NaN y passes its gradient on, as in PyTorch)."""
+    return np.where(y <= 0, dy.dtype.type(0), dy)
+
+
+def sgd_update_(param, grad, buf, lr, momentum, weight_decay, nesterov):
+    """torch.optim.SGD (dampening 0) in place: g = grad + wd*param; buf = m*buf + g;
+    param -= lr * (g + m*buf if nesterov else buf). Returns param."""
+    t = param.dtype.type                    # NumPy scalars of param's dtype keep float32 float32
+    g = grad + t(weight_decay) * param if weight_decay else grad
+    buf *= t(momentum)
+    buf += g
+    step = g + t(momentum) * buf if nesterov else buf
+    param -= t(lr) * step
+    return param

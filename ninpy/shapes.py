@@ -1,4 +1,20 @@
-"""Output sizes of convolution and pooling windows: the one place these formulas live."""
+"""Window arithmetic of convolution and pooling: the one place these formulas are derived.
+
+Along one axis (rows or columns alike) an input of `size` elements is padded by `padding` on both
+sides, and output index o looks at the `kernel` input positions
+
+    start(o) = o * stride - padding,  ...,  start(o) + kernel - 1            (image coordinates)
+
+Everything else follows from that one line:
+- how many outputs there are (`conv_output_size`, `pool_output_size`);
+- which outputs look at a given input position (`covering_windows`), which every backward pass
+  that is written as a gather needs (col2im, max and average pooling backward);
+- how many elements an average divides by (`avg_pool_divisor`).
+
+reference.py, cpu_kernels.py and gpu_kernels.py call these functions (cpu_kernels compiles them with
+Numba). The CUDA kernels in kernels/*.cu cannot import Python: they repeat the formulas in C, name the
+function here in a comment, and tests/test_gpu.py runs them against the reference, which uses these.
+"""
 import math
 
 
@@ -12,7 +28,11 @@ def pair(value, name="value"):
 
 
 def conv_output_size(size, kernel, stride, padding):
-    """floor((size + 2*padding - kernel) / stride) + 1, as in PyTorch and Caffe."""
+    """floor((size + 2*padding - kernel) / stride) + 1, as in PyTorch and Caffe.
+
+    The last window must end inside the padded input: start(o) + kernel <= size + padding, i.e.
+    o * stride <= size + 2*padding - kernel; count the o >= 0 that satisfy it.
+    """
     out = (size + 2 * padding - kernel) // stride + 1
     if out < 1:
         raise ValueError(f"input size {size} with padding {padding} is smaller than kernel {kernel}")
@@ -22,8 +42,9 @@ def conv_output_size(size, kernel, stride, padding):
 def pool_output_size(size, kernel, stride, padding, ceil_mode):
     """Pooling output size with PyTorch's rule (which matches Caffe's for NIN's layers).
 
-    ceil_mode rounds the window count up, so a last window may hang past the edge; that window is
-    dropped when it would start inside the right padding, so every window sees a real element.
+    Without ceil_mode this is conv_output_size. ceil_mode rounds the window count up, so the last
+    window may hang past the padded edge; that window is dropped when it would start inside the
+    right padding (start(o) >= size), so every window holds at least one real element.
     """
     if padding > kernel // 2:
         raise ValueError(f"pool padding {padding} must be at most half the kernel size {kernel}")
@@ -34,3 +55,31 @@ def pool_output_size(size, kernel, stride, padding, ceil_mode):
     if ceil_mode and (out - 1) * stride >= size + padding:
         out -= 1
     return out
+
+
+def covering_windows(position, kernel, stride, padding, out):
+    """The outputs o in [lo, hi) whose window holds input `position` (0 <= position < size).
+
+    With p = position + padding (the position in the padded input), window o holds it when
+    o*stride <= p <= o*stride + kernel - 1, i.e. (p - kernel + 1) / stride <= o <= p / stride:
+        lo = ceil((p - kernel + 1) / stride), at least 0;   hi = floor(p / stride) + 1, at most out.
+    (ceil(a / s) for a possibly negative a is written -((-a) // s) with floor division.)
+    """
+    p = position + padding
+    lo = max(0, -((kernel - 1 - p) // stride))
+    hi = min(out, p // stride + 1)
+    return lo, hi
+
+
+def avg_pool_divisor(o, kernel, stride, padding, size, count_include_pad):
+    """How many elements output o's average divides by, along one axis (multiply the two axes).
+
+    count_include_pad=True (PyTorch's default, Caffe's rule): the window clipped to the padded input
+    [-padding, size + padding), so padding counts but a ceil-mode overhang past it does not.
+    count_include_pad=False: only the real elements, the window clipped to [0, size).
+    """
+    start = o * stride - padding
+    end = start + kernel
+    if count_include_pad:
+        return min(end, size + padding) - start
+    return min(end, size) - max(start, 0)

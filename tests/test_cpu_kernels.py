@@ -1,4 +1,5 @@
-"""Every Numba kernel in ninpy.cpu_kernels against the NumPy reference, in float32 and float64.
+"""Every Numba kernel in ninpy.cpu_kernels against the NumPy reference, in float32 and float64, with
+inputs in every memory layout (tests/strategies.py, `layouts`).
 
 Exact where the computation is a copy or a comparison (im2col, max pooling values and argmax); close
 where sums may be taken in another order or precision (col2im, pooling backward, average pooling).
@@ -10,11 +11,13 @@ import sys
 import numpy as np
 import pytest
 from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from ninpy import cpu_kernels as K
 from ninpy import reference as R
-from strategies import (conv_geometries, dtypes, make_geometry, pool_geometries, random_array,
-                        random_labels, seeds)
+from strategies import (conv_geometries, dtypes, in_layout, layouts, make_geometry, pool_geometries,
+                        random_array, random_labels, seeds)
+from test_reference import edge_values
 
 # Fixed cases on top of the drawn ones: batch 1 and channel 1, odd sizes, overlapping windows
 # (stride < kernel), gaps (stride > kernel), NIN's 3x3 stride-2 ceil-mode pool whose last window
@@ -32,7 +35,7 @@ def with_examples(examples):
     def decorate(test):
         for g in examples:
             for dtype in (np.float32, np.float64):
-                test = example(g=g, dtype=dtype, seed=1)(test)
+                test = example(g=g, dtype=dtype, seed=1, layout="c_order")(test)
         return test
     return decorate
 
@@ -51,34 +54,34 @@ def same(actual, expected):
 
 @settings(max_examples=30)
 @with_examples(CONV_EXAMPLES)
-@given(g=conv_geometries(), dtype=dtypes, seed=seeds)
-def test_im2col_and_col2im(g, dtype, seed):
+@given(g=conv_geometries(), dtype=dtypes, seed=seeds, layout=layouts)
+def test_im2col_and_col2im(g, dtype, seed, layout):
     x = random_array(seed, g.x_shape, dtype)
-    same(K.im2col(x, *g.window), R.im2col(x, *g.window))
+    same(K.im2col(in_layout(x, layout), *g.window), R.im2col(x, *g.window))
     col = random_array(seed + 1, (g.c * g.kh * g.kw, g.n * g.oh * g.ow), dtype)
-    close(K.col2im(col, g.x_shape, *g.window), R.col2im(col, g.x_shape, *g.window))
+    close(K.col2im(in_layout(col, layout), g.x_shape, *g.window), R.col2im(col, g.x_shape, *g.window))
 
 
 @settings(max_examples=30)
 @with_examples(POOL_EXAMPLES)
-@given(g=pool_geometries(), dtype=dtypes, seed=seeds)
-def test_max_pool(g, dtype, seed):
+@given(g=pool_geometries(), dtype=dtypes, seed=seeds, layout=layouts)
+def test_max_pool(g, dtype, seed, layout):
     x = random_array(seed, g.x_shape, dtype, distinct=True)
-    y, argmax = K.max_pool_forward(x, *g.window, g.oh, g.ow)
+    y, argmax = K.max_pool_forward(in_layout(x, layout), *g.window, g.oh, g.ow)
     expected_y, expected_argmax = R.max_pool_forward(x, *g.window, g.oh, g.ow)
     same(y, expected_y)
     same(argmax, expected_argmax)
     dy = random_array(seed + 1, g.y_shape, dtype)
-    close(K.max_pool_backward(dy, argmax, g.x_shape, *g.window),
+    close(K.max_pool_backward(in_layout(dy, layout), in_layout(argmax, layout), g.x_shape, *g.window),
           R.max_pool_backward(dy, argmax, g.x_shape, *g.window))
 
 
 @settings(max_examples=15)
 @with_examples(POOL_EXAMPLES[:3])
-@given(g=pool_geometries(), dtype=dtypes, seed=seeds)
-def test_max_pool_with_ties(g, dtype, seed):
+@given(g=pool_geometries(), dtype=dtypes, seed=seeds, layout=layouts)
+def test_max_pool_with_ties(g, dtype, seed, layout):
     x = np.round(random_array(seed, g.x_shape, dtype))    # few distinct values: many ties
-    y, argmax = K.max_pool_forward(x, *g.window, g.oh, g.ow)
+    y, argmax = K.max_pool_forward(in_layout(x, layout), *g.window, g.oh, g.ow)
     expected_y, expected_argmax = R.max_pool_forward(x, *g.window, g.oh, g.ow)
     same(y, expected_y)
     same(argmax, expected_argmax)
@@ -86,19 +89,34 @@ def test_max_pool_with_ties(g, dtype, seed):
 
 @settings(max_examples=30)
 @with_examples(POOL_EXAMPLES)
-@given(g=pool_geometries(), dtype=dtypes, seed=seeds)
-def test_avg_pool(g, dtype, seed):
+@given(g=pool_geometries(), dtype=dtypes, seed=seeds, layout=layouts)
+def test_max_pool_with_nan_and_infinities(g, dtype, seed, layout):
+    """The contract at the edges: NaN wins, a window of -inf points at its first real element."""
+    x = edge_values(seed, g.x_shape, dtype)
+    y, argmax = K.max_pool_forward(in_layout(x, layout), *g.window, g.oh, g.ow)
+    expected_y, expected_argmax = R.max_pool_forward(x, *g.window, g.oh, g.ow)
+    same(y, expected_y)
+    same(argmax, expected_argmax)
+
+
+@settings(max_examples=30)
+@with_examples(POOL_EXAMPLES)
+@given(g=pool_geometries(), dtype=dtypes, seed=seeds, layout=layouts)
+def test_avg_pool(g, dtype, seed, layout):
     x = random_array(seed, g.x_shape, dtype)
-    close(K.avg_pool_forward(x, *g.window, g.oh, g.ow), R.avg_pool_forward(x, *g.window, g.oh, g.ow))
     dy = random_array(seed + 1, g.y_shape, dtype)
-    close(K.avg_pool_backward(dy, g.x_shape, *g.window), R.avg_pool_backward(dy, g.x_shape, *g.window))
+    for count_include_pad in (True, False):
+        close(K.avg_pool_forward(in_layout(x, layout), *g.window, g.oh, g.ow, count_include_pad),
+              R.avg_pool_forward(x, *g.window, g.oh, g.ow, count_include_pad))
+        close(K.avg_pool_backward(in_layout(dy, layout), g.x_shape, *g.window, count_include_pad),
+              R.avg_pool_backward(dy, g.x_shape, *g.window, count_include_pad))
 
 
 @settings(max_examples=20)
-@given(dtype=dtypes, seed=seeds)
-def test_cross_entropy(dtype, seed):
+@given(dtype=dtypes, seed=seeds, layout=layouts)
+def test_cross_entropy(dtype, seed, layout):
     n, k = 1 + seed % 9, 1 + seed % 11
-    logits = random_array(seed, (n, k), dtype, low=-8, high=8)
+    logits = in_layout(random_array(seed, (n, k), dtype, low=-8, high=8), layout)
     labels = random_labels(seed, n, k).astype(np.int32 if seed % 2 else np.int64)
     close(K.cross_entropy_forward(logits, labels), R.cross_entropy_forward(logits, labels))
     for scale in (1.0 / n, np.array(1.0 / n)):
@@ -106,8 +124,8 @@ def test_cross_entropy(dtype, seed):
 
 
 @settings(max_examples=20)
-@given(dtype=dtypes, seed=seeds)
-def test_bias_relu_add_bias_relu_backward(dtype, seed):
+@given(dtype=dtypes, seed=seeds, dy_layout=layouts, y_layout=layouts)
+def test_bias_relu_add_bias_relu_backward(dtype, seed, dy_layout, y_layout):
     shape = (1 + seed % 3, 1 + seed % 5, 1 + seed % 7, 1 + seed % 4)
     out = random_array(seed, shape, dtype, away_from_zero=True)
     bias = random_array(seed + 1, shape[1:2], dtype)
@@ -118,7 +136,35 @@ def test_bias_relu_add_bias_relu_backward(dtype, seed):
             getattr(R, name)(expected, bias)
             close(actual, expected)
     dy = random_array(seed + 2, shape, dtype)
-    same(K.relu_backward(dy, out), R.relu_backward(dy, out))
+    out[0, 0, 0, 0] = np.nan                                   # a NaN y passes dy on
+    same(K.relu_backward(in_layout(dy, dy_layout), in_layout(out, y_layout)), R.relu_backward(dy, out))
+
+
+def test_relu_backward_with_a_channels_last_gradient():
+    """np.empty_like would keep dy's channels-last order, and then a flat view of it is a copy."""
+    rng = np.random.default_rng(0)
+    y = np.maximum(rng.standard_normal((2, 3, 4, 5)), 0)
+    dy = rng.standard_normal((2, 4, 5, 3)).transpose(0, 3, 1, 2)
+    same(K.relu_backward(dy, y), np.where(y > 0, dy, 0.0))
+
+
+@settings(max_examples=20)
+@given(dtype=dtypes, seed=seeds, nesterov=st.booleans(), layout=layouts)
+def test_sgd_update_matches_torch(dtype, seed, nesterov, layout):
+    """The CPU update (the reference's NumPy code) against torch.optim.SGD itself."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(seed)
+    param = rng.standard_normal((3, 4)).astype(dtype)
+    weight = torch.nn.Parameter(torch.tensor(param))
+    optimizer = torch.optim.SGD([weight], lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=nesterov)
+    buf = np.zeros_like(param)
+    for _ in range(3):
+        grad = rng.standard_normal((3, 4)).astype(dtype)
+        weight.grad = torch.tensor(grad)
+        optimizer.step()
+        assert K.sgd_update_(param, in_layout(grad, layout), buf, 0.1, 0.9, 1e-3, nesterov) is param
+    assert param.dtype == dtype
+    close(param, weight.detach().numpy())
 
 
 def test_in_place_bias_refuses_a_non_contiguous_out():

@@ -1,5 +1,6 @@
-"""Every operator's gradient against finite differences (float64, NumPy path), and its forward
-against PyTorch when PyTorch is installed."""
+"""Every operator's gradient against finite differences (float64, NumPy path), with inputs and
+upstream gradients in any memory layout, its edge cases (NaN, -inf, empty batches), and its forward
+and backward against PyTorch when PyTorch is installed."""
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -9,7 +10,8 @@ import ninpy
 import ninpy.functional as F
 from ninpy import Tensor, models
 from ninpy.shapes import conv_output_size, pool_output_size
-from strategies import conv_geometries, pool_geometries, random_array, seeds
+from strategies import (LAYOUTS, conv_geometries, in_layout, layouts, pool_geometries, random_array,
+                        seeds)
 
 
 def arr(seed, shape, low=None):
@@ -22,41 +24,42 @@ def distinct(seed, shape):
     return random_array(seed, shape, distinct=True)
 
 
-def leaf(values):
-    return Tensor(np.asarray(values, dtype=np.float64), requires_grad=True)
+def leaf(values, layout="c_order"):
+    """A float64 leaf holding `values`, stored in memory `layout` (see strategies.in_layout)."""
+    return Tensor(in_layout(np.asarray(values, dtype=np.float64), layout), requires_grad=True)
 
 
-def conv_inputs(g, c_out, seed):
+def conv_inputs(g, c_out, seed, layout="c_order"):
     """x, weight and bias leaves for a drawn geometry; stride and padding as F.conv2d takes them."""
-    x = leaf(arr(seed, g.x_shape))
-    w = leaf(arr(seed + 1, (c_out, g.c, g.kh, g.kw)))
+    x = leaf(arr(seed, g.x_shape), layout)
+    w = leaf(arr(seed + 1, (c_out, g.c, g.kh, g.kw)), layout)
     b = leaf(arr(seed + 2, (c_out,)))
     return x, w, b, (g.sh, g.sw), (g.ph, g.pw)
 
 
 @settings(max_examples=40)
-@given(conv_geometries(max_size=6), st.integers(1, 3), seeds, st.booleans())
-def test_conv2d_gradients(g, c_out, seed, with_bias):
-    x, w, b, stride, pad = conv_inputs(g, c_out, seed)
+@given(conv_geometries(max_size=6), st.integers(1, 3), seeds, st.booleans(), layouts)
+def test_conv2d_gradients(g, c_out, seed, with_bias, layout):
+    x, w, b, stride, pad = conv_inputs(g, c_out, seed, layout)
     inputs = [x, w] + ([b] if with_bias else [])
     conv = lambda x, w, b=None: F.conv2d(x, w, b, stride, pad)  # noqa: E731
     assert ninpy.gradcheck(conv, inputs)
 
 
 @settings(max_examples=15)
-@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 4), seeds)
-def test_pointwise_conv_path_gradients(n, c, c_out, seed):
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 4), seeds, layouts)
+def test_pointwise_conv_path_gradients(n, c, c_out, seed, layout):
     """1x1, stride 1, pad 0 takes the batched-GEMM path: check it separately."""
-    x = leaf(arr(seed, (n, c, 3, 2)))
-    w = leaf(arr(seed + 1, (c_out, c, 1, 1)))
+    x = leaf(arr(seed, (n, c, 3, 2)), layout)
+    w = leaf(arr(seed + 1, (c_out, c, 1, 1)), layout)
     b = leaf(arr(seed + 2, (c_out,)))
     assert ninpy.gradcheck(lambda x, w, b: F.conv2d(x, w, b), [x, w, b])
 
 
 @settings(max_examples=15)
-@given(conv_geometries(max_size=6), st.integers(1, 3), seeds)
-def test_conv2d_relu_is_relu_of_conv_and_has_right_gradients(g, c_out, seed):
-    x, w, b, stride, pad = conv_inputs(g, c_out, seed)
+@given(conv_geometries(max_size=6), st.integers(1, 3), seeds, layouts)
+def test_conv2d_relu_is_relu_of_conv_and_has_right_gradients(g, c_out, seed, layout):
+    x, w, b, stride, pad = conv_inputs(g, c_out, seed, layout)
     fused = F.conv2d_relu(x, w, b, stride, pad)
     plain = F.relu(F.conv2d(x, w, b, stride, pad))
     np.testing.assert_allclose(fused.data, plain.data, rtol=1e-12, atol=1e-12)
@@ -65,9 +68,9 @@ def test_conv2d_relu_is_relu_of_conv_and_has_right_gradients(g, c_out, seed):
         assert ninpy.gradcheck(lambda x, w, b: F.conv2d_relu(x, w, b, stride, pad), [x, w, b])
 
 
-@given(seeds)
-def test_relu_gradient(seed):
-    assert ninpy.gradcheck(F.relu, [leaf(arr(seed, (2, 3, 4), low=0.05))])
+@given(seeds, layouts)
+def test_relu_gradient(seed, layout):
+    assert ninpy.gradcheck(F.relu, [leaf(arr(seed, (2, 3, 4), low=0.05), layout)])
 
 
 def pool_args(g):
@@ -76,17 +79,17 @@ def pool_args(g):
 
 
 @settings(max_examples=40)
-@given(pool_geometries(max_batch=2, max_channels=2, max_size=7), seeds)
-def test_max_pool_gradients(g, seed):
-    x = leaf(distinct(seed, g.x_shape))
+@given(pool_geometries(max_batch=2, max_channels=2, max_size=7), seeds, layouts)
+def test_max_pool_gradients(g, seed, layout):
+    x = leaf(distinct(seed, g.x_shape), layout)
     assert ninpy.gradcheck(lambda x: F.max_pool2d(x, **pool_args(g)), [x], eps=1e-7)
 
 
 @settings(max_examples=40)
-@given(pool_geometries(max_batch=2, max_channels=2, max_size=7), seeds)
-def test_avg_pool_gradients(g, seed):
-    x = leaf(arr(seed, g.x_shape))
-    assert ninpy.gradcheck(lambda x: F.avg_pool2d(x, **pool_args(g)), [x])
+@given(pool_geometries(max_batch=2, max_channels=2, max_size=7), seeds, layouts, st.booleans())
+def test_avg_pool_gradients(g, seed, layout, count_include_pad):
+    x = leaf(arr(seed, g.x_shape), layout)
+    assert ninpy.gradcheck(lambda x: F.avg_pool2d(x, **pool_args(g), count_include_pad=count_include_pad), [x])
 
 
 def test_global_avg_pool_gradient_and_value():
@@ -95,9 +98,9 @@ def test_global_avg_pool_gradient_and_value():
     assert ninpy.gradcheck(F.global_avg_pool2d, [x])
 
 
-@given(st.integers(2, 5), st.integers(1, 6), seeds)
-def test_cross_entropy_gradient_and_value(n, k, seed):
-    logits = leaf(arr(seed, (n, k)) * 3)
+@given(st.integers(2, 5), st.integers(1, 6), seeds, layouts)
+def test_cross_entropy_gradient_and_value(n, k, seed, layout):
+    logits = leaf(arr(seed, (n, k)) * 3, layout)
     labels = np.random.default_rng(seed).integers(0, k, n)
     assert ninpy.gradcheck(lambda z: F.cross_entropy(z, labels), [logits])
     z = logits.data
@@ -203,6 +206,96 @@ def _param_slots(module):
                 yield sub, name
 
 
+def test_relu_backward_with_a_transposed_upstream_gradient():
+    """The upstream gradient may have any strides (here channels-last, viewed as NCHW)."""
+    rng = np.random.default_rng(0)
+    x = Tensor(rng.standard_normal((2, 3, 4, 5)), requires_grad=True)
+    g = rng.standard_normal((2, 4, 5, 3)).transpose(0, 3, 1, 2)
+    F.relu(x).backward(g)
+    np.testing.assert_array_equal(x.grad, np.where(x.data > 0, g, 0.0))
+
+
+def test_fused_conv_relu_backward_with_a_transposed_upstream_gradient():
+    rng = np.random.default_rng(1)
+    x = Tensor(rng.standard_normal((2, 3, 5, 5)), requires_grad=True)
+    w = Tensor(rng.standard_normal((4, 3, 3, 3)), requires_grad=True)
+    g = rng.standard_normal((2, 5, 5, 4)).transpose(0, 3, 1, 2)
+    F.conv2d_relu(x, w, None, 1, 1).backward(g)
+    fused = x.grad, w.grad
+    x.grad = w.grad = None
+    F.relu(F.conv2d(x, w, None, 1, 1)).backward(np.ascontiguousarray(g))
+    np.testing.assert_allclose(fused[0], x.grad, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(fused[1], w.grad, rtol=1e-12, atol=1e-12)
+
+
+# Every operator, as (name, input shape, function of the input tensor). The 1x1 convolution takes
+# the batched-GEMM path, the 3x3 one im2col; dropout re-seeds so both runs draw one mask.
+def _dropout_seeded(x):
+    ninpy.manual_seed(5)
+    return F.dropout(x, 0.4)
+
+
+_W3 = arr(11, (4, 3, 3, 3))
+_W1 = arr(12, (4, 3, 1, 1))
+_B = arr(13, (4,))
+OPERATORS = [
+    ("conv2d", (2, 3, 6, 5), lambda x: F.conv2d(x, Tensor(_W3), Tensor(_B), 2, 1)),
+    ("conv2d_relu", (2, 3, 6, 5), lambda x: F.conv2d_relu(x, Tensor(_W3), Tensor(_B), 1, 1)),
+    ("conv2d_1x1_relu", (2, 3, 6, 5), lambda x: F.conv2d_relu(x, Tensor(_W1), Tensor(_B))),
+    ("relu", (2, 3, 6, 5), F.relu),
+    ("max_pool2d", (2, 3, 7, 6), lambda x: F.max_pool2d(x, 3, 2, 1, ceil_mode=True)),
+    ("avg_pool2d", (2, 3, 7, 6), lambda x: F.avg_pool2d(x, 3, 2, 1, ceil_mode=True)),
+    ("avg_pool2d_real_only", (2, 3, 7, 6),
+     lambda x: F.avg_pool2d(x, 3, 2, 1, ceil_mode=True, count_include_pad=False)),
+    ("global_avg_pool2d", (2, 3, 4, 5), F.global_avg_pool2d),
+    ("dropout", (2, 3, 4, 5), _dropout_seeded),
+    ("cross_entropy", (4, 3), lambda x: F.cross_entropy(x, np.array([0, 2, 1, 2])[:x.shape[0]])),
+]
+
+
+@pytest.mark.parametrize("name, shape, op", OPERATORS, ids=[o[0] for o in OPERATORS])
+@settings(max_examples=12)
+@given(x_layout=layouts, grad_layout=layouts, seed=seeds)
+def test_operators_take_inputs_and_upstream_gradients_of_any_layout(name, shape, op, x_layout,
+                                                                    grad_layout, seed):
+    """Forward and backward give the same numbers whatever the strides of x and of the gradient."""
+    values = distinct(seed, shape)
+    results = []
+    for xl, gl in (("c_order", "c_order"), (x_layout, grad_layout)):
+        x = leaf(values, xl)
+        y = op(x)
+        grad = arr(seed + 1, y.shape)
+        y.backward(in_layout(grad, gl) if y.ndim else grad)
+        results.append((y.data, x.grad))
+    (y0, g0), (y1, g1) = results
+    np.testing.assert_allclose(y1, y0, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(g1, g0, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("name, shape, op", OPERATORS, ids=[o[0] for o in OPERATORS])
+def test_operators_take_an_empty_batch(name, shape, op):
+    """A batch of 0 images gives empty outputs and empty gradients, as in PyTorch (the loss of no
+    examples is NaN, as torch's mean reduction gives)."""
+    x = leaf(np.zeros((0,) + shape[1:]))
+    y = op(x)
+    if name == "cross_entropy":
+        assert y.shape == () and np.isnan(y.item())
+        y.backward()
+    else:
+        assert y.shape[0] == 0
+        y.backward(np.zeros(y.shape))
+    assert x.grad.shape == x.shape
+
+
+def test_nin_takes_an_empty_batch_forward_and_backward():
+    ninpy.manual_seed(0)
+    model = models.nin_for("mnist")
+    logits = model(Tensor(np.zeros((0, 1, 28, 28), np.float32)))
+    assert logits.shape == (0, 10)
+    logits.sum().backward()
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+
+
 class TestAgainstTorch:
     """Forward and backward of each operator vs torch.nn.functional (skipped without torch)."""
 
@@ -225,8 +318,8 @@ class TestAgainstTorch:
         for ours, theirs in ((nx, tx), (nw, tw), (nb, tb)):
             np.testing.assert_allclose(ours.grad, theirs.grad.numpy(), rtol=1e-10, atol=1e-10)
 
-    @settings(max_examples=30)
-    @given(pool_geometries(), seeds, st.sampled_from(["max", "avg"]))
+    @settings(max_examples=40)
+    @given(pool_geometries(), seeds, st.sampled_from(["max", "avg", "avg_real_only"]))
     def test_pooling(self, g, seed, kind):
         torch = self._torch()
         x = distinct(seed, g.x_shape)
@@ -236,8 +329,9 @@ class TestAgainstTorch:
             ty = torch.nn.functional.max_pool2d(tx, **args)
             ny_fn = F.max_pool2d
         else:
-            ty = torch.nn.functional.avg_pool2d(tx, **args, count_include_pad=True)
-            ny_fn = F.avg_pool2d
+            count_include_pad = kind == "avg"
+            ty = torch.nn.functional.avg_pool2d(tx, **args, count_include_pad=count_include_pad)
+            ny_fn = lambda x, **args: F.avg_pool2d(x, **args, count_include_pad=count_include_pad)  # noqa: E731
         grad = arr(seed + 1, tuple(ty.shape))
         ty.backward(torch.tensor(grad))
         nx = leaf(x)
@@ -255,3 +349,40 @@ class TestAgainstTorch:
         nz = leaf(z)
         F.cross_entropy(nz, labels).backward()
         np.testing.assert_allclose(nz.grad, tz.grad.numpy(), rtol=1e-10, atol=1e-12)
+
+    def test_avg_pool_count_include_pad_defaults_to_true_like_torch(self):
+        torch = self._torch()
+        x = arr(0, (1, 2, 5, 5))
+        for count_include_pad in (None, True, False):
+            extra = {} if count_include_pad is None else dict(count_include_pad=count_include_pad)
+            ours = F.avg_pool2d(Tensor(x), 3, 2, 1, **extra).data
+            theirs = torch.nn.functional.avg_pool2d(torch.tensor(x), 3, 2, 1, **extra).numpy()
+            np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-14)
+        module = ninpy.nn.AvgPool2d(3, 2, 1, count_include_pad=False)
+        np.testing.assert_allclose(module(Tensor(x)).data, F.avg_pool2d(Tensor(x), 3, 2, 1, count_include_pad=False).data)
+
+    @pytest.mark.parametrize("case", ["nan", "all_minus_inf", "inf_and_nan"])
+    def test_max_pool_nan_and_infinities(self, case):
+        """The max-pool contract at the edges (docs/design.md): NaN wins (the last NaN of the window),
+        a window of -inf reports -inf at its first real element, and the gradient follows argmax."""
+        torch = self._torch()
+        x = arr(1, (1, 2, 5, 6))
+        if case == "nan":
+            x[0, 0, 1, 1] = x[0, 0, 1, 4] = x[0, 1, 2, 2] = x[0, 1, 3, 3] = np.nan
+        elif case == "all_minus_inf":
+            x[0, 0, :3, :3] = -np.inf               # whole windows with no finite element
+            x[0, 1] = -np.inf
+        else:
+            x[0, 0, 0, :] = np.inf
+            x[0, 1, 1, 1] = np.nan
+            x[0, 1, 0, 0] = np.inf
+        args = dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)
+        tx = torch.tensor(x, requires_grad=True)
+        ty = torch.nn.functional.max_pool2d(tx, **args)
+        dy = arr(2, tuple(ty.shape))
+        ty.backward(torch.tensor(dy))
+        nx = leaf(x)
+        ny = F.max_pool2d(nx, **args)
+        ny.backward(dy)
+        np.testing.assert_array_equal(ny.data, ty.detach().numpy())          # NaN == NaN here
+        np.testing.assert_allclose(nx.grad, tx.grad.numpy(), rtol=1e-12, atol=1e-14)  # via argmax

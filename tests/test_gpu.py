@@ -21,7 +21,9 @@ from hypothesis import strategies as st
 
 from ninpy import backend, gpu_kernels
 from ninpy import reference as R
-from strategies import conv_geometries, dtypes, pool_geometries, random_array, random_labels, seeds
+from strategies import (conv_geometries, dtypes, in_layout, layouts, pool_geometries, random_array,
+                        random_labels, seeds)
+from test_reference import edge_values
 
 BACKENDS = [pytest.param("cuda", marks=pytest.mark.gpu), "emulated"]
 DTYPES = [np.float32, np.float64]
@@ -38,10 +40,14 @@ def _emulated_cupy():
 
 
 class Device:
-    """put: NumPy -> device array; get: device array -> NumPy."""
+    """put: NumPy -> device array (in a memory layout of strategies.LAYOUTS); get: device -> NumPy."""
 
     def __init__(self, name, xp, put, get):
-        self.name, self.xp, self.put, self.get = name, xp, put, get
+        self.name, self.xp, self.get = name, xp, get
+        self._put = put
+
+    def put(self, array, layout="c_order"):
+        return in_layout(self._put(array), layout, self.xp)
 
 
 @contextlib.contextmanager
@@ -72,18 +78,18 @@ def tolerance(dtype):
 
 @pytest.mark.parametrize("where", BACKENDS)
 @EXAMPLES
-@given(g=conv_geometries(), dtype=dtypes, seed=seeds)
-def test_im2col_col2im_match_reference(where, g, dtype, seed):
+@given(g=conv_geometries(), dtype=dtypes, seed=seeds, layout=layouts)
+def test_im2col_col2im_match_reference(where, g, dtype, seed, layout):
     shape, geometry = g.x_shape, g.window
     rng = np.random.default_rng(seed)
     x = random_array(seed, shape, dtype)
     with kernels_on(where) as dev:
-        col = gpu_kernels.im2col(dev.put(x), *geometry)
+        col = gpu_kernels.im2col(dev.put(x, layout), *geometry)
         expected = R.im2col(x, *geometry)
         assert col.dtype == dtype
         np.testing.assert_array_equal(dev.get(col), expected)  # a copy: exact
         dcol = rng.standard_normal(expected.shape).astype(dtype)
-        dx = gpu_kernels.col2im(dev.put(dcol), shape, *geometry)
+        dx = gpu_kernels.col2im(dev.put(dcol, layout), shape, *geometry)
         assert dx.shape == shape and dx.dtype == dtype
         np.testing.assert_allclose(dev.get(dx), R.col2im(dcol, shape, *geometry), **tolerance(dtype))
 
@@ -92,37 +98,41 @@ def test_im2col_col2im_match_reference(where, g, dtype, seed):
 
 @pytest.mark.parametrize("where", BACKENDS)
 @EXAMPLES
-@given(g=pool_geometries(), dtype=dtypes, seed=seeds)
-def test_max_pool_matches_reference_ties_included(where, g, dtype, seed):
+@given(g=pool_geometries(), dtype=dtypes, seed=seeds, layout=layouts,
+       values=st.sampled_from(["ties", "nan_and_infinities"]))
+def test_max_pool_matches_reference_ties_and_edge_values_included(where, g, dtype, seed, layout, values):
     shape, geometry, out = g.x_shape, g.window, (g.oh, g.ow)
     rng = np.random.default_rng(seed)
-    x = rng.integers(-3, 4, shape).astype(dtype)  # few distinct values: ties go to the first maximum
+    if values == "ties":
+        x = rng.integers(-3, 4, shape).astype(dtype)  # few distinct values: ties go to the first maximum
+    else:
+        x = edge_values(seed, shape, dtype)           # NaN wins; a window of -inf: its first element
     with kernels_on(where) as dev:
-        y, argmax = gpu_kernels.max_pool_forward(dev.put(x), *geometry, *out)
+        y, argmax = gpu_kernels.max_pool_forward(dev.put(x, layout), *geometry, *out)
         ry, rargmax = R.max_pool_forward(x, *geometry, *out)
         assert argmax.dtype == np.int32 and y.dtype == dtype
         np.testing.assert_array_equal(dev.get(y), ry)
         np.testing.assert_array_equal(dev.get(argmax), rargmax)
         dy = rng.standard_normal(ry.shape).astype(dtype)
-        dx = gpu_kernels.max_pool_backward(dev.put(dy), argmax, shape, *geometry)
+        dx = gpu_kernels.max_pool_backward(dev.put(dy, layout), dev.put(rargmax, layout), shape, *geometry)
         np.testing.assert_allclose(dev.get(dx), R.max_pool_backward(dy, rargmax, shape, *geometry),
                                    **tolerance(dtype))
 
 
 @pytest.mark.parametrize("where", BACKENDS)
 @EXAMPLES
-@given(g=pool_geometries(), dtype=dtypes, seed=seeds)
-def test_avg_pool_matches_reference(where, g, dtype, seed):
+@given(g=pool_geometries(), dtype=dtypes, seed=seeds, layout=layouts, count_include_pad=st.booleans())
+def test_avg_pool_matches_reference(where, g, dtype, seed, layout, count_include_pad):
     shape, geometry, out = g.x_shape, g.window, (g.oh, g.ow)
     rng = np.random.default_rng(seed)
     x = random_array(seed, shape, dtype)
     with kernels_on(where) as dev:
-        y = gpu_kernels.avg_pool_forward(dev.put(x), *geometry, *out)
-        ry = R.avg_pool_forward(x, *geometry, *out)
+        y = gpu_kernels.avg_pool_forward(dev.put(x, layout), *geometry, *out, count_include_pad)
+        ry = R.avg_pool_forward(x, *geometry, *out, count_include_pad)
         np.testing.assert_allclose(dev.get(y), ry, **tolerance(dtype))
         dy = rng.standard_normal(ry.shape).astype(dtype)
-        dx = gpu_kernels.avg_pool_backward(dev.put(dy), shape, *geometry)
-        np.testing.assert_allclose(dev.get(dx), R.avg_pool_backward(dy, shape, *geometry),
+        dx = gpu_kernels.avg_pool_backward(dev.put(dy, layout), shape, *geometry, count_include_pad)
+        np.testing.assert_allclose(dev.get(dx), R.avg_pool_backward(dy, shape, *geometry, count_include_pad),
                                    **tolerance(dtype))
 
 
@@ -131,13 +141,14 @@ def test_avg_pool_matches_reference(where, g, dtype, seed):
 @pytest.mark.parametrize("where", BACKENDS)
 @EXAMPLES
 @given(N=st.integers(1, 12), K=st.integers(1, 75), dtype=dtypes, label_dtype=st.sampled_from([np.int32, np.int64, np.uint8]),
-       spread=st.sampled_from([1.0, 30.0]), scale_on_device=st.booleans(), seed=seeds)
-def test_cross_entropy_matches_reference(where, N, K, dtype, label_dtype, spread, scale_on_device, seed):
+       spread=st.sampled_from([1.0, 30.0]), scale_on_device=st.booleans(), seed=seeds, layout=layouts)
+def test_cross_entropy_matches_reference(where, N, K, dtype, label_dtype, spread, scale_on_device, seed,
+                                         layout):
     rng = np.random.default_rng(seed)
     logits = (spread * rng.standard_normal((N, K))).astype(dtype)
     labels = random_labels(seed, N, K).astype(label_dtype)
     with kernels_on(where) as dev:
-        losses = gpu_kernels.cross_entropy_forward(dev.put(logits), dev.put(labels))
+        losses = gpu_kernels.cross_entropy_forward(dev.put(logits, layout), dev.put(labels, layout))
         assert losses.shape == (N,) and losses.dtype == dtype
         np.testing.assert_allclose(dev.get(losses), R.cross_entropy_forward(logits, labels), **tolerance(dtype))
         scale = 1.0 / N
@@ -164,11 +175,12 @@ def test_cross_entropy_bad_label_gives_nan_not_a_wild_read(where):
 @pytest.mark.parametrize("where", BACKENDS)
 @EXAMPLES
 @given(N=st.integers(1, 3), C=st.integers(1, 5), spatial=st.sampled_from([(), (1,), (3, 4), (5, 1)]),
-       dtype=dtypes, seed=seeds)
-def test_bias_and_relu_kernels_match_reference(where, N, C, spatial, dtype, seed):
+       dtype=dtypes, seed=seeds, layout=layouts)
+def test_bias_and_relu_kernels_match_reference(where, N, C, spatial, dtype, seed, layout):
     rng = np.random.default_rng(seed)
     shape = (N, C) + spatial
     out = rng.standard_normal(shape).astype(dtype)
+    out.flat[0] = np.nan                      # NaN stays NaN through bias + ReLU, and passes dy back
     bias = rng.standard_normal(C).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
     with kernels_on(where) as dev:
@@ -179,7 +191,7 @@ def test_bias_and_relu_kernels_match_reference(where, N, C, spatial, dtype, seed
         assert gpu_kernels.add_bias_(b, dev.put(bias)) is b
         np.testing.assert_allclose(dev.get(b), R.add_bias_(out.copy(), bias), **tolerance(dtype))
         y = R.bias_relu_(out.copy(), bias)
-        dx = gpu_kernels.relu_backward(dev.put(dy), dev.put(y))
+        dx = gpu_kernels.relu_backward(dev.put(dy, layout), dev.put(y, layout))
         np.testing.assert_array_equal(dev.get(dx), R.relu_backward(dy, y))
 
 
@@ -269,6 +281,22 @@ def test_sgd_update_matches_torch_formula(where, size, dtype, lr, momentum, weig
             param, buf = _torch_formula(param, grad, buf, lr, momentum, weight_decay, nesterov)
         np.testing.assert_allclose(dev.get(p), param, **tolerance(dtype))
         np.testing.assert_allclose(dev.get(b), buf, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("where", BACKENDS)
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgd_update_matches_the_reference_the_cpu_uses(where, nesterov):
+    rng = np.random.default_rng(2)
+    param = rng.standard_normal((3, 5))
+    buf = np.zeros_like(param)
+    with kernels_on(where) as dev:
+        p, b = dev.put(param), dev.put(buf)
+        for _ in range(3):
+            grad = rng.standard_normal((3, 5))
+            gpu_kernels.sgd_update_(p, dev.put(grad, "transposed"), b, 0.1, 0.9, 1e-4, nesterov)
+            R.sgd_update_(param, grad, buf, 0.1, 0.9, 1e-4, nesterov)
+        np.testing.assert_allclose(dev.get(p), param, **tolerance(np.float64))
+        np.testing.assert_allclose(dev.get(b), buf, **tolerance(np.float64))
 
 
 @pytest.mark.gpu
@@ -493,3 +521,47 @@ def test_nin_training_step_is_deterministic_on_gpu():
     assert losses_a == losses_b
     for name in weights_a:
         np.testing.assert_array_equal(weights_a[name], weights_b[name], err_msg=name)
+
+
+# --- every operator through ninpy's GPU path: any layout, and an empty batch ----------------------
+
+def _run_operator(op, values, grad, device, x_layout="c_order", grad_layout="c_order"):
+    """(output, input gradient) of op on `device` as NumPy arrays, with x and the upstream gradient
+    stored in the given layouts."""
+    from ninpy import Tensor
+
+    xp = backend.array_module(backend.to_device(np.zeros(1), device))
+    x = Tensor(in_layout(backend.to_device(values, device), x_layout, xp), requires_grad=True)
+    y = op(x)
+    assert backend.is_gpu_array(y.data) == (device == "gpu")
+    y.backward(in_layout(backend.to_device(grad, device), grad_layout, xp) if y.ndim else None)
+    return backend.to_device(y.data, "cpu"), backend.to_device(x.grad, "cpu")
+
+
+@pytest.mark.parametrize("where", ["emulated", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("name", [name for name, _, _ in __import__("test_functional").OPERATORS])
+def test_operators_on_the_gpu_take_any_layout_and_an_empty_batch(where, name):
+    """The functional operators on the GPU path give the CPU's numbers (dropout draws from its own GPU
+    stream, so it is held to itself) whatever the strides of x and of the upstream gradient, and
+    take a batch of 0 images."""
+    from ninpy import Tensor
+    from test_functional import OPERATORS
+
+    _, shape, op = next(o for o in OPERATORS if o[0] == name)
+    values = random_array(3, shape, np.float64, distinct=True)
+    y_shape = op(Tensor(values)).shape
+    grad = random_array(4, y_shape, np.float64)
+    on_cpu = _run_operator(op, values, grad, "cpu")
+    with gpu_device(where):
+        on_gpu = _run_operator(op, values, grad, "gpu")
+        for x_layout, grad_layout in (("transposed", "channels_last"), ("channels_last", "strided"),
+                                      ("strided", "transposed")):
+            strided = _run_operator(op, values, grad, "gpu", x_layout, grad_layout)
+            for got, want in zip(strided, on_gpu):
+                np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13)
+        if name != "dropout":
+            for got, want in zip(on_gpu, on_cpu):
+                np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-11)
+        empty = np.zeros((0,) + shape[1:])
+        y, dx = _run_operator(op, empty, np.zeros((0,) + y_shape[1:]), "gpu")
+        assert dx.shape == empty.shape and (y.shape[0] == 0 if y.ndim else np.isnan(y))

@@ -4,7 +4,12 @@
 - col2im against im2col through the adjoint identity <im2col(x), c> == <x, col2im(c)>;
 - pooling backward against finite differences of the reference forward (float64);
 - cross entropy against its textbook formula;
+- ninpy/shapes.py's window arithmetic against its definition, counted out element by element;
 - and, when torch is installed, pooling and im2col against torch.nn.functional.
+
+The brute-force functions below (`brute_im2col`, `brute_max_pool`, `brute_avg_pool`) are the
+definitions written as plain loops over every output element: the place to start when a kernel
+and the reference disagree.
 """
 import itertools
 
@@ -12,7 +17,10 @@ import numpy as np
 import pytest
 from hypothesis import example, given, settings
 
+from hypothesis import strategies as st
+
 from ninpy import reference as R
+from ninpy import shapes
 from strategies import (conv_geometries, dtypes, make_geometry, pool_geometries, random_array,
                         random_labels, seeds)
 
@@ -29,16 +37,19 @@ def brute_im2col(x, g):
     return col
 
 
-def window(g, oy, ox):
-    """The real (h, w) of window (oy, ox) in row-major order, and Caffe's divisor."""
+def window(g, oy, ox, count_include_pad=True):
+    """The real (h, w) of window (oy, ox) in row-major order, and the average's divisor: the cells
+    of the window inside the padded image (count_include_pad), or only the real cells."""
     hstart, wstart = oy * g.sh - g.ph, ox * g.sw - g.pw
-    size = (min(hstart + g.kh, g.h + g.ph) - hstart) * (min(wstart + g.kw, g.w + g.pw) - wstart)
     cells = [(h, w) for h in range(hstart, hstart + g.kh) for w in range(wstart, wstart + g.kw)
              if 0 <= h < g.h and 0 <= w < g.w]
-    return cells, size
+    padded = [(h, w) for h in range(hstart, hstart + g.kh) for w in range(wstart, wstart + g.kw)
+              if -g.ph <= h < g.h + g.ph and -g.pw <= w < g.w + g.pw]
+    return cells, len(padded) if count_include_pad else len(cells)
 
 
 def brute_max_pool(x, g):
+    """Start from the window's first real element; take any later one that is greater or NaN."""
     y = np.zeros(g.y_shape, dtype=x.dtype)
     argmax = np.zeros(g.y_shape, dtype=np.int32)
     for n, c, oy, ox in itertools.product(range(g.n), range(g.c), range(g.oh), range(g.ow)):
@@ -46,16 +57,17 @@ def brute_max_pool(x, g):
         assert cells, "the geometry strategy must only produce windows holding a real element"
         best = None
         for h, w in cells:
-            if best is None or x[n, c, h, w] > best:
-                best, where = x[n, c, h, w], h * g.w + w
+            value = x[n, c, h, w]
+            if best is None or value > best or np.isnan(value):
+                best, where = value, h * g.w + w
         y[n, c, oy, ox], argmax[n, c, oy, ox] = best, where
     return y, argmax
 
 
-def brute_avg_pool(x, g):
+def brute_avg_pool(x, g, count_include_pad=True):
     y = np.zeros(g.y_shape, dtype=np.float64)
     for n, c, oy, ox in itertools.product(range(g.n), range(g.c), range(g.oh), range(g.ow)):
-        cells, size = window(g, oy, ox)
+        cells, size = window(g, oy, ox, count_include_pad)
         y[n, c, oy, ox] = sum(float(x[n, c, h, w]) for h, w in cells) / size
     return y
 
@@ -145,6 +157,47 @@ def test_max_pool_ties_pick_the_first_in_row_major_order():
     assert argmax[0, 0, 0, 0] == 0 and argmax[0, 0, 3, 3] == 2 * 4 + 2
 
 
+def edge_values(seed, shape, dtype):
+    """Distinct values with NaN, +inf and -inf sprinkled in, and some planes entirely -inf."""
+    x = random_array(seed, shape, dtype, distinct=True)
+    rng = np.random.default_rng(seed)
+    picks = rng.random(shape)
+    x[picks < 0.1] = np.nan
+    x[(picks >= 0.1) & (picks < 0.2)] = -np.inf
+    x[(picks >= 0.2) & (picks < 0.25)] = np.inf
+    if shape[0] * shape[1] > 1:
+        x[0, 0] = -np.inf                        # windows with no finite element
+    return x
+
+
+@settings(max_examples=40)
+@with_examples(POOL_EXAMPLES)
+@given(g=pool_geometries(), dtype=dtypes, seed=seeds)
+def test_max_pool_with_nan_and_infinities_matches_brute_force(g, dtype, seed):
+    x = edge_values(seed, g.x_shape, dtype)
+    y, argmax = R.max_pool_forward(x, *g.window, g.oh, g.ow)
+    expected_y, expected_argmax = brute_max_pool(x, g)
+    np.testing.assert_array_equal(y, expected_y)
+    np.testing.assert_array_equal(argmax, expected_argmax)
+
+
+def test_max_pool_window_of_minus_infinity_points_at_its_first_real_element():
+    """Not at -1 (which would send the gradient to the plane's last pixel)."""
+    g = make_geometry(1, 1, 4, 4, 2, 2, 0, False)
+    x = np.arange(16.0).reshape(g.x_shape)
+    x[0, 0, :2, :2] = -np.inf
+    y, argmax = R.max_pool_forward(x, *g.window, g.oh, g.ow)
+    assert y[0, 0, 0, 0] == -np.inf and argmax[0, 0, 0, 0] == 0
+    dx = R.max_pool_backward(np.ones(g.y_shape), argmax, g.x_shape, *g.window)
+    assert dx[0, 0, 0, 0] == 1 and dx[0, 0, 3, 3] == 1 and dx.sum() == 4
+
+
+def test_max_pool_nan_wins_the_window():
+    x = np.array([[[[1.0, np.nan, 3.0, np.nan, 2.0]]]])
+    y, argmax = R.max_pool_forward(x, 1, 5, 1, 1, 0, 0, 1, 1)
+    assert np.isnan(y).all() and argmax.item() == 3      # the last NaN, as PyTorch picks
+
+
 def test_max_pool_pads_with_minus_infinity():
     g = make_geometry(1, 1, 3, 3, 3, 2, 1, True)
     x = -np.arange(1.0, 10.0).reshape(g.x_shape)   # all negative: zero padding would win
@@ -161,6 +214,15 @@ def test_avg_pool_forward_matches_brute_force_with_caffe_divisor(g, dtype, seed)
     y = R.avg_pool_forward(x, *g.window, g.oh, g.ow)
     assert y.dtype == dtype and y.shape == g.y_shape
     np.testing.assert_allclose(y, brute_avg_pool(x, g), **tolerance(dtype))
+
+
+@settings(max_examples=40)
+@with_examples(POOL_EXAMPLES)
+@given(g=pool_geometries(), dtype=dtypes, seed=seeds)
+def test_avg_pool_without_padding_in_the_count_matches_brute_force(g, dtype, seed):
+    x = random_array(seed, g.x_shape, dtype)
+    y = R.avg_pool_forward(x, *g.window, g.oh, g.ow, count_include_pad=False)
+    np.testing.assert_allclose(y, brute_avg_pool(x, g, count_include_pad=False), **tolerance(dtype))
 
 
 @settings(max_examples=25)
@@ -182,8 +244,10 @@ def test_max_pool_backward_is_the_vjp_of_forward(g, dtype, seed):
 def test_avg_pool_backward_is_the_vjp_of_forward(g, dtype, seed):
     x = random_array(seed, g.x_shape, np.float64)
     dy = random_array(seed + 1, g.y_shape, np.float64)
-    dx = R.avg_pool_backward(dy, g.x_shape, *g.window)
-    expected = numeric_vjp(lambda v: R.avg_pool_forward(v, *g.window, g.oh, g.ow), x, dy)
+    count_include_pad = seed % 2 == 0
+    dx = R.avg_pool_backward(dy, g.x_shape, *g.window, count_include_pad)
+    expected = numeric_vjp(lambda v: R.avg_pool_forward(v, *g.window, g.oh, g.ow, count_include_pad),
+                           x, dy)
     np.testing.assert_allclose(dx, expected, rtol=1e-6, atol=1e-8)
     assert R.avg_pool_backward(dy.astype(dtype), g.x_shape, *g.window).dtype == dtype
 
@@ -247,6 +311,8 @@ def test_bias_relu_and_relu_backward(dtype, seed):
     dx = R.relu_backward(dy, out)
     assert dx.dtype == dtype
     np.testing.assert_array_equal(dx, np.where(out > 0, dy, 0))
+    nan_y = np.array([np.nan, -1.0, 0.0, 2.0], dtype)
+    np.testing.assert_array_equal(R.relu_backward(np.full(4, 3.0, dtype), nan_y), [3.0, 0, 0, 3.0])
 
 
 # ------------------------------------------------------------------------------ against PyTorch
@@ -271,11 +337,27 @@ def test_pooling_matches_torch(g, dtype, seed):
     np.testing.assert_array_equal(argmax, tindex.numpy())
     np.testing.assert_allclose(R.max_pool_backward(dy, argmax, g.x_shape, *g.window), tx.grad.numpy(), **tol)
 
-    tx = torch.tensor(x, requires_grad=True)
-    ty = F.avg_pool2d(tx, count_include_pad=True, **args)
-    ty.backward(torch.tensor(dy))
-    np.testing.assert_allclose(R.avg_pool_forward(x, *g.window, g.oh, g.ow), ty.detach().numpy(), **tol)
-    np.testing.assert_allclose(R.avg_pool_backward(dy, g.x_shape, *g.window), tx.grad.numpy(), **tol)
+    for count_include_pad in (True, False):
+        tx = torch.tensor(x, requires_grad=True)
+        ty = F.avg_pool2d(tx, count_include_pad=count_include_pad, **args)
+        ty.backward(torch.tensor(dy))
+        np.testing.assert_allclose(R.avg_pool_forward(x, *g.window, g.oh, g.ow, count_include_pad),
+                                   ty.detach().numpy(), **tol)
+        np.testing.assert_allclose(R.avg_pool_backward(dy, g.x_shape, *g.window, count_include_pad),
+                                   tx.grad.numpy(), **tol)
+
+
+@settings(max_examples=25)
+@with_examples(POOL_EXAMPLES)
+@given(g=pool_geometries(), dtype=dtypes, seed=seeds)
+def test_max_pool_with_nan_and_infinities_matches_torch(g, dtype, seed):
+    torch = pytest.importorskip("torch")
+    x = edge_values(seed, g.x_shape, dtype)
+    args = dict(kernel_size=(g.kh, g.kw), stride=(g.sh, g.sw), padding=(g.ph, g.pw), ceil_mode=g.ceil_mode)
+    ty, tindex = torch.nn.functional.max_pool2d(torch.tensor(x), return_indices=True, **args)
+    y, argmax = R.max_pool_forward(x, *g.window, g.oh, g.ow)
+    np.testing.assert_array_equal(y, ty.numpy())
+    np.testing.assert_array_equal(argmax, tindex.numpy())
 
 
 @settings(max_examples=25)
@@ -288,3 +370,33 @@ def test_im2col_matches_torch_unfold(g, dtype, seed):
                                           stride=(g.sh, g.sw)).numpy()    # (N, C*kh*kw, oh*ow)
     expected = unfolded.transpose(1, 0, 2).reshape(g.c * g.kh * g.kw, g.n * g.oh * g.ow)
     np.testing.assert_array_equal(R.im2col(x, *g.window), expected)
+
+
+# --------------------------------------------------------------------- the window arithmetic
+
+
+@settings(max_examples=200)
+@given(size=st.integers(1, 12), kernel=st.integers(1, 5), stride=st.integers(1, 4),
+       padding=st.integers(0, 2), ceil_mode=st.booleans())
+def test_window_arithmetic_matches_its_definition(size, kernel, stride, padding, ceil_mode):
+    """shapes.py's formulas against the windows counted out one by one: output o looks at
+    o*stride - padding .. o*stride - padding + kernel - 1."""
+    padding = min(padding, kernel // 2)
+    if size + 2 * padding < kernel:
+        return
+    out = shapes.pool_output_size(size, kernel, stride, padding, ceil_mode)
+    starts = [o * stride - padding for o in range(out)]
+    assert all(start < size for start in starts)        # every window holds a real element
+    if not ceil_mode:
+        assert out == shapes.conv_output_size(size, kernel, stride, padding)
+        assert starts[-1] + kernel <= size + padding     # ... and ends inside the padding
+    for position in range(size):
+        lo, hi = shapes.covering_windows(position, kernel, stride, padding, out)
+        covering = [o for o, start in enumerate(starts) if start <= position < start + kernel]
+        assert list(range(lo, hi)) == covering
+    for o, start in enumerate(starts):
+        cells = range(start, start + kernel)
+        padded = sum(1 for t in cells if -padding <= t < size + padding)
+        real = sum(1 for t in cells if 0 <= t < size)
+        assert shapes.avg_pool_divisor(o, kernel, stride, padding, size, True) == padded
+        assert shapes.avg_pool_divisor(o, kernel, stride, padding, size, False) == real
