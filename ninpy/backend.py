@@ -82,11 +82,6 @@ def resolve_device(device):
     return name
 
 
-def xp_for(device):
-    """The array module for a device name: numpy for "cpu", cupy for "gpu"."""
-    return require_gpu() if resolve_device(device) == "gpu" else np
-
-
 def is_gpu_array(array):
     """True for a CuPy array; never imports CuPy just to answer no."""
     return _cupy is not None and isinstance(array, _cupy.ndarray)

@@ -154,6 +154,30 @@ def _build(sources):
     return ctypes.CDLL(str(library)), wrappers
 
 
+def build_probe(path, wrappers):
+    """Compile one .cu file with the shim plus `wrappers` (extern "C" functions calling its device
+    helpers) into a shared library; return it (ctypes.CDLL). Lets a test call a __device__ helper
+    such as pooling.cu's covering_windows directly."""
+    compiler = shutil.which("g++")
+    if compiler is None:
+        raise EmulatorUnavailable("no g++ on PATH (needed to run the CUDA sources on the CPU)")
+    code = f'{SHIM}\n#include "{Path(path).resolve()}"\n{wrappers}\n'
+    digest = hashlib.sha256((code + Path(path).read_text()).encode()).hexdigest()[:16]
+    workdir = Path(tempfile.gettempdir()) / f"ninpy-cuda-probe-{digest}"
+    workdir.mkdir(exist_ok=True)
+    library = workdir / "probe.so"
+    if not library.exists():
+        source_file = workdir / f"probe.{os.getpid()}.cpp"
+        partial = workdir / f"probe.{os.getpid()}.so.tmp"
+        source_file.write_text(code)
+        result = subprocess.run([compiler, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread",
+                                 "-o", str(partial), str(source_file)], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise EmulatorBuildFailed(f"g++ could not build the probe:\n{result.stderr[-3000:]}")
+        partial.replace(library)
+    return ctypes.CDLL(str(library))
+
+
 class _Kernel:
     def __init__(self, lib, expression, wrapper, params):
         self.expression = expression

@@ -9,6 +9,7 @@ Kernel tests run on two backends:
   arguments are tested even on machines without a GPU. It cannot show GPU rounding, speed or cuBLAS.
 """
 import contextlib
+import ctypes
 import functools
 import math
 import os
@@ -134,6 +135,43 @@ def test_avg_pool_matches_reference(where, g, dtype, seed, layout, count_include
         dx = gpu_kernels.avg_pool_backward(dev.put(dy, layout), shape, *geometry, count_include_pad)
         np.testing.assert_allclose(dev.get(dx), R.avg_pool_backward(dy, shape, *geometry, count_include_pad),
                                    **tolerance(dtype))
+
+
+def test_pooling_cu_window_arithmetic_agrees_with_shapes_py():
+    """kernels/pooling.cu repeats ninpy/shapes.py's covering_windows and avg_pool_divisor in C (a
+    kernel cannot import Python): call its device helpers on the host for every small case."""
+    import cuda_host_emulator
+    from ninpy import shapes
+
+    wrappers = """
+    extern "C" void probe_covering(int p, int k, int s, int out, int* range) {
+        covering_windows(p, k, s, out, &range[0], &range[1]);
+    }
+    extern "C" int probe_divisor(int start, int k, int size, int pad, int include) {
+        return avg_pool_divisor(start, k, size, pad, include);
+    }
+    """
+    try:
+        probe = cuda_host_emulator.build_probe(gpu_kernels.KERNEL_DIR / "pooling.cu", wrappers)
+    except cuda_host_emulator.EmulatorUnavailable as error:
+        pytest.skip(str(error))
+    window = (ctypes.c_int * 2)()
+    for size in range(1, 9):
+        for kernel in range(1, 5):
+            for stride in range(1, 4):
+                for padding in range(0, kernel // 2 + 1):
+                    if size + 2 * padding < kernel:
+                        continue
+                    out = shapes.pool_output_size(size, kernel, stride, padding, ceil_mode=True)
+                    for position in range(size):
+                        probe.probe_covering(position + padding, kernel, stride, out, window)
+                        assert tuple(window) == shapes.covering_windows(position, kernel, stride,
+                                                                         padding, out)
+                    for o in range(out):
+                        for include in (True, False):
+                            assert probe.probe_divisor(o * stride - padding, kernel, size, padding,
+                                                       int(include)) == \
+                                shapes.avg_pool_divisor(o, kernel, stride, padding, size, include)
 
 
 # --- softmax cross-entropy ------------------------------------------------------------------------

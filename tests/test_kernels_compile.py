@@ -49,6 +49,14 @@ def test_sources_document_their_mapping_and_cover_both_dtypes(path, source, name
     assert any("<float" in n for n in names) and any("<double" in n for n in names)
 
 
+@pytest.mark.parametrize("filename", ["im2col.cu", "pooling.cu"])
+def test_window_arithmetic_names_its_derivation(filename):
+    """Kernels that find covering windows repeat ninpy/shapes.py in C and must say so (the formulas
+    are held to shapes.py by tests/test_gpu.py)."""
+    source = (gpu_kernels.KERNEL_DIR / filename).read_text()
+    assert "ninpy/shapes.py" in source and "covering_windows" in source
+
+
 @needs_nvrtc
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("path, source, names", SOURCES, ids=[p.name for p, _, _ in SOURCES])
