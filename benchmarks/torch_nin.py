@@ -1,4 +1,4 @@
-"""The CIFAR-10 NIN of DESIGN.md written in torch.nn, for side-by-side benchmarks and parity checks."""
+"""The CIFAR-10 NIN of docs/design.md written in torch.nn, for side-by-side benchmarks and parity checks."""
 
 
 def torch_nin(torch, ninpy_model=None, num_classes=10):

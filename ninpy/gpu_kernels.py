@@ -152,7 +152,7 @@ _functions = {}  # (filename, name expression) -> cupy.RawKernel
 
 
 def _function(filename, kernel, *template_args):
-    """The compiled kernel `kernel<template_args>` of kernels/filename (compiled on first use)."""
+    """The compiled `kernel<template_args>` of the file `filename` in kernels/ (compiled on first use)."""
     expression = _expression(kernel, *template_args)
     key = (filename, expression)
     function = _functions.get(key)

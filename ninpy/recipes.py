@@ -6,12 +6,12 @@
     schedule = make_schedule(optimizer, recipe.schedule, recipe.epochs)   # step() once per epoch
     warmup = WarmupSchedule(optimizer, recipe.warmup_steps)                # apply() every step
 
-Where the numbers come from (DESIGN.md, "The network"): the authors' released Caffe model for
+Where the numbers come from (docs/design.md, "The network"): the authors' released Caffe model for
 CIFAR-10 trains with SGD, lr 0.1, momentum 0.9, batch 128, weight decay 1e-4 on weights (none on
 biases), per-layer learning-rate multipliers (every bias x2, the last 1x1 convolution x0.1), and
 divides the lr by 10 late in training; their cuda-convnet release: 200 epochs, then two /10 steps of
 30 epochs each. The paper gives CIFAR-10 with and without flip + translation, and GCN + ZCA
-preprocessing for CIFAR. The authors published no separate solver for MNIST or SVHN in what DESIGN.md
+preprocessing for CIFAR. The authors published no separate solver for MNIST or SVHN in what docs/design.md
 cites; those rows reuse the CIFAR optimiser settings with a shorter schedule of the same shape, and
 say so. A number is changed from the authors' only where a run showed it trains better; each such
 change names its run (docs/recipes.md has the runs for readers). The changes so far: a linear lr
