@@ -140,7 +140,7 @@ def _pool_geometry(x, kernel_size, stride, padding, ceil_mode, op):
 
 
 class MaxPool2d(Function):
-    """y = max over each window (padding counts as -inf);  dx: dy goes to the window's argmax."""
+    """y = max over each window (padding counts as -inf, a NaN wins);  dx: dy goes to the window's argmax."""
 
     def forward(self, x, kernel_size, stride, padding, ceil_mode):
         self.geometry, out_hw = _pool_geometry(x, kernel_size, stride, padding, ceil_mode,

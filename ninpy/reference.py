@@ -40,7 +40,7 @@ def _window_rows(start, stride, count):
 
 def _pad(x, value, kh, kw, sh, sw, ph, pw, oh, ow):
     """Pad (N, C, H, W) by ph/pw on the top/left and enough on the bottom/right for oh x ow windows."""
-    H, W = x.shape[2:]
+    H, W = x.shape[2:]   # the last window ends before (oh - 1)*sh - ph + kh (window starts: shapes.py)
     bottom = max(ph, (oh - 1) * sh + kh - H - ph)
     right = max(pw, (ow - 1) * sw + kw - W - pw)
     return np.pad(x, ((0, 0), (0, 0), (ph, bottom), (pw, right)), constant_values=value)
@@ -94,9 +94,10 @@ def max_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow):
 def max_pool_backward(dy, argmax, x_shape, kh, kw, sh, sw, ph, pw):
     """dx[n, c, h, w] = sum of dy[n, c, oy, ox] over the windows whose argmax is h*W + w."""
     N, C, H, W = x_shape
+    windows = dy.shape[2] * dy.shape[3]                   # not -1: an empty batch must reshape too
     dx = np.zeros((N * C, H * W), dtype=dy.dtype)
     plane = np.arange(N * C)[:, None]
-    np.add.at(dx, (plane, argmax.reshape(N * C, -1)), dy.reshape(N * C, -1))  # add.at: repeats add up
+    np.add.at(dx, (plane, argmax.reshape(N * C, windows)), dy.reshape(N * C, windows))  # repeats add up
     return dx.reshape(N, C, H, W)
 
 

@@ -192,3 +192,25 @@ def test_threading_layer_is_workqueue_unless_the_user_chose_one(chosen, expected
     out = subprocess.run([sys.executable, "-c", _LAYER_PROBE], env=env, capture_output=True,
                          text=True, check=True).stdout
     assert out.split()[-1] == expected
+
+
+@pytest.mark.parametrize("module", [R, K], ids=["reference", "numba"])
+def test_every_kernel_takes_an_empty_batch(module):
+    g = make_geometry(0, 2, 5, 5, 3, 2, 1, True)
+    x = np.zeros(g.x_shape)
+    col = module.im2col(x, *g.window)
+    assert col.shape == (2 * 9, 0)
+    assert module.col2im(col, g.x_shape, *g.window).shape == g.x_shape
+    y, argmax = module.max_pool_forward(x, *g.window, g.oh, g.ow)
+    assert y.shape == argmax.shape == g.y_shape
+    assert module.max_pool_backward(y, argmax, g.x_shape, *g.window).shape == g.x_shape
+    for count_include_pad in (True, False):
+        y = module.avg_pool_forward(x, *g.window, g.oh, g.ow, count_include_pad)
+        assert y.shape == g.y_shape
+        assert module.avg_pool_backward(y, g.x_shape, *g.window, count_include_pad).shape == g.x_shape
+    logits, labels = np.zeros((0, 4)), np.zeros(0, np.int64)
+    assert module.cross_entropy_forward(logits, labels).shape == (0,)
+    assert module.cross_entropy_backward(logits, labels, 1.0).shape == (0, 4)
+    out = np.zeros((0, 3, 2, 2))
+    assert module.bias_relu_(out, np.ones(3)) is out and module.add_bias_(out, np.ones(3)) is out
+    assert module.relu_backward(out, out).shape == out.shape
