@@ -19,7 +19,8 @@ type): CuPy would turn a Python int into `long long` and a float into `double`.
 
 A launch, step by step (every public function below does this, in `_launch`):
 1. `_c_type`: the array's dtype -> "float" or "double" (anything else is a clear TypeError);
-2. `_index`: "int" if every flat index fits in 31 bits, else "long long" (the kernels index with it);
+2. `_index`: "int" if every flat index into the arguments fits in 31 bits, else "long long" (the
+   kernels index with it);
    arguments marked `_Index(...)` are converted to that type, since it is only known here;
 3. `_function`: the compiled kernel "name<float, int>", compiling its .cu file on first use;
 4. call it with `_grid(count)` blocks of `_BLOCK` threads (grid-stride loops cover the rest).
@@ -186,18 +187,19 @@ def _grid(count):
     return min((count + _BLOCK - 1) // _BLOCK, _MAX_BLOCKS)
 
 
-def _index(count, *sizes):
-    """(C type, NumPy type) of the flat index: int while every index plus the grid fits in int32."""
-    largest = max((count,) + sizes) + _grid(count) * _BLOCK
+def _index(count, args):
+    """(C type, NumPy type) of the flat index: int while every index into the arrays among `args`,
+    and every thread number plus the grid, fits in int32."""
+    largest = max([count] + [getattr(a, "size", 0) for a in args]) + _grid(count) * _BLOCK
     return ("int", np.int32) if largest <= _INT32_MAX else ("long long", np.int64)
 
 
-def _launch(filename, kernel, dtype, count, args, *sizes):
+def _launch(filename, kernel, dtype, count, args):
     """Launch kernel<dtype, index> over `count` threads (grid-stride); args receive the index type."""
     c_type = _c_type(dtype)
     if count == 0:
         return
-    index_c, index_np = _index(count, *sizes)
+    index_c, index_np = _index(count, args)
     args = tuple(index_np(a.value) if isinstance(a, _Index) else a for a in args)
     function = _function(filename, kernel, c_type, index_c)
     function((_grid(count),), (_BLOCK,), args)
@@ -236,7 +238,7 @@ def im2col(x, kh, kw, sh, sw, ph, pw):
     oh, ow = conv_output_size(H, kh, sh, ph), conv_output_size(W, kw, sw, pw)
     col = cupy.empty((C * kh * kw, N * oh * ow), dtype=x.dtype)
     _launch("im2col.cu", "im2col_kernel", x.dtype, C * N * oh * ow,
-            (x, col) + _i32(N, C, H, W, kh, kw, sh, sw, ph, pw, oh, ow), x.size, col.size)
+            (x, col) + _i32(N, C, H, W, kh, kw, sh, sw, ph, pw, oh, ow))
     return col
 
 
@@ -251,7 +253,7 @@ def col2im(col, x_shape, kh, kw, sh, sw, ph, pw):
                          f"x_shape {tuple(x_shape)} and kernel {kh}x{kw}")
     dx = cupy.empty((N, C, H, W), dtype=col.dtype)
     _launch("im2col.cu", "col2im_kernel", col.dtype, dx.size,
-            (col, dx) + _i32(N, C, H, W, kh, kw, sh, sw, ph, pw, oh, ow), col.size)
+            (col, dx) + _i32(N, C, H, W, kh, kw, sh, sw, ph, pw, oh, ow))
     return dx
 
 
@@ -265,7 +267,7 @@ def max_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow):
     y = cupy.empty((N, C, oh, ow), dtype=x.dtype)
     argmax = cupy.empty((N, C, oh, ow), dtype=np.int32)
     _launch("pooling.cu", "max_pool_forward_kernel", x.dtype, y.size,
-            (x, y, argmax, _Index(y.size)) + _i32(H, W, kh, kw, sh, sw, ph, pw, oh, ow), x.size)
+            (x, y, argmax, _Index(y.size)) + _i32(H, W, kh, kw, sh, sw, ph, pw, oh, ow))
     return y, argmax
 
 
@@ -278,7 +280,7 @@ def max_pool_backward(dy, argmax, x_shape, kh, kw, sh, sw, ph, pw):
     oh, ow = dy.shape[2:]
     dx = cupy.empty((N, C, H, W), dtype=dy.dtype)
     _launch("pooling.cu", "max_pool_backward_kernel", dy.dtype, dx.size,
-            (dy, argmax, dx, _Index(dx.size)) + _i32(H, W, kh, kw, sh, sw, ph, pw, oh, ow), dy.size)
+            (dy, argmax, dx, _Index(dx.size)) + _i32(H, W, kh, kw, sh, sw, ph, pw, oh, ow))
     return dx
 
 
@@ -289,8 +291,7 @@ def avg_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad=True):
     N, C, H, W = x.shape
     y = cupy.empty((N, C, oh, ow), dtype=x.dtype)
     _launch("pooling.cu", "avg_pool_forward_kernel", x.dtype, y.size,
-            (x, y, _Index(y.size)) + _i32(H, W, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad),
-            x.size)
+            (x, y, _Index(y.size)) + _i32(H, W, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad))
     return y
 
 
@@ -302,8 +303,7 @@ def avg_pool_backward(dy, x_shape, kh, kw, sh, sw, ph, pw, count_include_pad=Tru
     oh, ow = dy.shape[2:]
     dx = cupy.empty((N, C, H, W), dtype=dy.dtype)
     _launch("pooling.cu", "avg_pool_backward_kernel", dy.dtype, dx.size,
-            (dy, dx, _Index(dx.size)) + _i32(H, W, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad),
-            dy.size)
+            (dy, dx, _Index(dx.size)) + _i32(H, W, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad))
     return dx
 
 
