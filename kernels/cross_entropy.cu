@@ -6,6 +6,8 @@
 //             scale is read from device memory (a 0-d array), so no host synchronisation is needed.
 //
 // Mapping: one WARP per row n (grid-stride over rows: warp w of the grid takes rows w, w + warps, ...).
+//   A warp is 32 threads that execute together on every NVIDIA GPU so far; the 32s and the shuffle
+//   offsets 16, 8, 4, 2, 1 below are that size (gpu_kernels._WARP on the Python side).
 //   Lane l handles k = l, l + 32, ...; the row max and the row sum are reduced across the warp with
 //   __shfl_xor_sync in a fixed butterfly order, so the result is deterministic (no atomics).
 //   Blocks must hold a whole number of warps (gpu_kernels.py launches 256 threads).
