@@ -100,19 +100,20 @@ class Checkpoint:
             nrandom.set_state(self.random)
 
     def _check_buffers(self, count):
-        """One momentum buffer per parameter once a step was taken (SGD makes them all at the
-        first step); a missing one would silently restart that parameter's momentum at zero."""
-        indices = set(self.optimizer["momentum_buffers"])
-        extra = sorted(i for i in indices if i >= count)
+        """Every momentum buffer must belong to a parameter of the optimiser."""
+        extra = sorted(i for i in self.optimizer["momentum_buffers"] if i >= count)
         if extra:
             raise CheckpointError(f"{self.path}: momentum buffer optim/momentum/{extra[0]} for a "
                                   f"parameter that does not exist (the optimiser has {count}); the "
                                   "file was edited or damaged: resume from an intact checkpoint")
-        if (self.epoch or self.batch) and indices != set(range(count)):
-            missing = sorted(set(range(count)) - indices)
-            raise CheckpointError(f"{self.path}: no momentum buffer for parameter(s) "
-                                  f"{_short(missing, 80)} although training had begun; the file was "
-                                  "edited or damaged: resume from an intact checkpoint")
+
+    def missing_buffers(self, count):
+        """The parameters (by position, of `count`) without a momentum buffer although training
+        had begun: SGD makes every buffer at its first step, so a missing one was lost, and
+        training on would silently restart that parameter's momentum at zero."""
+        if not (self.epoch or self.batch):
+            return []
+        return sorted(set(range(count)) - set(self.optimizer["momentum_buffers"]))
 
 
 def _host(array):

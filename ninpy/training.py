@@ -276,6 +276,12 @@ class Trainer:
                 f"{path}: saved after batch {state.batch} of an epoch, but an epoch of this run has "
                 f"{self.steps_per_epoch} batches; was the checkpoint edited, or --limit changed? "
                 "Resume from an intact checkpoint")
+        missing = state.missing_buffers(len(self.optimizer.parameters()))
+        if missing and not self.eval_only:
+            raise checkpoint.CheckpointError(
+                f"{path}: no momentum buffer for parameter(s) {', '.join(map(str, missing[:10]))}"
+                f"{', ...' if len(missing) > 10 else ''} although training had begun; the file was "
+                "edited or damaged: resume from an intact checkpoint")
         if any(group["nesterov"] for group in state.optimizer["param_groups"]):
             raise checkpoint.CheckpointError(
                 f"{path}: its optimiser uses Nesterov momentum, which train.py never sets (no flag "
