@@ -318,7 +318,7 @@ class Trainer:
             raise TrainingError(f"--crop-pad {c.crop_pad}: expected a whole number below the image "
                                 f"side, {side} (a shift of {side} or more pixels leaves a blank "
                                 "image)")
-        self.augment = (partial(data.random_crop_flip, pad=c.crop_pad if crop else 0, flip=flip)
+        self.augment = (data.RandomCropFlip(pad=c.crop_pad if crop else 0, flip=flip)
                         if crop or flip else None)
         to = partial(backend.to_device, device=self.device)  # the whole uint8 set lives on the device
         self.x_train, self.y_train = to(x_train), y_train
@@ -428,9 +428,8 @@ class Trainer:
         self.model.train()
         started = time.perf_counter()
         stopped = False
-        for index, (xb, yb) in enumerate(stream):
-            if index < first:
-                continue  # done before the checkpoint; iterating keeps the augmentation draws
+        # Batches done before the checkpoint are skipped, only their augmentation draws replayed.
+        for index, (xb, yb) in enumerate(stream.iterate(start=first), start=first):
             tally.next_batch = index
             stopped = guard.requested
             if stopped:
