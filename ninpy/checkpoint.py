@@ -313,13 +313,18 @@ def _check_meta(meta):
         _require(isinstance(value, (str, int, float, bool, list, type(None))),
                  f"flags.{_short(key, 40)}: expected a plain value, got {type(value).__name__}")
     if "metrics" in meta:
+        # One record per epoch done, in order; a run resumed from a checkpoint older than the
+        # records (whose metrics.jsonl was lost) may lack some early ones.
         records = meta["metrics"]
-        _require(isinstance(records, list) and len(records) == epoch,
-                 f"metrics: expected a list of {epoch} epoch record(s)")
-        for number, record in enumerate(records, 1):
-            _require(isinstance(record, dict) and record.get("epoch") == number
-                     and type(record.get("epoch")) is int,
-                     f"metrics: record {number} is not epoch {number}'s")
+        _require(isinstance(records, list) and len(records) <= epoch,
+                 f"metrics: expected a list of at most {epoch} epoch record(s)")
+        previous = 0
+        for record in records:
+            number = record.get("epoch") if isinstance(record, dict) else None
+            _require(type(number) is int and previous < number <= epoch,
+                     f"metrics: a record's epoch is {_short(number, 40)!r}, expected epochs in "
+                     f"increasing order up to {epoch}")
+            previous = number
 
 
 def _check_random(state):

@@ -364,6 +364,7 @@ DELETE = object()
     (("optimizer", "param_groups", 0, "momentum"), 1.5),
     (("optimizer", "param_groups", 0, "nesterov"), "yes"), (("flags",), [1, 2]),
     (("flags", "lr"), {"x": 1}), (("progress",), []), (("metrics",), [{"epoch": 2}]),
+    (("metrics",), [{"epoch": 1}, {"epoch": 1}]), (("metrics",), [{"epoch": 1.0}]),
     (("metrics",), "all"), (("optimizer",), DELETE), (("random",), DELETE),
 ])
 def test_crafted_metadata_is_one_checkpoint_error(saved, keys, value):
