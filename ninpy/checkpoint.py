@@ -170,8 +170,9 @@ def load(path):
         with np.load(path, allow_pickle=False) as archive:
             meta = json.loads(str(archive["meta"][()]))
             if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+                tag = meta.get("format") if isinstance(meta, dict) else None
                 raise CheckpointError(f"{path} is not a ninpy checkpoint (format tag "
-                                      f"{_short(meta.get('format') if isinstance(meta, dict) else None, 80)!r})")
+                                      f"{_short(tag, 80)!r})")
             if meta.get("version") != VERSION:
                 raise CheckpointError(f"{path}: checkpoint version {_short(meta.get('version'), 40)!r}, "
                                       f"this ninpy reads version {VERSION}")

@@ -31,7 +31,6 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from functools import partial
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -47,6 +46,7 @@ from .run_folder import EVAL, FINAL, METRICS, RunFolder, StopSignals
 
 __all__ = ["Config", "Trainer", "TrainingError", "Interrupted", "FIXED_KEYS", "TUNABLE_KEYS", "RUN_KEYS",
            "METRICS", "FINAL"]
+
 
 class TrainingError(RuntimeError):
     """A run cannot go on (bad option, unusable --out, NaN loss); the message is one line."""
@@ -90,6 +90,8 @@ class Config:
     @classmethod
     def for_dataset(cls, dataset, **values):
         """A Config whose unset (None) recipe fields come from the dataset's recipe."""
+        if not isinstance(dataset, str) or dataset not in recipes.RECIPES:
+            raise TrainingError(f"--dataset {dataset!r}: expected one of {', '.join(recipes.RECIPES)}")
         recipe = recipes.recipe_for(dataset)
         config = cls(dataset=dataset, **{k: v for k, v in values.items() if v is not None})
         for name, default in recipe.as_dict().items():
@@ -116,7 +118,7 @@ class Config:
                 bad(name, value, "a finite number >= 0")
         if self.lr <= 0:
             bad("lr", self.lr, "a number > 0")
-        if not (0 <= self.momentum < 1):
+        if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
             bad("momentum", self.momentum, "a number in [0, 1)")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             bad("warmup_steps", self.warmup_steps, "a whole number >= 0")
@@ -138,6 +140,9 @@ class Config:
             bad("dropout", self.dropout, "a probability in [0, 1)")
         if not isinstance(self.val_split, int) or self.val_split < 0:
             bad("val_split", self.val_split, "a whole number >= 0")
+        for name in ("data_dir", "out"):  # a checkpoint's flags are read back from JSON
+            if not isinstance(getattr(self, name), (str, type(None))):
+                bad(name, getattr(self, name), "a folder path")
         if self.svhn_extra and self.dataset != "svhn":
             raise TrainingError(f"--svhn-extra applies to --dataset svhn only, not {self.dataset}")
         return self

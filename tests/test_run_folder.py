@@ -375,6 +375,19 @@ def test_crafted_metadata_is_one_checkpoint_error(saved, keys, value):
     assert "\n" not in str(info.value) and str(path) in str(info.value)
 
 
+@pytest.mark.parametrize("flag, value", [
+    ("dataset", 5), ("dataset", ["mnist"]), ("momentum", "high"), ("data_dir", 5), ("limit", "abc"),
+    ("epochs", -5), ("schedule", 7), ("crop_pad", "4")])
+def test_crafted_flags_are_one_line_on_resume(saved, patched_sources, capsys, flag, value):
+    path, entries = saved
+    meta = meta_of(entries)
+    meta["flags"][flag] = value
+    rewrite(path, with_meta(entries, meta))
+    data_dir = [] if flag == "data_dir" else ["--data-dir", str(patched_sources)]
+    status, err = run_main(["--resume", str(path), "--device", "cpu", *data_dir], capsys)
+    assert status == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+
+
 def test_a_batch_beyond_the_epoch_is_refused_before_training(saved, patched_sources, tmp_path):
     path, entries = saved
     meta = meta_of(entries)
