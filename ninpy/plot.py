@@ -16,6 +16,8 @@ import math
 import sys
 from pathlib import Path
 
+from .files import require_regular_file
+
 __all__ = ["read_metrics", "plot_metrics", "figure_pixels", "PlotError", "main"]
 
 PROG = "python -m ninpy.plot"
@@ -50,7 +52,7 @@ def read_metrics(path):
             raise PlotError(f"{path} holds no {METRICS}; {todo}")
         path = path / METRICS
     try:
-        lines = path.read_bytes().splitlines()
+        lines = require_regular_file(path).read_bytes().splitlines()  # a FIFO would block
     except OSError as error:
         raise PlotError(f"cannot read {path}: {error.strerror or error}") from None
     by_epoch = {}

@@ -38,7 +38,7 @@ import signal
 from pathlib import Path
 
 from . import checkpoint
-from .files import is_temporary_of, write_atomically
+from .files import is_temporary_of, require_regular_file, write_atomically
 
 __all__ = ["RunFolder", "RunFolderError", "StopSignals", "METRICS", "FINAL", "EVAL", "LOCK",
            "STOP_SIGNALS", "exit_status", "signal_name"]
@@ -203,8 +203,8 @@ def _read_records(path, up_to_epoch):
     """The epoch records 1..up_to_epoch of a metrics.jsonl; the last line of an epoch wins."""
     by_epoch = {}
     try:
-        lines = Path(path).read_bytes().splitlines()
-    except OSError:
+        lines = Path(require_regular_file(path)).read_bytes().splitlines()
+    except OSError:  # missing, or a FIFO that would block the read
         return []
     for line in lines:
         try:
