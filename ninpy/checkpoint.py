@@ -157,8 +157,10 @@ def load(path):
     """Read a checkpoint file (or DIR/checkpoint.npz). Raises CheckpointError with one clear line."""
     path = resolve(path)
     if not path.exists():
+        again = (f" (a run there that stopped before its first save has none: start it again with "
+                 f"--out {path.parent})" if path.parent.is_dir() and path.name == FILENAME else "")
         raise CheckpointError(f"no checkpoint at {path}: give the --out directory of an earlier run "
-                              f"or its {FILENAME}")
+                              f"or its {FILENAME}{again}")
     todo = "resume from an intact checkpoint or start a new run"
     try:
         require_regular_file(path)
