@@ -11,11 +11,15 @@ Unset flags take the dataset's recipe (ninpy/recipes.py, docs/recipes.md). Every
 exit; Ctrl-C, SIGTERM and SIGHUP save a resumable checkpoint and exit with 128 + the signal's
 number (130, 143, 129), as docs/run-folder.md explains.
 """
-import argparse
-import signal
 import sys
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+try:  # these take ~0.1 s; main() then holds stop signals until the other imports are done
+    import argparse
+    import signal
+except KeyboardInterrupt:  # Ctrl-C at once: one line, as later on
+    sys.stderr.write("train.py: interrupted; nothing new was saved\n")
+    sys.exit(EXIT_INTERRUPTED)
 DATASETS = ("cifar10", "cifar100", "svhn", "mnist", "fashion-mnist")
 
 
@@ -149,12 +153,25 @@ def _stop_like_ctrl_c(signum, frame):
 
 
 def main(argv=None):
-    # Until training installs its own handlers, SIGTERM and SIGHUP stop like Ctrl-C (one line).
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _stop_like_ctrl_c)
+    # While NumPy and ninpy are imported (a second or so), stop signals are only noted: an
+    # interrupted import fails with misleading errors (NumPy's "Importing the C-extensions failed").
+    noted = []
+    stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, lambda signum, frame: noted.append(signum))
+                for signum in stop_signals}
     try:
-        return _main(argv)
-    except KeyboardInterrupt as stop:  # e.g. Ctrl-C while ninpy is being imported
+        args = build_parser().parse_args(argv)  # parsed first, so --help and flag errors are instant
+        import ninpy.training  # noqa: F401  (the slow imports)
+    finally:
+        # Then, until training installs its own handlers, SIGTERM and SIGHUP act like Ctrl-C.
+        signal.signal(signal.SIGINT, previous[signal.SIGINT])
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, _stop_like_ctrl_c)
+    try:
+        if noted:
+            raise KeyboardInterrupt(noted[0])
+        return _main(args)
+    except KeyboardInterrupt as stop:
         sys.stderr.write("train.py: interrupted; nothing new was saved\n")
         return _signal_exit(stop)
 
@@ -165,8 +182,7 @@ def _signal_exit(stop):
     return 128 + int(signum)
 
 
-def _main(argv):
-    args = build_parser().parse_args(argv)
+def _main(args):
     # Imported after parsing, so --help and flag errors are instant.
     from ninpy import checkpoint
     from ninpy.backend import DeviceError

@@ -138,11 +138,12 @@ def test_sigterm_and_sighup_save_a_resumable_checkpoint(env, tmp_path, signum, s
 
 
 INTERRUPT_DURING_IMPORT = """
-import runpy, sys
-class Interrupt:  # Ctrl-C while train.py imports ninpy.training
+import os, runpy, signal, sys, time
+class Interrupt:  # Ctrl-C while train.py imports ninpy.training (and NumPy with it)
     def find_spec(self, name, path, target=None):
-        if name == "ninpy.training":
-            raise KeyboardInterrupt
+        if name in ("numpy", "ninpy.training"):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
 sys.meta_path.insert(0, Interrupt())
 sys.argv = ["train.py", "--dataset", "mnist", "--out", {out!r}]
 runpy.run_path({train!r}, run_name="__main__")
