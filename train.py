@@ -8,12 +8,18 @@
 
 Unset flags take the dataset's recipe (ninpy/recipes.py, docs/recipes.md). Every expected failure
 (bad flag, no GPU, missing data, unusable --out, NaN loss, ...) is one line on stderr and a non-zero
-exit; Ctrl-C saves a resumable checkpoint and exits with 130.
+exit; Ctrl-C, SIGTERM and SIGHUP save a resumable checkpoint and exit with 128 + the signal's
+number (130, 143, 129), as docs/run-folder.md explains.
 """
-import argparse
 import sys
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+try:  # these take ~0.1 s; main() then holds stop signals until the other imports are done
+    import argparse
+    import signal
+except KeyboardInterrupt:  # Ctrl-C at once: one line, as later on
+    sys.stderr.write("train.py: interrupted; nothing new was saved\n")
+    sys.exit(EXIT_INTERRUPTED)
 DATASETS = ("cifar10", "cifar100", "svhn", "mnist", "fashion-mnist")
 
 
@@ -142,13 +148,47 @@ def make_config(args, saved_flags=None):
     return Config.for_dataset(dataset, **values)
 
 
+def _stop_like_ctrl_c(signum, frame):
+    raise KeyboardInterrupt(signum)
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    # While NumPy and ninpy are imported (a second or so), stop signals are only noted: an
+    # interrupted import fails with misleading errors (NumPy's "Importing the C-extensions failed").
+    noted = []
+    stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, lambda signum, frame: noted.append(signum))
+                for signum in stop_signals}
+    try:
+        args = build_parser().parse_args(argv)  # parsed first, so --help and flag errors are instant
+        import ninpy.training  # noqa: F401  (the slow imports)
+    finally:
+        # Then, until training installs its own handlers, SIGTERM and SIGHUP act like Ctrl-C.
+        signal.signal(signal.SIGINT, previous[signal.SIGINT])
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, _stop_like_ctrl_c)
+    try:
+        if noted:
+            raise KeyboardInterrupt(noted[0])
+        return _main(args)
+    except KeyboardInterrupt as stop:
+        sys.stderr.write("train.py: interrupted; nothing new was saved\n")
+        return _signal_exit(stop)
+
+
+def _signal_exit(stop):
+    """128 + the number of the signal behind a KeyboardInterrupt (SIGINT when it does not say)."""
+    signum = stop.args[0] if stop.args and isinstance(stop.args[0], int) else signal.SIGINT
+    return 128 + int(signum)
+
+
+def _main(args):
     # Imported after parsing, so --help and flag errors are instant.
     from ninpy import checkpoint
     from ninpy.backend import DeviceError
     from ninpy.checkpoint import CheckpointError
     from ninpy.download import DataError
+    from ninpy.run_folder import RunFolderError, exit_status
     from ninpy.training import Interrupted, Trainer, TrainingError
 
     progress = {"auto": None, "on": True, "off": False}[args.progress]
@@ -176,7 +216,7 @@ def main(argv=None):
             print(f"done: test accuracy {100 * final['test_acc']:.2f}% after epoch "
                   f"{final['epoch']}; {trainer.out}")
         return 0
-    except (DataError, DeviceError, CheckpointError, TrainingError) as error:
+    except (DataError, DeviceError, CheckpointError, TrainingError, RunFolderError) as error:
         sys.stderr.write(f"train.py: error: {_one_line(error)}\n")
         return EXIT_ERROR
     except MemoryError:
@@ -188,11 +228,11 @@ def main(argv=None):
         return EXIT_ERROR
     except Interrupted as stop:
         sys.stderr.write(f"train.py: {stop}\n")
-        return EXIT_INTERRUPTED
-    except KeyboardInterrupt:
+        return exit_status(stop.signum)
+    except KeyboardInterrupt as stop:
         sys.stderr.write("train.py: interrupted; nothing new was saved (an earlier checkpoint, if "
                          "any, is intact)\n")
-        return EXIT_INTERRUPTED
+        return _signal_exit(stop)
 
 
 def _one_line(error):

@@ -240,6 +240,9 @@ def load_run(checkpoint_path, dataset=None, device="auto", data_dir=None, downlo
     from . import checkpoint, datasets
     from .training import Config, Trainer
 
+    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
+        raise CamError(f"--data-dir {data_dir}: no such folder; give the folder holding the "
+                       "datasets (train.py's --data-dir), or drop the flag to use the run's")
     state = checkpoint.load(checkpoint_path)
     saved = dict(state.flags or {})
     if dataset is not None and saved.get("dataset") not in (None, dataset):

@@ -20,7 +20,7 @@ import numpy as np
 from .backend import array_module, resolve_device, to_device
 
 __all__ = ["Standardize", "channel_stats", "gcn", "GcnZca", "fit_gcn_zca", "split_validation",
-           "Batches", "batches", "crop_flip", "random_crop_flip"]
+           "Batches", "batches", "crop_flip", "random_crop_flip", "RandomCropFlip"]
 
 _CHUNK = 4096  # images per step when statistics are accumulated (bounds the float64 copies)
 
@@ -184,14 +184,25 @@ class Batches:
         return full + (1 if rest and not self.drop_last else 0)
 
     def __iter__(self):
+        return self.iterate()
+
+    def iterate(self, start=0):
+        """The batches from batch `start` on, the same as iter(self) gives from there. The batches
+        before it are skipped by replaying only their host draws (an augment with a `draw` method,
+        like RandomCropFlip); nothing of theirs is gathered, augmented or preprocessed."""
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(len(self.x)) if self.shuffle else np.arange(len(self.x))
         for index in range(len(self)):
             chosen = order[index * self.batch_size:(index + 1) * self.batch_size]
+            if index < start and hasattr(self.augment, "draw"):
+                self.augment.draw(len(chosen), rng)
+                continue
             x = to_device(_take(self.x, chosen), self.device)
             y = to_device(_take(self.y, chosen), self.device).astype("int64", copy=False)
             if self.augment is not None:
                 x = self.augment(x, rng=rng)
+            if index < start:
+                continue  # an augment without `draw`: its draws were made on the images
             if self.transform is not None:
                 x = self.transform(x)
             yield x, y
@@ -240,9 +251,23 @@ def random_crop_flip(batch, pad=4, flip=True, rng=None):
     The N offsets and flags are drawn on the host from `rng` (a NumPy Generator); the images move
     only on their own device. Leave flip off for digits.
     """
-    rng = np.random.default_rng() if rng is None else rng
-    n = len(batch)
-    offsets_y = rng.integers(0, 2 * pad + 1, n)
-    offsets_x = rng.integers(0, 2 * pad + 1, n)
-    flips = rng.random(n) < 0.5 if flip else None
-    return crop_flip(batch, pad, offsets_y, offsets_x, flips)
+    return RandomCropFlip(pad, flip)(batch, rng=rng)
+
+
+class RandomCropFlip:
+    """random_crop_flip(batch, pad, flip, rng) as an object, with its host draws apart (`draw`), so
+    that a resumed epoch can replay the draws of the batches it skips without touching images."""
+
+    def __init__(self, pad=4, flip=True):
+        self.pad, self.flip = pad, flip
+
+    def draw(self, n, rng):
+        """(offsets_y, offsets_x, flips or None) for n images, drawn from rng in this order."""
+        offsets_y = rng.integers(0, 2 * self.pad + 1, n)
+        offsets_x = rng.integers(0, 2 * self.pad + 1, n)
+        flips = rng.random(n) < 0.5 if self.flip else None
+        return offsets_y, offsets_x, flips
+
+    def __call__(self, batch, rng=None):
+        rng = np.random.default_rng() if rng is None else rng
+        return crop_flip(batch, self.pad, *self.draw(len(batch), rng))

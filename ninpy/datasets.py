@@ -18,6 +18,7 @@ import gzip
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import struct
@@ -30,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .download import DataError, download as fetch, file_digest
+from .files import require_regular_file, write_atomically
 
 __all__ = ["DataError", "Dataset", "Source", "DATASETS", "SOURCES", "SYSTEM_DIRS",
            "default_data_dir", "load_dataset", "read_idx"]
@@ -162,7 +164,7 @@ def load_dataset(name, data_dir=None, download=True, svhn_extra=False, *, source
     directory = Path(data_dir if data_dir is not None else default_data_dir()).expanduser() / key
     splits = ("train", "test") + (("extra",) if key == "svhn" and svhn_extra else ())
 
-    cache = _Cache(directory, sources)
+    cache = _Cache(directory, sources, key)
     arrays, classes = cache.load(splits)
     missing = [split for split in splits if split not in arrays]
     if missing:
@@ -419,48 +421,112 @@ _READERS = {
 
 # ---------------------------------------------------------------------------------------------
 # The .npy cache: x_<split>.npy, y_<split>.npy and a manifest with their shapes and CRC-32s.
+#
+# Nothing in the cache is trusted: a manifest that is not what save() writes, or an array whose
+# header, size, CRC or labels disagree with it, is rebuilt from the raw files (with a warning). The
+# manifest's shapes are bounded by what the dataset can hold (_GEOMETRY) and each file's header and
+# size are checked against them before it is read, so no cache file can make us allocate more
+# than the real dataset needs, and only regular files are opened (a FIFO would block forever).
+
+# Image shape, number of classes and the most images each split holds, per dataset.
+_GEOMETRY = {
+    "cifar10": ((3, 32, 32), 10, {"train": 50000, "test": 10000}),
+    "cifar100": ((3, 32, 32), 100, {"train": 50000, "test": 10000}),
+    "svhn": ((3, 32, 32), 10, {"train": 73257, "test": 26032, "extra": 531131}),
+    "mnist": ((1, 28, 28), 10, {"train": 60000, "test": 10000}),
+    "fashion-mnist": ((1, 28, 28), 10, {"train": 60000, "test": 10000}),
+}
+
 
 class _Cache:
-    def __init__(self, directory, sources):
+    def __init__(self, directory, sources, key):
         self.directory = directory
         self.manifest_path = directory / "ninpy-cache.json"
         self.sources = {source.filename: source.digest for source in sources}
+        self.image_shape, self.num_classes, self.max_images = _GEOMETRY[key]
 
-    def _manifest(self):
+    def _manifest(self, warn=False):
+        """The manifest when it is one save() wrote for these sources, else None (with a warning
+        when warn and the file is there but malformed)."""
         try:
-            manifest = json.loads(self.manifest_path.read_text())
-        except (OSError, ValueError):
+            require_regular_file(self.manifest_path)
+            manifest = json.loads(self.manifest_path.read_bytes().decode("utf-8"))
+            if not isinstance(manifest, dict):
+                raise ValueError("not a JSON object")
+            if manifest.get("format") != _CACHE_FORMAT or manifest.get("sources") != self.sources:
+                return None  # another format or other raw files: rebuilt quietly
+            self._check_manifest(manifest)
+        except (FileNotFoundError, NotADirectoryError):
             return None
-        if manifest.get("format") != _CACHE_FORMAT or manifest.get("sources") != self.sources:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
+            if warn:
+                warnings.warn(f"{self.manifest_path}: unreadable cache manifest ({error}); "
+                              "rebuilding the cache from the raw files", stacklevel=4)
             return None
         return manifest
 
+    def _check_manifest(self, manifest):
+        """Raise ValueError unless every split entry has the shapes and dtypes save() writes."""
+        classes = manifest["classes"]
+        if not (isinstance(classes, list) and len(classes) == self.num_classes
+                and all(isinstance(name, str) for name in classes)):
+            raise ValueError(f"'classes' is not a list of {self.num_classes} names")
+        splits = manifest["splits"]
+        if not isinstance(splits, dict):
+            raise ValueError("'splits' is not a JSON object")
+        for split, entry in splits.items():
+            if split not in self.max_images or not isinstance(entry, dict):
+                raise ValueError(f"unexpected split {split!r}")
+            x, y = entry["x"], entry["y"]
+            n = x["shape"][0] if isinstance(x, dict) and isinstance(x.get("shape"), list) \
+                and x["shape"] else None
+            if not (type(n) is int and 0 <= n <= self.max_images[split]
+                    and x["shape"] == [n, *self.image_shape] and x["dtype"] == "uint8"
+                    and isinstance(y, dict) and y.get("shape") == [n] and y.get("dtype") == "int64"
+                    and all(type(part.get("crc32")) is int for part in (x, y))):
+                raise ValueError(f"split {split!r}: shapes, dtypes or CRCs are not those of "
+                                 f"{self.max_images[split]:,} images at most of {self.image_shape}")
+
     def load(self, splits):
         """({split: (x, y)} for each intact cached split, class names or None)."""
-        manifest = self._manifest()
+        manifest = self._manifest(warn=True)
         if manifest is None:
             return {}, None
         out = {}
         for split in splits:
-            entry = manifest.get("splits", {}).get(split)
+            entry = manifest["splits"].get(split)
             if entry is None:
                 continue
             try:
-                arrays = tuple(self._load_array(f"{part}_{split}.npy", entry[part])
-                               for part in "xy")
+                x, y = (self._load_array(f"{part}_{split}.npy", entry[part]) for part in "xy")
+                if len(y) and (y.min() < 0 or y.max() >= self.num_classes):
+                    raise ValueError(f"labels span {y.min()}..{y.max()}, expected "
+                                     f"0..{self.num_classes - 1}")
             except (OSError, ValueError, KeyError, EOFError) as error:
                 warnings.warn(f"{self.directory}: cached {split} split unreadable ({error}); "
                               "rebuilding it from the raw files", stacklevel=3)
                 continue
-            out[split] = arrays
-        return out, manifest.get("classes")
+            out[split] = (x, y)
+        return out, manifest["classes"]
 
     def _load_array(self, filename, entry):
+        """The array, once its header and size match the (already bounded) manifest entry."""
         path = self.directory / filename
-        array = np.load(path, allow_pickle=False)
-        if list(array.shape) != entry["shape"] or str(array.dtype) != entry["dtype"]:
-            raise ValueError(f"{filename} has shape {array.shape} {array.dtype}, the manifest says "
-                             f"{entry['shape']} {entry['dtype']}")
+        require_regular_file(path)
+        with open(path, "rb") as file:
+            version = np.lib.format.read_magic(file)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"{filename}: .npy format version {version}")
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(file)
+            if list(shape) != entry["shape"] or str(dtype) != entry["dtype"] or fortran:
+                raise ValueError(f"{filename} has shape {shape} {dtype}, the manifest says "
+                                 f"{entry['shape']} {entry['dtype']}")
+            expected = file.tell() + math.prod(shape) * dtype.itemsize
+            if os.fstat(file.fileno()).st_size != expected:
+                raise ValueError(f"{filename} is not {expected} bytes long, as its header implies")
+            array = np.fromfile(file, dtype, math.prod(shape)).reshape(shape)
         if zlib.crc32(array) != entry["crc32"]:
             raise ValueError(f"{filename} fails its CRC-32 check")
         return array
@@ -479,16 +545,12 @@ class _Cache:
                     entry[part] = {"shape": list(array.shape), "dtype": str(array.dtype),
                                    "crc32": zlib.crc32(np.ascontiguousarray(array))}
                 manifest["splits"][split] = entry
-            temporary = self.manifest_path.with_name(self.manifest_path.name + ".tmp")
-            temporary.write_text(json.dumps(manifest, indent=1))
-            os.replace(temporary, self.manifest_path)
+            text = json.dumps(manifest, indent=1).encode()
+            write_atomically(self.manifest_path, lambda file: file.write(text))
         except OSError as error:
             warnings.warn(f"cannot write the dataset cache in {self.directory} ({error}); the raw "
                           "files will be parsed again next time", stacklevel=3)
 
 
 def _atomic_save(path, array):
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as file:
-        np.save(file, array, allow_pickle=False)
-    os.replace(temporary, path)
+    write_atomically(path, lambda file: np.save(file, array, allow_pickle=False))

@@ -16,6 +16,8 @@ import math
 import sys
 from pathlib import Path
 
+from .files import require_regular_file
+
 __all__ = ["read_metrics", "plot_metrics", "figure_pixels", "PlotError", "main"]
 
 PROG = "python -m ninpy.plot"
@@ -37,8 +39,9 @@ def figure_pixels():
 def read_metrics(path):
     """The epochs of a metrics.jsonl (or of RUN_DIR/metrics.jsonl), in epoch order.
 
-    A line that is not a JSON object (a run killed while writing it) is skipped; when an epoch
-    appears twice, its last line wins. Raises PlotError when there is no file or no epoch in it.
+    A line that is not a UTF-8 JSON object whose epoch is a whole number >= 1 (a torn or damaged
+    line) is skipped; when an epoch appears twice, its last line wins. Raises PlotError when there
+    is no file or no epoch in it.
     """
     path = Path(path).expanduser()
     todo = f"give the --out directory of a train.py run (it writes {METRICS} after each epoch)"
@@ -49,17 +52,18 @@ def read_metrics(path):
             raise PlotError(f"{path} holds no {METRICS}; {todo}")
         path = path / METRICS
     try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise PlotError(f"cannot read {path}: {getattr(error, 'strerror', None) or error}") from None
+        lines = require_regular_file(path).read_bytes().splitlines()  # a FIFO would block
+    except OSError as error:
+        raise PlotError(f"cannot read {path}: {error.strerror or error}") from None
     by_epoch = {}
     for line in lines:
         try:
-            record = json.loads(line)
-        except ValueError:
+            record = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
             continue
-        if isinstance(record, dict) and isinstance(record.get("epoch"), (int, float)):
-            by_epoch[record["epoch"]] = record
+        epoch = record.get("epoch") if isinstance(record, dict) else None
+        if type(epoch) is int and epoch >= 1:  # not NaN, "1", true or 2.5
+            by_epoch[epoch] = record
     if not by_epoch:
         raise PlotError(f"{path} holds no epochs yet ({len(lines)} line(s), none a metrics "
                         "record); train.py writes one line when each epoch ends")

@@ -6,8 +6,8 @@
 
 One epoch: the batches of ninpy.data for (seed, epoch) (shuffled, augmented on the training
 device, preprocessed), forward, cross-entropy, backward, SGD step; then the test split under
-no_grad() with model.eval(). After every epoch: a line of metrics.jsonl, final.json, then the
-checkpoint, written atomically.
+no_grad() with model.eval(). After every epoch the run folder commits it (ninpy.run_folder: the
+checkpoint, which carries the metrics, then metrics.jsonl and final.json rewritten from them).
 
 Exact resume. Everything random is a function of saved state: the batch order and augmentation
 draws of epoch e are a pure function of (seed, e) (ninpy.data), dropout draws come from
@@ -20,37 +20,32 @@ batches were done and the epoch's running sums; the resumed run replays the epoc
 Faults. A NaN/inf loss stops the run with the step named (TrainingError) and nothing is written:
 the last good checkpoint stays as it was. A training loss that sits at ln(C) for a whole epoch gets
 a warning (the class maps died), and so do class maps that are zero on every test image while the
-others live (those classes can no longer be predicted). Ctrl-C finishes the current step, saves a
-resumable checkpoint and raises Interrupted; a second Ctrl-C stops at once without saving.
+others live (those classes can no longer be predicted). Ctrl-C, SIGTERM or SIGHUP finishes the
+current step, saves a resumable checkpoint and raises Interrupted; a second one stops at once
+without saving. A checkpoint whose state this run cannot continue (a batch count beyond the epoch,
+an optimiser setting the flags never ask for) is a CheckpointError before anything is trained.
 """
-import json
 import math
-import os
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from functools import partial
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 from tqdm import tqdm
 
-from . import backend, checkpoint, data, datasets, models
+from . import backend, checkpoint, data, datasets, models, run_folder
 from . import functional as F
 from . import random as nrandom
 from . import recipes
 from .autograd import Tensor, no_grad
 from .optim import SGD
+from .run_folder import EVAL, FINAL, METRICS, RunFolder, StopSignals
 
 __all__ = ["Config", "Trainer", "TrainingError", "Interrupted", "FIXED_KEYS", "TUNABLE_KEYS", "RUN_KEYS",
            "METRICS", "FINAL"]
-
-METRICS = "metrics.jsonl"
-FINAL = "final.json"
-EVAL = "eval.json"
 
 
 class TrainingError(RuntimeError):
@@ -58,11 +53,12 @@ class TrainingError(RuntimeError):
 
 
 class Interrupted(Exception):
-    """Ctrl-C: `saved` is the checkpoint written (None when the second Ctrl-C skipped saving)."""
+    """A stop signal: `saved` is the checkpoint written, `signum` the signal (SIGINT for Ctrl-C)."""
 
-    def __init__(self, message, saved=None):
+    def __init__(self, message, saved=None, signum=signal.SIGINT):
         super().__init__(message)
         self.saved = saved
+        self.signum = signum
 
 
 @dataclass
@@ -94,6 +90,8 @@ class Config:
     @classmethod
     def for_dataset(cls, dataset, **values):
         """A Config whose unset (None) recipe fields come from the dataset's recipe."""
+        if not isinstance(dataset, str) or dataset not in recipes.RECIPES:
+            raise TrainingError(f"--dataset {dataset!r}: expected one of {', '.join(recipes.RECIPES)}")
         recipe = recipes.recipe_for(dataset)
         config = cls(dataset=dataset, **{k: v for k, v in values.items() if v is not None})
         for name, default in recipe.as_dict().items():
@@ -120,7 +118,7 @@ class Config:
                 bad(name, value, "a finite number >= 0")
         if self.lr <= 0:
             bad("lr", self.lr, "a number > 0")
-        if not (0 <= self.momentum < 1):
+        if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
             bad("momentum", self.momentum, "a number in [0, 1)")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             bad("warmup_steps", self.warmup_steps, "a whole number >= 0")
@@ -142,6 +140,9 @@ class Config:
             bad("dropout", self.dropout, "a probability in [0, 1)")
         if not isinstance(self.val_split, int) or self.val_split < 0:
             bad("val_split", self.val_split, "a whole number >= 0")
+        for name in ("data_dir", "out"):  # a checkpoint's flags are read back from JSON
+            if not isinstance(getattr(self, name), (str, type(None))):
+                bad(name, getattr(self, name), "a folder path")
         if self.svhn_extra and self.dataset != "svhn":
             raise TrainingError(f"--svhn-extra applies to --dataset svhn only, not {self.dataset}")
         return self
@@ -165,33 +166,6 @@ RUN_KEYS = FIXED_KEYS + TUNABLE_KEYS
 
 
 # ---------------------------------------------------------------------------------------------
-
-class _SigintGuard:
-    """While active, the first Ctrl-C only raises a flag (checked between steps); the second one
-    raises KeyboardInterrupt at once. Installed only from the main thread."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        self.requested = False
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: leave Ctrl-C alone
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-        return False
-
 
 @dataclass
 class _EpochTally:
@@ -243,44 +217,6 @@ class Evaluation(NamedTuple):
     dead_classes: tuple = ()
 
 
-def _json_line(record):
-    return json.dumps(record, allow_nan=True)
-
-
-def _atomic_write_text(path, text):
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
-
-
-def _read_metrics(path, up_to_epoch):
-    """The records of a metrics.jsonl with epoch <= up_to_epoch (a torn last line is dropped)."""
-    records = []
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError:
-        return records
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("epoch", math.inf) <= up_to_epoch:
-            records.append(record)
-    return records
-
-
 class Trainer:
     """One run: builds everything in __init__ (errors surface before any training), then fit()."""
 
@@ -301,16 +237,12 @@ class Trainer:
             self.state = checkpoint.load(resume)
         if eval_only and self.state is None:
             raise TrainingError("--eval-only needs --resume DIR_OR_FILE: the checkpoint to evaluate")
-        self._created_out = False
-        self.out = self._prepare_out(config.out, self.state)
+        self.folder = RunFolder.open(config.out, self.state, eval_only, log=self.log)
+        self.out = self.folder.path
         try:
             self._set_up()
         except BaseException:
-            if self._created_out:  # leave no empty run directory behind a failed start
-                try:
-                    self.out.rmdir()
-                except OSError:
-                    pass
+            self.folder.release(abandon=True)  # no lock held, and no empty folder left behind
             raise
 
     def _set_up(self):
@@ -332,6 +264,7 @@ class Trainer:
             # user changed one on resume): keep them across the restore of the SGD state.
             settings = [{k: g[k] for k in ("initial_lr", "momentum", "weight_decay")}
                         for g in self.optimizer.param_groups]
+            self._check_state_fits()
             self.state.restore(self.model, self.optimizer, self.schedule)
             for group, kept in zip(self.optimizer.param_groups, settings):
                 group.update(kept)
@@ -339,38 +272,28 @@ class Trainer:
             self.start_epoch, self.start_batch = self.state.epoch, self.state.batch
             self.partial = self.state.progress if self.state.batch else {}
 
-    # ---- set-up ----------------------------------------------------------------------------
-    def _prepare_out(self, out, state):
-        """The run directory, created and checked writable; refuse one holding another run."""
-        if out is None:
-            if state is None:
-                raise TrainingError("no --out directory given")
-            out = state.path.parent
-        out = Path(out).expanduser()
-        if out.exists() and not out.is_dir():
-            raise TrainingError(f"--out {out} is a file, not a directory; choose a directory")
-        if self.eval_only:
-            return out
-        existing = out / checkpoint.FILENAME
-        resuming_here = state is not None and existing.exists() and \
-            existing.resolve() == state.path.resolve()
-        if not resuming_here:
-            held = [name for name in (checkpoint.FILENAME, METRICS, FINAL) if (out / name).exists()]
-            if held:
-                raise TrainingError(
-                    f"--out {out} already holds {', '.join(held)} from another run; continue it with "
-                    f"--resume {out}, or choose another --out (nothing was changed)")
-        try:
-            self._created_out = not out.exists()
-            out.mkdir(parents=True, exist_ok=True)
-            handle, probe = tempfile.mkstemp(prefix=".write-test.", dir=out)
-            os.close(handle)
-            os.unlink(probe)
-        except OSError as error:
-            raise TrainingError(f"--out {out} is not writable ({error.strerror or error}); choose "
-                                "another directory") from None
-        return out
+    def _check_state_fits(self):
+        """What checkpoint.load cannot judge alone: the batch count against this run's epoch
+        length, and SGD settings that train.py has no flag for (and so never writes)."""
+        state, path = self.state, self.state.path
+        if state.batch > self.steps_per_epoch:
+            raise checkpoint.CheckpointError(
+                f"{path}: saved after batch {state.batch} of an epoch, but an epoch of this run has "
+                f"{self.steps_per_epoch} batches; was the checkpoint edited, or --limit changed? "
+                "Resume from an intact checkpoint")
+        missing = state.missing_buffers(len(self.optimizer.parameters()))
+        if missing and not self.eval_only:
+            raise checkpoint.CheckpointError(
+                f"{path}: no momentum buffer for parameter(s) {', '.join(map(str, missing[:10]))}"
+                f"{', ...' if len(missing) > 10 else ''} although training had begun; the file was "
+                "edited or damaged: resume from an intact checkpoint")
+        if any(group["nesterov"] for group in state.optimizer["param_groups"]):
+            raise checkpoint.CheckpointError(
+                f"{path}: its optimiser uses Nesterov momentum, which train.py never sets (no flag "
+                "asks for it); the file was edited or written by another tool: resume from a "
+                "checkpoint that train.py wrote")
 
+    # ---- set-up ----------------------------------------------------------------------------
     def _load_data(self):
         c = self.config
         ds = datasets.load_dataset(c.dataset, c.data_dir, download=c.download,
@@ -395,7 +318,12 @@ class Trainer:
         else:
             self.transform = data.Standardize().fit(x_train)
         crop, flip = recipes.parse_augment(c.augment)
-        self.augment = (partial(data.random_crop_flip, pad=c.crop_pad if crop else 0, flip=flip)
+        side = min(x_train.shape[2:])
+        if crop and c.crop_pad >= side:
+            raise TrainingError(f"--crop-pad {c.crop_pad}: expected a whole number below the image "
+                                f"side, {side} (a shift of {side} or more pixels leaves a blank "
+                                "image)")
+        self.augment = (data.RandomCropFlip(pad=c.crop_pad if crop else 0, flip=flip)
                         if crop or flip else None)
         to = partial(backend.to_device, device=self.device)  # the whole uint8 set lives on the device
         self.x_train, self.y_train = to(x_train), y_train
@@ -433,6 +361,10 @@ class Trainer:
     def evaluate_only(self):
         """--eval-only: test (and validation) loss and accuracy of the checkpoint; writes eval.json."""
         test = self.evaluate(self.x_test, self.y_test)
+        if not math.isfinite(test.loss):
+            raise TrainingError(f"the test loss of {self.state.path} is {test.loss}: its weights "
+                                "overflow on these images, so its accuracy means nothing; "
+                                "evaluate an earlier checkpoint")
         record = {"epoch": self.state.epoch, "test_loss": test.loss, "test_acc": test.accuracy,
                   "dataset": self.config.dataset, "device": self.device,
                   "checkpoint": str(self.state.path), "test_images": len(self.x_test)}
@@ -440,8 +372,7 @@ class Trainer:
             val = self.evaluate(self.x_val, self.y_val)
             record["val_loss"], record["val_acc"] = val.loss, val.accuracy
         try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            _atomic_write_text(self.out / EVAL, json.dumps(record, indent=1) + "\n")
+            self.folder.write_eval(record)
         except OSError as error:
             self.log(f"warning: could not write {self.out / EVAL} ({error.strerror or error})")
         return record
@@ -449,28 +380,27 @@ class Trainer:
     # ---- training --------------------------------------------------------------------------
     def fit(self):
         """Train from the start (or the checkpoint) to config.epochs; returns final.json's dict."""
+        try:
+            return self._fit()
+        finally:
+            self.folder.release()  # a later run may take the folder as soon as this one is done
+
+    def _fit(self):
         c = self.config
-        self._carry_metrics()
+        # The metrics of the epochs the checkpoint holds (later, unsaved ones are dropped).
+        self._records = self.folder.resume_records(self.state) if self.state is not None else []
         if self.start_epoch >= c.epochs:
             self.log(f"the checkpoint has already trained {self.start_epoch} epoch(s) "
                      f"(--epochs {c.epochs}): nothing to do")
-            return self._final(self._records[-1] if self._records else {})
+            final = self._final(self._records[-1] if self._records else {})
+            self.folder.write_final(final)
+            return final
         record = None
         # Overflow / NaN warnings from NumPy would be noise: non-finite losses are caught below.
-        with _SigintGuard() as guard, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        with StopSignals() as guard, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             for epoch in range(self.start_epoch, c.epochs):
                 record = self._epoch(epoch, guard)
         return self._final(record)
-
-    def _carry_metrics(self):
-        """Keep the metrics of the epochs the checkpoint holds (and drop later, unsaved ones)."""
-        self._records = []
-        if self.state is None:
-            return
-        source = self.state.path.parent / METRICS
-        self._records = _read_metrics(source, self.state.epoch)
-        text = "".join(_json_line(r) + "\n" for r in self._records)
-        _atomic_write_text(self.out / METRICS, text)
 
     def _epoch(self, epoch, guard):
         """One epoch: its training steps, the test (and validation) pass, then metrics + checkpoint."""
@@ -491,7 +421,7 @@ class Trainer:
             val = self.evaluate(self.x_val, self.y_val, guard) if self.x_val is not None else None
             tally.eval_seconds += time.perf_counter() - eval_started
         except _StopForInterrupt:
-            self._interrupt(epoch, tally.next_batch, tally.as_progress())
+            self._interrupt(epoch, tally.next_batch, tally.as_progress(), guard.requested)
         finally:
             bar.close()
         return self._end_epoch(epoch, len(stream), scheduled, tally, test, val)
@@ -503,9 +433,8 @@ class Trainer:
         self.model.train()
         started = time.perf_counter()
         stopped = False
-        for index, (xb, yb) in enumerate(stream):
-            if index < first:
-                continue  # done before the checkpoint; iterating keeps the augmentation draws
+        # Batches done before the checkpoint are skipped, only their augmentation draws replayed.
+        for index, (xb, yb) in enumerate(stream.iterate(start=first), start=first):
             tally.next_batch = index
             stopped = guard.requested
             if stopped:
@@ -551,15 +480,13 @@ class Trainer:
                   "seconds": tally.train_seconds + tally.eval_seconds}
         if val is not None:
             record["val_loss"], record["val_acc"] = val.loss, val.accuracy
-        # Metrics first, checkpoint last: a crash in between leaves a checkpoint one epoch behind
-        # the metrics, and resuming from it drops the extra line and redoes that epoch.
         self._records.append(record)
-        with open(self.out / METRICS, "a") as file:
-            file.write(_json_line(record) + "\n")
-        self._final(record)
         self.schedule.step()
-        checkpoint.save(self.out / checkpoint.FILENAME, self.model, self.optimizer, self.schedule,
-                        epoch + 1, flags=self._flags())
+        # The checkpoint carries the records: it commits the epoch (ninpy/run_folder.py says why).
+        self.folder.commit(partial(checkpoint.save, self.out / checkpoint.FILENAME, self.model,
+                                   self.optimizer, self.schedule, epoch + 1, flags=self._flags(),
+                                   metrics=self._records),
+                           self._records, self._final(record))
         self.log(f"epoch {epoch + 1}/{self.config.epochs}  train loss {train_loss:.4f} acc "
                  f"{train_acc:.4f}  test loss {test[0]:.4f} acc {test[1]:.4f}  lr {record['lr']:.4g}  "
                  f"{record['images_per_s'] or 0:.0f} img/s  {record['seconds']:.0f}s")
@@ -622,17 +549,20 @@ class Trainer:
                  "predicted, and a map at zero gets no gradient through its ReLU. Lower --lr (now "
                  f"{self.config.lr}) or lengthen --warmup-steps{slower}")
 
-    def _interrupt(self, epoch, batch, progress):
+    def _interrupt(self, epoch, batch, progress, requested):
+        # `requested` is the signal's number (a test's stand-in guard may just say True)
+        signum = requested if type(requested) is not bool and requested in run_folder.STOP_SIGNALS \
+            else signal.SIGINT
         path = checkpoint.save(self.out / checkpoint.FILENAME, self.model, self.optimizer,
                                self.schedule, epoch, batch=batch, progress=progress,
-                               flags=self._flags())
-        raise Interrupted(f"interrupted in epoch {epoch + 1} after batch {batch}; saved {path}. "
-                          f"Continue with: python train.py --resume {self.out}", saved=path)
+                               flags=self._flags(), metrics=self._records)
+        raise Interrupted(f"{run_folder.signal_name(signum)}: stopped in epoch {epoch + 1} after "
+                          f"batch {batch}; saved {path}. Continue with: python train.py --resume "
+                          f"{self.out}", saved=path, signum=signum)
 
     def _final(self, record):
-        final = {**(record or {}), "dataset": self.config.dataset, "device": self.device,
-                 "parameters": self.num_parameters(), "epochs": self.config.epochs,
-                 "train_images": len(self.x_train), "test_images": len(self.x_test),
-                 "flags": self._flags()}
-        _atomic_write_text(self.out / FINAL, json.dumps(final, indent=1) + "\n")
-        return final
+        """final.json's dict: the last epoch's metrics plus what describes the run."""
+        return {**(record or {}), "dataset": self.config.dataset, "device": self.device,
+                "parameters": self.num_parameters(), "epochs": self.config.epochs,
+                "train_images": len(self.x_train), "test_images": len(self.x_test),
+                "flags": self._flags()}

@@ -165,8 +165,10 @@ def test_cam_command_writes_the_grid(mnist_run, tmp_path, capsys):
 def test_cam_command_errors_are_one_line(mnist_run, tmp_path, capsys):
     run, data_dir = mnist_run
     out = str(tmp_path / "c.png")
+    (tmp_path / "empty").mkdir()
     cases = [
         (["--checkpoint", str(run), "--dataset", "fashion-mnist"], "differs from the checkpoint's"),
+        (["--checkpoint", str(run), "--data-dir", str(tmp_path / "nowhere")], "no such folder"),
         (["--checkpoint", str(run), "--dataset", "imagenet"], "unknown; expected one of"),
         (["--checkpoint", str(run), "--data-dir", str(tmp_path / "empty"), "--no-download"],
          "missing"),

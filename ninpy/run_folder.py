@@ -1,0 +1,254 @@
+"""The life of a run folder (train.py --out): its lock, the commit of each epoch, what a resume
+finds there, the clean-up of a killed run's leftovers, and the signals that stop a run.
+
+    folder = RunFolder.open("runs/fm", state=None)   # lock it; refuse one holding another run
+    records = folder.resume_records(state)           # the epochs a resumed checkpoint holds
+    folder.commit(save_checkpoint, records, final)   # after each epoch
+    folder.release()                                 # or let the process end: the OS drops the lock
+
+The folder holds `checkpoint.npz`, `metrics.jsonl`, `final.json` (and `eval.json` after
+--eval-only), plus `.lock`.
+
+Commit: checkpoint first, metrics inside it. An epoch is committed by one atomic rename: that of the
+new checkpoint, which carries the metrics record of every epoch it has trained. `metrics.jsonl` and
+`final.json` are then rewritten from those records; they are views for people and plotting tools,
+never read back. So a run killed at any moment (SIGKILL, disk full, power cut) leaves either the
+old checkpoint with views at most one epoch ahead of or behind it, or the new one; a resume
+rewrites the views from the checkpoint, and a folder with no checkpoint holds nothing to resume and
+may simply be started again. (The other order -- metrics line first, checkpoint last -- leaves a
+folder with metrics but no checkpoint when a run dies in epoch 1's save: neither resumable nor,
+without deleting files by hand, restartable.)
+
+Lock: `fcntl.flock` on `.lock`, held from open() until release() or the end of the process. The OS
+drops it when the process dies however it dies, so a killed run never leaves a stale lock, and a
+second run on the same folder is refused at once with the holder's pid (written into the file).
+`--eval-only` takes no lock: it only reads the checkpoint and writes `eval.json` atomically.
+
+Stop signals (StopSignals): Ctrl-C (SIGINT), SIGTERM (`kill`, `timeout`, batch schedulers) and
+SIGHUP (a closed terminal) all ask the run to stop after the current step; the trainer then saves a
+resumable checkpoint and raises Interrupted. A second signal stops at once without saving. train.py
+exits with 128 + the signal's number, as a shell reports a process killed by it: 130 for Ctrl-C,
+143 for SIGTERM, 129 for SIGHUP.
+"""
+import errno
+import fcntl
+import json
+import os
+import signal
+from pathlib import Path
+
+from . import checkpoint
+from .files import is_temporary_of, require_regular_file, write_atomically
+
+__all__ = ["RunFolder", "RunFolderError", "StopSignals", "METRICS", "FINAL", "EVAL", "LOCK",
+           "STOP_SIGNALS", "exit_status", "signal_name"]
+
+METRICS = "metrics.jsonl"
+FINAL = "final.json"
+EVAL = "eval.json"
+LOCK = ".lock"
+RESULTS = (checkpoint.FILENAME, METRICS, FINAL, EVAL)   # files written atomically in the folder
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class RunFolderError(RuntimeError):
+    """The folder cannot hold this run (another run holds it, not a folder, not writable)."""
+
+
+def exit_status(signum):
+    """The exit status of a run stopped by signal `signum`: 128 + its number, as a shell shows."""
+    return 128 + int(signum)
+
+
+class RunFolder:
+    """A locked run folder; see the module docstring for what it holds and why in that order."""
+
+    def __init__(self, path, lock_file=None, created=False):
+        self.path = Path(path)
+        self._lock_file = lock_file
+        self._created = created
+
+    @classmethod
+    def open(cls, out, state=None, eval_only=False, log=print):
+        """Lock `out` (created if missing) for a run that starts afresh or resumes `state` there.
+
+        Refuses a folder whose checkpoint is not the one being resumed. A folder with views but no
+        checkpoint (a run that died before its first save) is started again, with a note."""
+        if out is None:
+            if state is None:
+                raise RunFolderError("no --out directory given")
+            out = state.path.parent
+        if not str(out).strip():
+            raise RunFolderError("--out '': expected a directory path (e.g. --out runs/mine)")
+        path = Path(out).expanduser()
+        if path.exists() and not path.is_dir():
+            raise RunFolderError(f"--out {path} is a file, not a directory; choose a directory")
+        if eval_only:
+            return cls(path)
+        created = not path.exists()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            lock_file = open(path / LOCK, "a+")
+        except OSError as error:
+            raise RunFolderError(f"--out {path} is not writable ({error.strerror or error}); choose "
+                                 "another directory") from None
+        folder = cls(path, lock_file, created)
+        try:
+            folder._lock()
+            folder._check_holds_no_other_run(state, log)
+            folder._remove_temporaries()
+        except BaseException:
+            folder.release(abandon=True)
+            raise
+        return folder
+
+    def _lock(self):
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
+                raise RunFolderError(f"--out {self.path}: cannot lock {LOCK} "
+                                     f"({error.strerror or error}); choose another --out") from None
+            self._lock_file.seek(0)
+            holder = self._lock_file.read(32).strip()
+            self._lock_file.close()
+            self._lock_file = None
+            who = f"process {holder}" if holder.isdigit() else "another process"
+            raise RunFolderError(f"--out {self.path} is in use by {who} (another train.py run); wait "
+                                 "for it to end, or choose another --out (nothing was changed)") from None
+        self._lock_file.seek(0)
+        self._lock_file.truncate()
+        self._lock_file.write(f"{os.getpid()}\n")
+        self._lock_file.flush()
+
+    def _check_holds_no_other_run(self, state, log):
+        existing = self.path / checkpoint.FILENAME
+        if existing.exists():
+            if state is None or not _same_file(existing, state.path):
+                raise RunFolderError(
+                    f"--out {self.path} already holds {checkpoint.FILENAME} from another run; "
+                    f"continue it with --resume {self.path}, or choose another --out (nothing was "
+                    "changed)")
+            return
+        stale = [name for name in (METRICS, FINAL) if (self.path / name).exists()]
+        if stale and state is None:
+            log(f"note: --out {self.path} holds {', '.join(stale)} but no checkpoint (a run that "
+                "stopped before its first save): starting the run there afresh")
+
+    def _remove_temporaries(self):
+        """Temporaries of writes that a killed run never finished (we hold the lock: none is live)."""
+        for name in os.listdir(self.path):
+            if any(is_temporary_of(name, target) for target in RESULTS):
+                try:
+                    os.unlink(self.path / name)
+                except OSError:
+                    pass
+
+    def release(self, abandon=False):
+        """Drop the lock. abandon: also remove the folder if open() created it and nothing was
+        written there (a start that failed leaves no empty folder behind)."""
+        if self._lock_file is not None:
+            self._lock_file.close()  # closing the only descriptor drops the flock
+            self._lock_file = None
+        if abandon and self._created:
+            try:
+                (self.path / LOCK).unlink()
+                self.path.rmdir()
+            except OSError:
+                pass
+
+    # ---- resume ----------------------------------------------------------------------------
+    def resume_records(self, state):
+        """The metrics records of the epochs `state` holds, and the views rewritten to match.
+
+        Checkpoints carry their records; one written before they did falls back on the
+        metrics.jsonl beside it, read leniently (a line that is not UTF-8 or JSON, or whose epoch
+        is not a whole number within the checkpoint's, is dropped)."""
+        if state.metrics is not None:
+            records = list(state.metrics)
+        else:
+            records = _read_records(state.path.parent / METRICS, state.epoch)
+        self.write_metrics(records)
+        return records
+
+    # ---- commit ----------------------------------------------------------------------------
+    def commit(self, save_checkpoint, records, final):
+        """Commit an epoch: save_checkpoint() (which stores `records`) first, then the views."""
+        save_checkpoint()
+        self.write_metrics(records)
+        self.write_final(final)
+
+    def write_metrics(self, records):
+        text = "".join(json.dumps(record, allow_nan=True) + "\n" for record in records)
+        write_atomically(self.path / METRICS, lambda file: file.write(text.encode()))
+
+    def write_final(self, final):
+        text = json.dumps(final, indent=1) + "\n"
+        write_atomically(self.path / FINAL, lambda file: file.write(text.encode()))
+
+    def write_eval(self, record):
+        self.path.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(record, indent=1) + "\n"
+        write_atomically(self.path / EVAL, lambda file: file.write(text.encode()))
+
+
+def _same_file(a, b):
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _read_records(path, up_to_epoch):
+    """The epoch records 1..up_to_epoch of a metrics.jsonl; the last line of an epoch wins."""
+    by_epoch = {}
+    try:
+        lines = Path(require_regular_file(path)).read_bytes().splitlines()
+    except OSError:  # missing, or a FIFO that would block the read
+        return []
+    for line in lines:
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            continue
+        epoch = record.get("epoch") if isinstance(record, dict) else None
+        if type(epoch) is int and 1 <= epoch <= up_to_epoch:
+            by_epoch[epoch] = record
+    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Stop signals.
+
+class StopSignals:
+    """While active, the first SIGINT, SIGTERM or SIGHUP only sets `requested` to its number
+    (checked between steps); a second one raises KeyboardInterrupt(signum) at once. Installed only
+    from the main thread (elsewhere signals are left alone)."""
+
+    def __init__(self):
+        self.requested = None
+        self._previous = {}
+
+    def __enter__(self):
+        self.requested = None
+        try:
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
+        except ValueError:  # not the main thread
+            self._previous = {}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt(signum)
+        self.requested = signum
+
+    def __exit__(self, *exc):
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        return False
+
+
+def signal_name(signum):
+    """How a message names the signal: Ctrl-C, SIGTERM, SIGHUP."""
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+
