@@ -145,18 +145,22 @@ def make_config(args, saved_flags=None):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     # Imported after parsing, so --help and flag errors are instant.
-    from ninpy import checkpoint
+    from ninpy import backend, checkpoint
     from ninpy.backend import DeviceError
+    from ninpy.gpu_kernels import KERNEL_DIR, KernelCompileError
     from ninpy.checkpoint import CheckpointError
     from ninpy.download import DataError
     from ninpy.training import Interrupted, Trainer, TrainingError
 
+    kernel_root = f"{KERNEL_DIR.parent}/"  # error messages then name kernels/FILE.cu:LINE
     progress = {"auto": None, "on": True, "off": False}[args.progress]
+    config = None
     try:
         state = checkpoint.load(args.resume) if args.resume is not None else None
         if args.eval_only and state is None:
             raise TrainingError("--eval-only needs --resume DIR_OR_FILE: the checkpoint to evaluate")
         config = make_config(args, state.flags if state is not None else None)
+        config.device = choose_device(config.device)
         trainer = Trainer(config, resume=state, eval_only=args.eval_only, progress=progress)
         print(f"NIN for {config.dataset}: {trainer.num_parameters():,} parameters, device "
               f"{trainer.device}, {len(trainer.x_train):,} training / {len(trainer.x_test):,} test "
@@ -169,7 +173,8 @@ def main(argv=None):
         print(f"recipe: lr {config.lr} (biases x{config.bias_lr_mult}, last 1x1 "
               f"x{config.last_lr_mult}), momentum {config.momentum}, weight decay "
               f"{config.weight_decay}, batch {config.batch_size}, {config.epochs} epochs, schedule "
-              f"{config.schedule}, warm-up {config.warmup_steps} steps, dropout {config.dropout}, augment {config.augment}, "
+              f"{config.schedule}, warm-up {config.warmup_steps} of {config.epochs * trainer.steps_per_epoch} "
+              f"steps, dropout {config.dropout}, augment {config.augment}, "
               f"preprocess {config.preprocess}; writing to {trainer.out}", flush=True)
         final = trainer.fit()
         if "test_acc" in final:
@@ -179,8 +184,14 @@ def main(argv=None):
     except (DataError, DeviceError, CheckpointError, TrainingError) as error:
         sys.stderr.write(f"train.py: error: {_one_line(error)}\n")
         return EXIT_ERROR
-    except MemoryError:
-        sys.stderr.write("train.py: error: out of memory; lower --batch-size\n")
+    except MemoryError as error:
+        batch = f" (now {config.batch_size})" if config is not None else ""
+        where = "the GPU" if backend.is_cuda_error(error) else "the machine"
+        sys.stderr.write(f"train.py: error: {where} ran out of memory ({_one_line(error)}); lower "
+                         f"--batch-size{batch}\n")
+        return EXIT_ERROR
+    except KernelCompileError as error:  # names kernels/FILE.cu:LINE
+        sys.stderr.write(f"train.py: error: {_one_line(error).replace(kernel_root, '')}\n")
         return EXIT_ERROR
     except OSError as error:
         where = f" ({error.filename})" if getattr(error, "filename", None) else ""
@@ -193,6 +204,25 @@ def main(argv=None):
         sys.stderr.write("train.py: interrupted; nothing new was saved (an earlier checkpoint, if "
                          "any, is intact)\n")
         return EXIT_INTERRUPTED
+    except Exception as error:
+        line = backend.cuda_error_line(error)  # CUDA, cuBLAS, NVRTC: one line naming the operation
+        if line is None:
+            raise
+        sys.stderr.write(f"train.py: error: {line}\n")
+        return EXIT_ERROR
+
+
+def choose_device(device):
+    """"cpu" or "gpu" for --device; "auto" falls back to the CPU with one line saying why."""
+    from ninpy import backend
+
+    if device != "auto":
+        return device
+    problem = backend.gpu_problem()
+    if problem is not None:
+        print(f"note: training on the CPU; {problem}", flush=True)
+        return "cpu"
+    return "gpu"
 
 
 def _one_line(error):
