@@ -19,6 +19,10 @@ warm-up over the first 500 steps, and lr 0.01 instead of 0.1 - with our He-initi
 authors initialised with std 0.05) lr 0.1 kills the class maps, with or without the warm-up; and
 for Fashion-MNIST a short schedule (40 epochs of cosine decay from lr 0.04, after a 1,000-step
 warm-up) without dropout or translation, and with the class maps at the full lr.
+
+A recipe's numbers are for its full length. A run that is shorter (--epochs, --limit) gets the
+recipe shortened: what is counted in steps, the warm-up, is fitted to the run's length (at most
+half of it, fit_warmup) unless a flag sets it, so its lr still reaches the recipe's peak.
 """
 import math
 from dataclasses import asdict, dataclass, replace
