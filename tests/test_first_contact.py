@@ -57,7 +57,8 @@ def trainer(tmp_path, messages=None, **overrides):
 def test_a_short_run_reaches_the_recipes_lr(tiny_fashion, tmp_path):
     run = trainer(tmp_path)
     assert run.config.warmup_steps == 3  # the recipe's 1,000 steps, fitted to this 6-step run
-    first = run.fit() and json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    run.fit()
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["lr"] == pytest.approx(0.04)  # the peak, on the last step of epoch 1
     saved = json.loads((tmp_path / "run" / "final.json").read_text())["flags"]
     assert saved["warmup_steps"] == 3  # a resumed run keeps the warm-up it started with
