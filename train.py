@@ -6,9 +6,11 @@
     python train.py --resume runs/fm --epochs 10                    # continue exactly where it stopped
     python train.py --resume runs/fm --eval-only                    # test accuracy of the checkpoint
 
-Unset flags take the dataset's recipe (ninpy/recipes.py, docs/recipes.md). Every expected failure
-(bad flag, no GPU, missing data, unusable --out, NaN loss, ...) is one line on stderr and a non-zero
-exit; Ctrl-C saves a resumable checkpoint and exits with 130.
+Unset flags take the dataset's recipe (ninpy/recipes.py, docs/recipes.md); a run shorter than the
+recipe's gets its warm-up fitted to its length. --device auto (the default) takes the GPU when it is
+usable, else says why in one line and trains on the CPU. Every expected failure (bad flag, no usable
+GPU, missing data, unusable --out, NaN loss, GPU out of memory, a CUDA error, ...) is one line on
+stderr and a non-zero exit; Ctrl-C saves a resumable checkpoint and exits with 130.
 """
 import argparse
 import sys

@@ -18,9 +18,10 @@ batches were done and the epoch's running sums; the resumed run replays the epoc
 (skipping the batches already trained on) so the remaining batches and draws are identical.
 
 Faults. A NaN/inf loss stops the run with the step named (TrainingError) and nothing is written:
-the last good checkpoint stays as it was. A training loss that sits at ln(C) for a whole epoch gets
-a warning (the class maps died), and so do class maps that are zero on every test image while the
-others live (those classes can no longer be predicted). Ctrl-C finishes the current step, saves a
+the last good checkpoint stays as it was. Once the lr has reached its peak (not during the warm-up,
+when a net that has not learnt yet is no sign of anything), a training loss that sits at ln(C) for a
+whole epoch gets a warning (the class maps died), and so do class maps that are zero on every test
+image while the others live (those classes can no longer be predicted). Ctrl-C finishes the current step, saves a
 resumable checkpoint and raises Interrupted; a second Ctrl-C stops at once without saving.
 """
 import json

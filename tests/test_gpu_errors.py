@@ -3,11 +3,19 @@
 No GPU is needed: the GPU check is monkeypatched, and the errors are CuPy's real exception types
 raised where a training run would meet them (Trainer stands in for the run).
 """
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-import train
 from ninpy import backend, gpu_kernels, training
+
+# train.py is a script, not a module on the path: load it from the checkout.
+_spec = importlib.util.spec_from_file_location(
+    "train", Path(__file__).resolve().parents[1] / "train.py")
+train = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train)
 
 MNIST = ["--dataset", "mnist", "--out", "unused"]
 
