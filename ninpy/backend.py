@@ -134,8 +134,8 @@ def require_gpu():
 def resolve_device(device):
     """Turn "auto" / "cpu" / "gpu" (or "cuda") into "cpu" or "gpu"; check that a GPU is usable."""
     name = "gpu" if device == "cuda" else device
-    if name == "auto":
-        return "gpu" if gpu_available() else "cpu"
+    if name == "auto":  # once a GPU has been found usable, it is not checked again
+        return "gpu" if _cupy is not None or gpu_available() else "cpu"
     if name not in DEVICES:
         raise DeviceError(f"unknown device {device!r}; expected one of 'auto', 'cpu', 'gpu'")
     if name == "gpu":
