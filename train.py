@@ -6,10 +6,12 @@
     python train.py --resume runs/fm --epochs 10                    # continue exactly where it stopped
     python train.py --resume runs/fm --eval-only                    # test accuracy of the checkpoint
 
-Unset flags take the dataset's recipe (ninpy/recipes.py, docs/recipes.md). Every expected failure
-(bad flag, no GPU, missing data, unusable --out, NaN loss, ...) is one line on stderr and a non-zero
-exit; Ctrl-C, SIGTERM and SIGHUP save a resumable checkpoint and exit with 128 + the signal's
-number (130, 143, 129), as docs/run-folder.md explains.
+Unset flags take the dataset's recipe (ninpy/recipes.py, docs/recipes.md); a run shorter than the
+recipe's gets its warm-up fitted to its length. --device auto (the default) takes the GPU when it is
+usable, else says why in one line and trains on the CPU. Every expected failure (bad flag, no usable
+GPU, missing data, unusable --out, NaN loss, GPU out of memory, a CUDA error, ...) is one line on
+stderr and a non-zero exit; Ctrl-C, SIGTERM and SIGHUP save a resumable checkpoint and exit with
+128 + the signal's number (130, 143, 129), as docs/run-folder.md explains.
 """
 import sys
 
@@ -184,19 +186,23 @@ def _signal_exit(stop):
 
 def _main(args):
     # Imported after parsing, so --help and flag errors are instant.
-    from ninpy import checkpoint
+    from ninpy import backend, checkpoint
     from ninpy.backend import DeviceError
+    from ninpy.gpu_kernels import KERNEL_DIR, KernelCompileError
     from ninpy.checkpoint import CheckpointError
     from ninpy.download import DataError
     from ninpy.run_folder import RunFolderError, exit_status
     from ninpy.training import Interrupted, Trainer, TrainingError
 
+    kernel_root = f"{KERNEL_DIR.parent}/"  # error messages then name kernels/FILE.cu:LINE
     progress = {"auto": None, "on": True, "off": False}[args.progress]
+    config = None
     try:
         state = checkpoint.load(args.resume) if args.resume is not None else None
         if args.eval_only and state is None:
             raise TrainingError("--eval-only needs --resume DIR_OR_FILE: the checkpoint to evaluate")
         config = make_config(args, state.flags if state is not None else None)
+        config.device = choose_device(config.device)
         trainer = Trainer(config, resume=state, eval_only=args.eval_only, progress=progress)
         print(f"NIN for {config.dataset}: {trainer.num_parameters():,} parameters, device "
               f"{trainer.device}, {len(trainer.x_train):,} training / {len(trainer.x_test):,} test "
@@ -209,7 +215,8 @@ def _main(args):
         print(f"recipe: lr {config.lr} (biases x{config.bias_lr_mult}, last 1x1 "
               f"x{config.last_lr_mult}), momentum {config.momentum}, weight decay "
               f"{config.weight_decay}, batch {config.batch_size}, {config.epochs} epochs, schedule "
-              f"{config.schedule}, warm-up {config.warmup_steps} steps, dropout {config.dropout}, augment {config.augment}, "
+              f"{config.schedule}, warm-up {config.warmup_steps} of {config.epochs * trainer.steps_per_epoch} "
+              f"steps, dropout {config.dropout}, augment {config.augment}, "
               f"preprocess {config.preprocess}; writing to {trainer.out}", flush=True)
         final = trainer.fit()
         if "test_acc" in final:
@@ -219,8 +226,14 @@ def _main(args):
     except (DataError, DeviceError, CheckpointError, TrainingError, RunFolderError) as error:
         sys.stderr.write(f"train.py: error: {_one_line(error)}\n")
         return EXIT_ERROR
-    except MemoryError:
-        sys.stderr.write("train.py: error: out of memory; lower --batch-size\n")
+    except MemoryError as error:
+        batch = f" (now {config.batch_size})" if config is not None else ""
+        where = "the GPU" if backend.is_cuda_error(error) else "the machine"
+        sys.stderr.write(f"train.py: error: {where} ran out of memory ({_one_line(error)}); lower "
+                         f"--batch-size{batch}\n")
+        return EXIT_ERROR
+    except KernelCompileError as error:  # names kernels/FILE.cu:LINE
+        sys.stderr.write(f"train.py: error: {_one_line(error).replace(kernel_root, '')}\n")
         return EXIT_ERROR
     except OSError as error:
         where = f" ({error.filename})" if getattr(error, "filename", None) else ""
@@ -233,6 +246,25 @@ def _main(args):
         sys.stderr.write("train.py: interrupted; nothing new was saved (an earlier checkpoint, if "
                          "any, is intact)\n")
         return _signal_exit(stop)
+    except Exception as error:
+        line = backend.cuda_error_line(error)  # CUDA, cuBLAS, NVRTC: one line naming the operation
+        if line is None:
+            raise
+        sys.stderr.write(f"train.py: error: {line}\n")
+        return EXIT_ERROR
+
+
+def choose_device(device):
+    """"cpu" or "gpu" for --device; "auto" falls back to the CPU with one line saying why."""
+    from ninpy import backend
+
+    if device != "auto":
+        return device
+    problem = backend.gpu_problem()
+    if problem is not None:
+        print(f"note: training on the CPU; {problem}", flush=True)
+        return "cpu"
+    return "gpu"
 
 
 def _one_line(error):

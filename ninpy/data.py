@@ -90,7 +90,9 @@ def gcn(x, scale=55.0, min_divisor=1e-8):
     flat = x.reshape(len(x), -1).astype(xp.float32)
     flat -= flat.mean(axis=1, keepdims=True)
     norm = xp.sqrt((flat * flat).sum(axis=1, keepdims=True)) / scale
-    norm[norm < min_divisor] = 1.0
+    # where(), not norm[norm < min_divisor] = 1: a boolean-mask assignment makes CuPy read the
+    # mask's count back to the host, a sync that would stall every batch.
+    norm = xp.where(norm < min_divisor, xp.float32(1.0), norm)
     return (flat / norm).reshape(x.shape)
 
 

@@ -18,12 +18,13 @@ batches were done and the epoch's running sums; the resumed run replays the epoc
 (skipping the batches already trained on) so the remaining batches and draws are identical.
 
 Faults. A NaN/inf loss stops the run with the step named (TrainingError) and nothing is written:
-the last good checkpoint stays as it was. A training loss that sits at ln(C) for a whole epoch gets
-a warning (the class maps died), and so do class maps that are zero on every test image while the
-others live (those classes can no longer be predicted). Ctrl-C, SIGTERM or SIGHUP finishes the
-current step, saves a resumable checkpoint and raises Interrupted; a second one stops at once
-without saving. A checkpoint whose state this run cannot continue (a batch count beyond the epoch,
-an optimiser setting the flags never ask for) is a CheckpointError before anything is trained.
+the last good checkpoint stays as it was. Once the lr has reached its peak (not during the warm-up,
+when a net that has not learnt yet is no sign of anything), a training loss that sits at ln(C) for a
+whole epoch gets a warning (the class maps died), and so do class maps that are zero on every test
+image while the others live (those classes can no longer be predicted). Ctrl-C, SIGTERM or SIGHUP
+finishes the current step, saves a resumable checkpoint and raises Interrupted; a second one stops at
+once without saving. A checkpoint whose state this run cannot continue (a batch count beyond the
+epoch, an optimiser setting the flags never ask for) is a CheckpointError before anything is trained.
 """
 import math
 import signal
@@ -89,13 +90,14 @@ class Config:
 
     @classmethod
     def for_dataset(cls, dataset, **values):
-        """A Config whose unset (None) recipe fields come from the dataset's recipe."""
+        """A Config whose unset (None) recipe fields come from the dataset's recipe; those counted
+        in steps stay None until the Trainer knows the run's length and fits them to it."""
         if not isinstance(dataset, str) or dataset not in recipes.RECIPES:
             raise TrainingError(f"--dataset {dataset!r}: expected one of {', '.join(recipes.RECIPES)}")
         recipe = recipes.recipe_for(dataset)
         config = cls(dataset=dataset, **{k: v for k, v in values.items() if v is not None})
         for name, default in recipe.as_dict().items():
-            if getattr(config, name) is None:
+            if getattr(config, name) is None and name not in recipes.FITTED_TO_RUN:
                 setattr(config, name, default)
         return config
 
@@ -120,7 +122,8 @@ class Config:
             bad("lr", self.lr, "a number > 0")
         if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
             bad("momentum", self.momentum, "a number in [0, 1)")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+        if self.warmup_steps is not None and (not isinstance(self.warmup_steps, int)
+                                              or self.warmup_steps < 0):
             bad("warmup_steps", self.warmup_steps, "a whole number >= 0")
         if self.augment not in recipes.AUGMENT_MODES:
             bad("augment", self.augment, f"one of {', '.join(recipes.AUGMENT_MODES)}")
@@ -257,6 +260,10 @@ class Trainer:
                              lr=config.lr, momentum=config.momentum)
         self.schedule = recipes.make_schedule(self.optimizer, config.schedule, config.epochs)
         self.steps_per_epoch = math.ceil(len(self.x_train) / config.batch_size)
+        # A short run gets the recipe shortened, not its first steps (recipes.fit_warmup).
+        if config.warmup_steps is None:  # the recipe's, fitted to this run (none of it given)
+            config.warmup_steps = recipes.fit_warmup(recipes.RECIPES[config.dataset].warmup_steps,
+                                                     config.epochs * self.steps_per_epoch)
         self.warmup = recipes.WarmupSchedule(self.optimizer, config.warmup_steps)
         self.start_epoch, self.start_batch, self.partial = 0, 0, {}
         if self.state is not None:
@@ -512,8 +519,15 @@ class Trainer:
                 f"{epoch * self.steps_per_epoch + index + 1}): training diverged; {kept}. Lower "
                 f"--lr (now {self.config.lr}) or lengthen --warmup-steps")
 
+    def _warming_up(self, epoch):
+        """True while the lr has not yet reached its peak at the end of this epoch: a net that has
+        not learnt yet is no sign of dead class maps, and a lower lr would not help it."""
+        return self.warmup.factor((epoch + 1) * self.steps_per_epoch - 1) < 1.0
+
     def _warn_if_dead(self, epoch, train_loss, train_acc):
         chance = recipes.ln_classes(self.num_classes)
+        if self._warming_up(epoch):
+            return
         if abs(train_loss - chance) < 0.02 and train_acc < 1.5 / self.num_classes:
             self.log(f"warning: the training loss sat at ln({self.num_classes}) = {chance:.4f} for all "
                      f"of epoch {epoch + 1} (accuracy {train_acc:.3f}): the class maps have died and "
@@ -524,6 +538,13 @@ class Trainer:
         """All class maps zero on every test image (so the loss is exactly ln C): no gradient can
         revive them, so stop like a NaN, before this epoch's state replaces the last checkpoint."""
         chance = recipes.ln_classes(self.num_classes)
+        if len(dead) == self.num_classes and self._warming_up(epoch):
+            raise TrainingError(
+                f"the class maps died in epoch {epoch + 1}, before the lr reached its peak "
+                f"(--lr {self.config.lr} after --warmup-steps {self.config.warmup_steps}): every "
+                f"one is zero on every test image (test loss ln({self.num_classes}) = {chance:.4f}) "
+                "and no gradient can revive them; lengthen --warmup-steps, or check the data and "
+                "the initialisation")
         if len(dead) == self.num_classes:
             kept = (f"the last good checkpoint, {self.out / checkpoint.FILENAME}, is untouched; "
                     f"resume it with a lower lr: python train.py --resume {self.out} --lr "
@@ -540,6 +561,8 @@ class Trainer:
         if the layers below it change enough (docs/recipes.md, CI section: of the five maps dead
         after epoch 1, two came back and three never did)."""
         if not dead or len(dead) == self.num_classes:  # all dead: _stop_if_dead has stopped the run
+            return
+        if self._warming_up(epoch):
             return
         shown = ", ".join(map(str, dead[:10])) + (", ..." if len(dead) > 10 else "")
         slower = (", or slow the class maps with --last-lr-mult 0.1"
