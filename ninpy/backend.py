@@ -200,7 +200,7 @@ def cuda_error_line(error):
 
 
 def _operation(error):
-    """"function (ninpy/file.py:LINE)" of the innermost ninpy frame the error passed through."""
+    """"function (ninpy/FILE.py:LINE)" of the innermost ninpy frame the error passed through."""
     import traceback
     from pathlib import Path
 

@@ -8,8 +8,9 @@ a learner who follows one must find it. Checked in every text file of the reposi
 - bare names of markdown files (`design.md`), next to the file that names them, at the root or in
   docs/;
 - and no reference to a folder beside the repository or to a developers-only design file.
-This file names missing files on purpose and is not checked; neither are the few names in
-DELIBERATELY_MISSING, which tests use as made-up paths.
+A placeholder (`kernels/FILE.cu`) must match at least one file. This file names missing files on
+purpose and is not checked; neither are the few names in DELIBERATELY_MISSING, which tests use as
+made-up paths.
 """
 import re
 import subprocess
@@ -26,6 +27,8 @@ MARKDOWN_LINK = re.compile(r"\]\(([^)\s]+)\)")
 MARKDOWN_NAME = re.compile(r"(?<![\w./-])([\w-]+\.md)\b")
 OUTSIDE = re.compile("|".join([r"\.\./" + "shared", r"/work/", r"\bspec/"]))
 DELIBERATELY_MISSING = {"tests/test_kernels_compile.py": {"kernels/broken.cu"}}  # a made-up source
+# Capitalised words that stand for any file in a pattern such as "kernels/FILE.cu:LINE".
+PLACEHOLDER = re.compile(r"(?<=/)(?:FILE|NAME)(?=\.)")
 
 
 def _repository_files():
@@ -46,6 +49,7 @@ def _exists(path_text, base):
     path_text = path_text.rstrip(".").split("#")[0]
     if not path_text:
         return True
+    path_text = PLACEHOLDER.sub("*", path_text)
     if "*" in path_text:
         return any(base.glob(path_text))
     return (base / path_text).exists()
