@@ -107,7 +107,8 @@ def build_parser():
 # flag name -> Config field, for the flags a user may give
 _FIELDS = {"dataset": "dataset", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
            "momentum": "momentum", "weight_decay": "weight_decay", "bias_lr_mult": "bias_lr_mult",
-           "last_lr_mult": "last_lr_mult", "schedule": "schedule", "warmup_steps": "warmup_steps", "dropout": "dropout",
+           "last_lr_mult": "last_lr_mult", "schedule": "schedule", "warmup_steps": "warmup_steps",
+           "dropout": "dropout",
            "augment": "augment", "crop_pad": "crop_pad", "preprocess": "preprocess", "seed": "seed",
            "data_dir": "data_dir", "out": "out", "limit": "limit", "val_split": "val_split"}
 

@@ -22,7 +22,9 @@ warm-up) without dropout or translation, and with the class maps at the full lr.
 
 A recipe's numbers are for its full length. A run that is shorter (--epochs, --limit) gets the
 recipe shortened: what is counted in steps, the warm-up, is fitted to the run's length (at most
-half of it, fit_warmup) unless a flag sets it, so its lr still reaches the recipe's peak.
+half of it, fit_warmup) unless a flag sets it, so its lr still reaches the recipe's peak; and a
+step schedule's epochs shrink in proportion to --epochs (fit_schedule) unless --schedule is given,
+so a short run still ends at the recipe's small lr.
 """
 import math
 from dataclasses import asdict, dataclass, replace
@@ -31,7 +33,7 @@ from . import optim
 
 __all__ = ["Recipe", "RECIPES", "AUGMENT_MODES", "PREPROCESS_MODES", "recipe_for", "param_groups",
            "parse_augment", "parse_schedule", "make_schedule", "FITTED_TO_RUN", "fit_warmup",
-           "WarmupSchedule", "ln_classes"]
+           "fit_schedule", "WarmupSchedule", "ln_classes"]
 
 AUGMENT_MODES = ("none", "crop", "flip", "crop+flip")
 PREPROCESS_MODES = ("standardize", "gcn-zca")
@@ -198,6 +200,21 @@ def fit_warmup(warmup_steps, run_steps):
     warm-up is well under half its run, so it is unchanged.
     """
     return max(0, min(int(warmup_steps), int(run_steps * WARMUP_SHARE)))
+
+
+def fit_schedule(schedule, recipe_epochs, run_epochs):
+    """The recipe's schedule for a run of `run_epochs`: step milestones scaled by run/recipe length.
+
+    "step:200,230" of a 260-epoch recipe becomes "step:15,18" for --epochs 20, so the short run
+    keeps the recipe's shape (most epochs at the full lr, then two /10 steps) instead of training
+    at a constant lr. Cosine already spans the run's epochs; a run as long or longer keeps the
+    recipe's milestones as they are.
+    """
+    kind, milestones = parse_schedule(schedule)
+    if kind != "step" or run_epochs >= recipe_epochs:
+        return schedule
+    scaled = sorted({max(1, round(m * run_epochs / recipe_epochs)) for m in milestones})
+    return "step:" + ",".join(str(m) for m in scaled)
 
 
 class WarmupSchedule:

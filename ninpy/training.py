@@ -99,6 +99,8 @@ class Config:
         for name, default in recipe.as_dict().items():
             if getattr(config, name) is None and name not in recipes.FITTED_TO_RUN:
                 setattr(config, name, default)
+        if values.get("schedule") is None and isinstance(config.epochs, int):
+            config.schedule = recipes.fit_schedule(recipe.schedule, recipe.epochs, config.epochs)
         return config
 
     def as_dict(self):

@@ -35,6 +35,25 @@ def test_a_short_runs_warmup_is_at_most_half_of_it():
     assert recipes.fit_warmup(0, 80) == 0
 
 
+def test_a_short_run_gets_the_step_schedule_shrunk_in_proportion():
+    assert recipes.fit_schedule("step:200,230", 260, 20) == "step:15,18"
+    assert recipes.fit_schedule("step:40,50", 60, 6) == "step:4,5"
+    assert recipes.fit_schedule("step:200,230", 260, 1) == "step:1"  # never epoch 0
+    assert recipes.fit_schedule("step:200,230", 260, 300) == "step:200,230"  # longer: as given
+    assert recipes.fit_schedule("cosine", 40, 4) == "cosine"  # spans the run's epochs already
+
+
+@pytest.mark.parametrize("dataset", sorted(recipes.RECIPES))
+def test_the_config_fits_the_schedule_unless_a_flag_sets_it(dataset):
+    recipe = recipes.RECIPES[dataset]
+    assert Config.for_dataset(dataset).schedule == recipe.schedule
+    short = Config.for_dataset(dataset, epochs=recipe.epochs // 10).schedule
+    assert short == recipes.fit_schedule(recipe.schedule, recipe.epochs, recipe.epochs // 10)
+    if recipe.schedule.startswith("step"):
+        assert short != recipe.schedule
+    assert Config.for_dataset(dataset, epochs=2, schedule="step:1").schedule == "step:1"
+
+
 # ---------------------------------------------------------------------------------------------
 # In-process runs on a small random Fashion-MNIST (48 training images, batch 16: 3 steps an epoch).
 
