@@ -321,6 +321,12 @@ def main(argv=None):
         where = f" ({error.filename})" if getattr(error, "filename", None) else ""
         sys.stderr.write(f"{PROG}: error: {error.strerror or error}{where}\n")
         return 1
+    except Exception as error:
+        line = backend.cuda_error_line(error)  # CUDA, cuBLAS, NVRTC, GPU memory: one line
+        if line is None:
+            raise
+        sys.stderr.write(f"{PROG}: error: {line}\n")
+        return 1
 
 
 if __name__ == "__main__":

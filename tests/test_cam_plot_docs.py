@@ -183,6 +183,21 @@ def test_cam_command_errors_are_one_line(mnist_run, tmp_path, capsys):
     assert not Path(out).exists()
 
 
+def test_cam_command_cuda_errors_are_one_line(mnist_run, tmp_path, capsys, monkeypatch):
+    runtime = pytest.importorskip("cupy_backends.cuda.api.runtime")
+    run, data_dir = mnist_run
+
+    def failing_maps(model, x):
+        raise runtime.CUDARuntimeError(700)  # cudaErrorIllegalAddress, as a GPU run would meet it
+
+    monkeypatch.setattr(cam, "class_activation_maps", failing_maps)
+    code = cam.main(["--checkpoint", str(run), "--out", str(tmp_path / "c.png"), "--device", "cpu",
+                     "--no-download"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "CUDA error in main (ninpy/cam.py:" in err and "CUDARuntimeError" in err
+
+
 def run_module(*args, code=None):
     """python -m <args> (or python -c code) from the repository root, ninpy importable."""
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
