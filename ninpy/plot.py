@@ -17,12 +17,11 @@ import sys
 from pathlib import Path
 
 from .files import require_regular_file
+from .run_folder import FINAL, METRICS, parse_metrics
 
 __all__ = ["read_metrics", "plot_metrics", "figure_pixels", "PlotError", "main"]
 
 PROG = "python -m ninpy.plot"
-METRICS = "metrics.jsonl"   # the names train.py writes (ninpy.training.METRICS, FINAL)
-FINAL = "final.json"
 DPI = 100
 SIZE = (15.0, 4.5)  # inches: three panels side by side
 
@@ -55,19 +54,11 @@ def read_metrics(path):
         lines = require_regular_file(path).read_bytes().splitlines()  # a FIFO would block
     except OSError as error:
         raise PlotError(f"cannot read {path}: {error.strerror or error}") from None
-    by_epoch = {}
-    for line in lines:
-        try:
-            record = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            continue
-        epoch = record.get("epoch") if isinstance(record, dict) else None
-        if type(epoch) is int and epoch >= 1:  # not NaN, "1", true or 2.5
-            by_epoch[epoch] = record
-    if not by_epoch:
+    records = parse_metrics(lines)
+    if not records:
         raise PlotError(f"{path} holds no epochs yet ({len(lines)} line(s), none a metrics "
                         "record); train.py writes one line when each epoch ends")
-    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
+    return records
 
 
 def _series(records, key, scale=1.0):

@@ -200,19 +200,29 @@ def _same_file(a, b):
 
 
 def _read_records(path, up_to_epoch):
-    """The epoch records 1..up_to_epoch of a metrics.jsonl; the last line of an epoch wins."""
-    by_epoch = {}
+    """The epoch records 1..up_to_epoch of a metrics.jsonl (none when it cannot be read)."""
     try:
         lines = Path(require_regular_file(path)).read_bytes().splitlines()
     except OSError:  # missing, or a FIFO that would block the read
         return []
+    return parse_metrics(lines, up_to_epoch)
+
+
+def parse_metrics(lines, up_to_epoch=None):
+    """The epoch records in metrics.jsonl's lines (bytes), in epoch order.
+
+    A line that is not a UTF-8 JSON object whose epoch is a whole number >= 1 (a torn or damaged
+    line, an epoch of NaN, "1", true or 2.5) is skipped; when an epoch appears twice, its last line
+    wins; epochs past up_to_epoch are left out.
+    """
+    by_epoch = {}
     for line in lines:
         try:
             record = json.loads(line.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError):
             continue
         epoch = record.get("epoch") if isinstance(record, dict) else None
-        if type(epoch) is int and 1 <= epoch <= up_to_epoch:
+        if type(epoch) is int and 1 <= epoch and (up_to_epoch is None or epoch <= up_to_epoch):
             by_epoch[epoch] = record
     return [by_epoch[epoch] for epoch in sorted(by_epoch)]
 
