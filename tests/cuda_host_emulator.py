@@ -138,20 +138,27 @@ def _build(sources):
             parts.append(f'extern "C" void {wrapper}(unsigned grid, unsigned block, void** a) '
                          f'{{ launch(grid, block, {str(warps).lower()}, [&] {{ {expression}({args}); }}); }}')
     code = "\n".join(parts) + "\n"
-    digest = hashlib.sha256((code + "".join(s for _, s, _ in sources)).encode()).hexdigest()[:16]
-    workdir = Path(tempfile.gettempdir()) / f"ninpy-cuda-emulator-{digest}"
+    what = code + "".join(s for _, s, _ in sources)
+    return _compile_once(compiler, code, what, "emulator"), wrappers
+
+
+def _compile_once(compiler, code, what, name):
+    """g++ `code` into a shared library (ctypes.CDLL), built once per version of `what` (the code
+    and the sources it includes) and reused by later processes."""
+    digest = hashlib.sha256(what.encode()).hexdigest()[:16]
+    workdir = Path(tempfile.gettempdir()) / f"ninpy-cuda-{name}-{digest}"
     workdir.mkdir(exist_ok=True)
-    library = workdir / "emulator.so"
-    if not library.exists():  # built once per source version; each process writes its own files
-        source_file = workdir / f"emulator.{os.getpid()}.cpp"
-        partial = workdir / f"emulator.{os.getpid()}.so.tmp"
+    library = workdir / f"{name}.so"
+    if not library.exists():  # each process writes its own files, then renames
+        source_file = workdir / f"{name}.{os.getpid()}.cpp"
+        partial = workdir / f"{name}.{os.getpid()}.so.tmp"
         source_file.write_text(code)
         result = subprocess.run([compiler, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread",
                                  "-o", str(partial), str(source_file)], capture_output=True, text=True)
         if result.returncode != 0:
-            raise EmulatorBuildFailed(f"g++ could not build the host emulator:\n{result.stderr[-3000:]}")
+            raise EmulatorBuildFailed(f"g++ could not build the {name}:\n{result.stderr[-3000:]}")
         partial.replace(library)  # atomic: a concurrent run sees either no library or a whole one
-    return ctypes.CDLL(str(library)), wrappers
+    return ctypes.CDLL(str(library))
 
 
 def build_probe(path, wrappers):
@@ -162,20 +169,7 @@ def build_probe(path, wrappers):
     if compiler is None:
         raise EmulatorUnavailable("no g++ on PATH (needed to run the CUDA sources on the CPU)")
     code = f'{SHIM}\n#include "{Path(path).resolve()}"\n{wrappers}\n'
-    digest = hashlib.sha256((code + Path(path).read_text()).encode()).hexdigest()[:16]
-    workdir = Path(tempfile.gettempdir()) / f"ninpy-cuda-probe-{digest}"
-    workdir.mkdir(exist_ok=True)
-    library = workdir / "probe.so"
-    if not library.exists():
-        source_file = workdir / f"probe.{os.getpid()}.cpp"
-        partial = workdir / f"probe.{os.getpid()}.so.tmp"
-        source_file.write_text(code)
-        result = subprocess.run([compiler, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread",
-                                 "-o", str(partial), str(source_file)], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise EmulatorBuildFailed(f"g++ could not build the probe:\n{result.stderr[-3000:]}")
-        partial.replace(library)
-    return ctypes.CDLL(str(library))
+    return _compile_once(compiler, code, code + Path(path).read_text(), "probe")
 
 
 class _Kernel:

@@ -34,6 +34,15 @@ def raising_trainer(error):
     return Trainer
 
 
+def device_recording_trainer(seen):
+    """A Trainer that notes the device train.py chose, then stops the run."""
+    class Trainer:
+        def __init__(self, config, **kwargs):
+            seen["device"] = config.device
+            raise training.TrainingError("stop here")
+    return Trainer
+
+
 def one_line(err):
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
@@ -51,14 +60,8 @@ def test_device_gpu_without_a_usable_gpu_is_one_line(monkeypatch, capsys):
 
 def test_device_auto_falls_back_to_the_cpu_saying_why(monkeypatch, capsys):
     seen = {}
-
-    class Trainer:
-        def __init__(self, config, **kwargs):
-            seen["device"] = config.device
-            raise training.TrainingError("stop here")
-
     monkeypatch.setattr(backend, "gpu_problem", lambda: "device 'gpu': no NVIDIA driver is loaded")
-    monkeypatch.setattr(training, "Trainer", Trainer)
+    monkeypatch.setattr(training, "Trainer", device_recording_trainer(seen))
     code, out, err = run(capsys, "--device", "auto")
     assert seen["device"] == "cpu"
     notes = [line for line in out.splitlines() if "CPU" in line]
@@ -67,14 +70,8 @@ def test_device_auto_falls_back_to_the_cpu_saying_why(monkeypatch, capsys):
 
 def test_device_auto_takes_a_usable_gpu(monkeypatch, capsys):
     seen = {}
-
-    class Trainer:
-        def __init__(self, config, **kwargs):
-            seen["device"] = config.device
-            raise training.TrainingError("stop here")
-
     monkeypatch.setattr(backend, "gpu_problem", lambda: None)
-    monkeypatch.setattr(training, "Trainer", Trainer)
+    monkeypatch.setattr(training, "Trainer", device_recording_trainer(seen))
     code, out, err = run(capsys)
     assert seen["device"] == "gpu" and "note" not in out
 
