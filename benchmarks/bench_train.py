@@ -1,32 +1,40 @@
 """Training-step throughput of NIN (CIFAR-10 layout) on the CPU: ninpy vs the same network in PyTorch.
 
-Both run in this one process, alternating round by round so that both see the same machine state;
-each round times a few full SGD steps (forward, loss, backward, update) at the same batch size.
+Each round times a few full SGD steps (forward, loss, backward, update) of each engine at the same
+batch size, on the same random batch and the same starting weights; rounds alternate between the
+engines so that both see the same machine state, and the report gives every round and the medians.
 
-    python benchmarks/bench_train.py                  # batch 64, 5 rounds of 3 steps each
-    python benchmarks/bench_train.py --json out.json  # also write the numbers as JSON
+    python benchmarks/bench_train.py                      # batch 64, both engines in this one process
+    python benchmarks/bench_train.py --batch-size 128 --rounds 7
+    python benchmarks/bench_train.py --separate           # each round of each engine in a fresh process
+    python benchmarks/bench_train.py --json out.json      # also write the numbers as JSON
+
+In one process both engines share process-wide settings: ninpy, imported first, sets malloc to
+keep freed memory (ninpy/cpu_settings.py), and PyTorch's allocator profits from it too.
+--separate runs each engine as users run it, alone in its process (PyTorch then without ninpy's
+settings), alternating process by process.
 """
 import argparse
 import json
 import os
-import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
-import numba
-import numpy as np
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.join(HERE, ".."), HERE]
 
-sys.path[:0] = [os.path.join(os.path.dirname(__file__), ".."), os.path.dirname(__file__)]
-
-import ninpy  # noqa: E402
-import ninpy.functional as F  # noqa: E402
-from ninpy import Tensor, models, optim  # noqa: E402
-from torch_nin import torch_nin  # noqa: E402
+from machine import blas_lines, machine_line  # noqa: E402
 
 
-def ninpy_stepper(batch, labels):
+def ninpy_stepper(batch, labels, weights):
+    import ninpy.functional as F
+    from ninpy import Tensor, models, optim
     model = models.nin()
+    for p, w in zip(model.parameters(), weights):
+        p.data[...] = w
     opt = optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     x = Tensor(batch)
 
@@ -37,11 +45,13 @@ def ninpy_stepper(batch, labels):
         opt.step()
         return loss.item()
 
-    return model, step
+    return step
 
 
-def torch_stepper(torch, ninpy_model, batch, labels):
-    model = torch_nin(torch, ninpy_model)
+def torch_stepper(batch, labels, weights):
+    import torch
+    from torch_nin import torch_nin
+    model = torch_nin(torch, weights)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     x, y = torch.tensor(batch), torch.tensor(labels)
 
@@ -55,6 +65,24 @@ def torch_stepper(torch, ninpy_model, batch, labels):
     return step
 
 
+STEPPERS = {"ninpy": ninpy_stepper, "torch": torch_stepper}
+
+
+def problem(batch_size, seed=0):
+    """The batch, labels and starting weights both engines train on (He init, as ninpy's nin())."""
+    import numpy as np  # not at the top: ninpy must be imported before NumPy (ninpy/cpu_settings.py)
+    rng = np.random.default_rng(seed)
+    batch = rng.standard_normal((batch_size, 3, 32, 32)).astype(np.float32)
+    labels = rng.integers(0, 10, batch_size)
+    weights = []
+    for c_in, c_out, k in [(3, 192, 5), (192, 160, 1), (160, 96, 1), (96, 192, 5), (192, 192, 1),
+                           (192, 192, 1), (192, 192, 3), (192, 192, 1), (192, 10, 1)]:
+        std = np.sqrt(2.0 / (c_in * k * k))
+        weights.append((rng.standard_normal((c_out, c_in, k, k)) * std).astype(np.float32))
+        weights.append(np.zeros(c_out, dtype=np.float32))
+    return batch, labels, weights
+
+
 def timed(step, steps, batch_size):
     start = time.perf_counter()
     for _ in range(steps):
@@ -62,55 +90,98 @@ def timed(step, steps, batch_size):
     return steps * batch_size / (time.perf_counter() - start)
 
 
+def engine_facts(name):
+    """What the engine ran with: versions, threads, the settings ninpy applied."""
+    if name == "ninpy":
+        import numba
+        import numpy
+        import ninpy
+        return {"version": ninpy.__version__, "numpy": numpy.__version__,
+                "numba_threading_layer": numba.threading_layer(),
+                "settings_applied": list(ninpy.cpu_settings.APPLIED)}
+    import torch
+    return {"version": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def run_in_process(engines, args):
+    """Alternate the engines round by round here; returns {engine: [images/s per round]}, facts."""
+    batch, labels, weights = problem(args.batch_size)
+    steps = {name: STEPPERS[name](batch, labels, weights) for name in engines}
+    for step in steps.values():  # warm-up: Numba compilation, allocator growth
+        step()
+    rates = {name: [] for name in engines}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            rates[name].append(timed(step, args.steps, args.batch_size))
+    return rates, {name: engine_facts(name) for name in engines}
+
+
+def run_separately(engines, args):
+    """Each round of each engine in a fresh process of its own, alternating engine by engine."""
+    rates, facts = {name: [] for name in engines}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.rounds):
+            for name in engines:
+                out = os.path.join(tmp, f"{name}.json")
+                subprocess.run([sys.executable, os.path.abspath(__file__), "--engine", name,
+                                "--batch-size", str(args.batch_size), "--rounds", "1",
+                                "--steps", str(args.steps), "--json", out, "--quiet"], check=True)
+                with open(out) as f:
+                    result = json.load(f)
+                rates[name] += result["rounds"][name]
+                facts[name] = result["engines"][name]
+    return rates, facts
+
+
+def report(rates, facts, args):
+    print(f"NIN CIFAR-10 training step, batch {args.batch_size}, CPU, fp32, "
+          f"{'each engine in its own processes' if args.separate else 'both engines in one process'}, "
+          f"{args.rounds} rounds of {args.steps} steps")
+    for line in (machine_line(), *blas_lines()):
+        print(line)
+    for name, fact in facts.items():
+        print(f"{name}: {fact}")
+    print(f"{'engine':8s} {'images/s (median)':>18s}   rounds")
+    for name, r in rates.items():
+        print(f"{name:8s} {statistics.median(r):18.1f}   " + " ".join(f"{v:.1f}" for v in r))
+    if len(rates) == 2:
+        ratio = statistics.median(rates["ninpy"]) / statistics.median(rates["torch"])
+        per_round = [a / b for a, b in zip(rates["ninpy"], rates["torch"])]
+        print(f"ratio ninpy / torch = {ratio:.2f} (medians); per round: "
+              + " ".join(f"{r:.2f}" for r in per_round))
+        return ratio
+    return None
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="steps timed per round")
+    parser.add_argument("--engine", choices=["both", "ninpy", "torch"], default="both")
+    parser.add_argument("--separate", action="store_true",
+                        help="run every round of every engine in a fresh process of its own")
     parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    ninpy.manual_seed(0)
-    rng = np.random.default_rng(0)
-    batch = rng.standard_normal((args.batch_size, 3, 32, 32)).astype(np.float32)
-    labels = rng.integers(0, 10, args.batch_size)
-    model, ninpy_step = ninpy_stepper(batch, labels)
-    contenders = {"ninpy": ninpy_step}
-    versions = {"ninpy": ninpy.__version__, "numpy": np.__version__}
-    try:
-        import torch
-        torch.manual_seed(0)
-        contenders["torch"] = torch_stepper(torch, model, batch, labels)
-        versions["torch"] = torch.__version__
-        torch_threads = torch.get_num_threads()
-    except ImportError:
-        torch_threads = None
-        print("PyTorch is not installed: timing ninpy alone")
-
-    for step in contenders.values():  # warm-up: Numba compilation, allocator growth
-        step()
-    rates = {name: [] for name in contenders}
-    for _ in range(args.rounds):
-        for name, step in contenders.items():
-            rates[name].append(timed(step, args.steps, args.batch_size))
-
-    result = {"device": "cpu", "machine": platform.processor() or platform.machine(),
-              "cores": os.cpu_count(), "torch_threads": torch_threads,
-              "numba_threading_layer": numba.threading_layer(),  # known after the first kernel
-              "precision": "fp32",
-              "batch_size": args.batch_size, "versions": versions,
-              "images_per_s": {name: statistics.median(r) for name, r in rates.items()},
-              "rounds": rates}
-    print(f"NIN CIFAR-10 training step, batch {args.batch_size}, CPU ({os.cpu_count()} cores), fp32, "
-          f"Numba threading layer {result['numba_threading_layer']}")
-    print(f"{'engine':8s} {'images/s (median)':>18s}   rounds")
-    for name, r in rates.items():
-        print(f"{name:8s} {statistics.median(r):18.1f}   " + " ".join(f"{v:.1f}" for v in r))
-    if "torch" in rates:
-        ratio = result["images_per_s"]["ninpy"] / result["images_per_s"]["torch"]
-        result["ratio_ninpy_over_torch"] = ratio
-        print(f"ratio ninpy / torch = {ratio:.2f}")
+    engines = ["ninpy", "torch"] if args.engine == "both" else [args.engine]
+    if args.engine == "ninpy" or (args.engine == "both" and not args.separate):
+        import ninpy  # noqa: F401  (before NumPy loads its BLAS: ninpy/cpu_settings.py)
+    if "torch" in engines:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            print("PyTorch is not installed: timing ninpy alone")
+            engines.remove("torch")
+    rates, facts = (run_separately if args.separate else run_in_process)(engines, args)
+    ratio = None if args.quiet else report(rates, facts, args)
     if args.json:
+        result = {"device": "cpu", "machine": machine_line(), "blas": blas_lines(),
+                  "precision": "fp32", "batch_size": args.batch_size, "separate": args.separate,
+                  "engines": facts, "rounds": rates,
+                  "images_per_s": {name: statistics.median(r) for name, r in rates.items()},
+                  "ratio_ninpy_over_torch": ratio}
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
 

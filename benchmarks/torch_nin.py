@@ -1,8 +1,8 @@
 """The CIFAR-10 NIN of docs/design.md written in torch.nn, for side-by-side benchmarks and parity checks."""
 
 
-def torch_nin(torch, ninpy_model=None, num_classes=10):
-    """NIN in torch.nn; with `ninpy_model`, its parameters are copied in (same order of layers)."""
+def torch_nin(torch, weights=None, num_classes=10):
+    """NIN in torch.nn; with `weights` (arrays in the order of ninpy's model.parameters()), copied in."""
     nn = torch.nn
 
     def mlpconv(c_in, widths, k):
@@ -15,8 +15,8 @@ def torch_nin(torch, ninpy_model=None, num_classes=10):
         *mlpconv(3, (192, 160, 96), 5), nn.MaxPool2d(3, 2, ceil_mode=True), nn.Dropout(0.5),
         *mlpconv(96, (192, 192, 192), 5), nn.AvgPool2d(3, 2, ceil_mode=True), nn.Dropout(0.5),
         *mlpconv(192, (192, 192, num_classes), 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    if ninpy_model is not None:
+    if weights is not None:
         with torch.no_grad():
-            for theirs, ours in zip(net.parameters(), ninpy_model.parameters()):
-                theirs.copy_(torch.from_numpy(ours.numpy()))
+            for theirs, ours in zip(net.parameters(), weights):
+                theirs.copy_(torch.from_numpy(ours))
     return net

@@ -4,6 +4,7 @@
     from ninpy import Tensor, no_grad, nn, optim, models
     import ninpy.functional as F
 """
+from . import cpu_settings  # noqa: F401  (first: it sets what OpenBLAS reads when NumPy loads it)
 from . import backend, functional, models, nn, optim, random
 from .autograd import Function, Tensor, is_grad_enabled, no_grad
 from .backend import DeviceError

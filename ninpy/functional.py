@@ -9,8 +9,8 @@ Shapes follow PyTorch: images NCHW, conv weights (C_out, C_in, kh, kw).
 """
 import numpy as np
 
-from . import backend, cpu_kernels, random
-from .gemm import batch_to_columns, columns_to_batch, matmul_shared, pointwise_backward
+from . import backend, cpu_kernels, memory, random
+from .gemm import batch_to_columns, columns_to_batch, matmul, matmul_shared, pointwise_backward
 from .autograd import Function, Tensor
 from .shapes import conv_output_size, pair, pool_output_size
 
@@ -60,7 +60,7 @@ class Conv2d(Function):
         if self.pointwise:   # explicit sizes, not -1: a batch of 0 images must reshape too
             y = matmul_shared(w2, x.reshape(n, x.shape[1], h * width))
         else:
-            y = columns_to_batch(w2 @ self._im2col(x), n)
+            y = columns_to_batch(matmul(w2, self._im2col(x)), n)
         if relu and b is not None:
             self.kernels.bias_relu_(y, b)
         elif relu:
@@ -73,13 +73,11 @@ class Conv2d(Function):
         return y
 
     def backward(self, grad):
-        if self.relu:
-            grad = self.kernels.relu_backward(grad, self.y)
+        grad, grad_b = self._relu_and_bias_backward(grad)
         x, w = self.x, self.w
         n, c_out = grad.shape[:2]
         pixels = self.out_hw[0] * self.out_hw[1]
         w2 = w.reshape(c_out, -1)
-        grad_b = grad.sum(axis=(0, 2, 3)) if self.has_bias else None
         need_x = self.needs_input_grad[0]
         if self.pointwise:
             x3, g3 = x.reshape(n, x.shape[1], pixels), grad.reshape(n, c_out, pixels)
@@ -88,8 +86,17 @@ class Conv2d(Function):
         else:
             g2 = batch_to_columns(grad.reshape(n, c_out, pixels))
             grad_w = g2 @ self._im2col(x).T
-            grad_x = self._col2im(w2.T @ g2) if need_x else None
+            grad_x = self._col2im(matmul(w2.T, g2)) if need_x else None
         return grad_x, grad_w.reshape(w.shape), grad_b
+
+    def _relu_and_bias_backward(self, grad):
+        """dy through the fused ReLU, and the bias gradient db[c] = sum of it over n, h, w:
+        one kernel reads the gradient once for both when both are needed."""
+        if self.relu and self.has_bias:
+            return self.kernels.relu_bias_backward(grad, self.y)
+        if self.relu:
+            return self.kernels.relu_backward(grad, self.y), None
+        return grad, grad.sum(axis=(0, 2, 3)) if self.has_bias else None
 
     def _im2col(self, x):
         kh, kw = self.w.shape[2:]
@@ -208,10 +215,10 @@ class Dropout(Function):
 
     def forward(self, x, p):
         self.mask = _dropout_mask(x, p)
-        return x * self.mask
+        return backend.array_module(x).multiply(x, self.mask, out=memory.empty_for(x, x.shape))
 
     def backward(self, grad):
-        return (grad * self.mask,)
+        return (backend.array_module(grad).multiply(grad, self.mask, out=memory.empty_for(grad, grad.shape)),)
 
 
 def _dropout_mask(x, p):

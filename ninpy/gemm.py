@@ -10,23 +10,35 @@ weight w (M, K). Each device runs it without moving the batch:
 
 `batch_to_columns` and `columns_to_batch` are those copies; the im2col convolution needs them,
 because im2col lays out the whole batch as one column matrix.
+
+Every big result is written into an array from ninpy.memory (`out=`), so the next step reuses it.
 """
 import numpy as np
 
-from . import backend
+from . import backend, memory
+
+
+def matmul(a, b):
+    """a (M, K) @ b (K, L), written into a pooled array."""
+    out = memory.empty_for(b, (a.shape[0], b.shape[1]), np.result_type(a.dtype, b.dtype))
+    return backend.array_module(b).matmul(a, b, out=out)
 
 
 def batch_to_columns(x):
     """(B, K, L) -> (K, B*L), the layout of one big GEMM (a copy)."""
     b, k, l = x.shape
-    return backend.array_module(x).ascontiguousarray(x.transpose(1, 0, 2)).reshape(k, b * l)
+    out = memory.empty_for(x, (k, b, l))
+    out[...] = x.transpose(1, 0, 2)
+    return out.reshape(k, b * l)
 
 
 def columns_to_batch(y, batch):
     """(M, B*L) -> (B, M, L) (a copy)."""
     m = y.shape[0]
     pixels = y.shape[1] // batch if batch else 0   # not -1, which an empty batch cannot resolve
-    return backend.array_module(y).ascontiguousarray(y.reshape(m, batch, pixels).transpose(1, 0, 2))
+    out = memory.empty_for(y, (batch, m, pixels))
+    out[...] = y.reshape(m, batch, pixels).transpose(1, 0, 2)
+    return out
 
 
 def matmul_shared(w, x, transpose_w=False):
@@ -34,10 +46,14 @@ def matmul_shared(w, x, transpose_w=False):
     if backend.is_gpu_array(x):
         from . import gpu_kernels
         return gpu_kernels.matmul_shared(w, x, transpose_w)
-    return np.matmul(w.T if transpose_w else w, x)
+    w = w.T if transpose_w else w
+    out = memory.empty((x.shape[0], w.shape[0], x.shape[2]), np.result_type(w.dtype, x.dtype))
+    return np.matmul(w, x, out=out)
 
 
 def pointwise_backward(w, g, x, need_x=True):
     """(dW, dx) of y[b] = w @ x[b]: dW = sum_b g[b] @ x[b]^T, dx[b] = w^T @ g[b] (None unless need_x)."""
-    grad_w = backend.array_module(x).matmul(g, x.transpose(0, 2, 1)).sum(axis=0)
+    xp = backend.array_module(x)
+    per_image = memory.empty_for(x, (x.shape[0], g.shape[1], x.shape[1]), np.result_type(g.dtype, x.dtype))
+    grad_w = xp.matmul(g, x.transpose(0, 2, 1), out=per_image).sum(axis=0)
     return grad_w, matmul_shared(w, g, transpose_w=True) if need_x else None

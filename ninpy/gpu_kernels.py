@@ -396,6 +396,12 @@ def relu_backward(dy, y):
     return dx
 
 
+def relu_bias_backward(dy, y):
+    """dx = relu_backward(dy, y) and db[c] = sum of dx[:, c]; on the GPU the sum is CuPy's reduction."""
+    dx = relu_backward(dy, y)
+    return dx, dx.sum(axis=(0,) + tuple(range(2, dx.ndim)))
+
+
 def dropout_mask(shape, p, seed, offset, dtype):
     """mask of 0 or 1/(1-p): element i keeps when the counter-based uniform u(seed, offset + i) >= p."""
     if not 0.0 <= p <= 1.0:

@@ -173,6 +173,12 @@ def relu_backward(dy, y):
     return np.where(y <= 0, dy.dtype.type(0), dy)
 
 
+def relu_bias_backward(dy, y):
+    """dx = relu_backward(dy, y) and db[c] = sum of dx[:, c] (the bias gradient of y = relu(z + b[c]))."""
+    dx = relu_backward(dy, y)
+    return dx, dx.sum(axis=(0,) + tuple(range(2, dx.ndim)))
+
+
 def sgd_update_(param, grad, buf, lr, momentum, weight_decay, nesterov):
     """torch.optim.SGD (dampening 0) in place: g = grad + wd*param; buf = m*buf + g;
     param -= lr * (g + m*buf if nesterov else buf). Returns param."""

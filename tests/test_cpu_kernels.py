@@ -140,6 +140,33 @@ def test_bias_relu_add_bias_relu_backward(dtype, seed, dy_layout, y_layout):
     same(K.relu_backward(in_layout(dy, dy_layout), in_layout(out, y_layout)), R.relu_backward(dy, out))
 
 
+@settings(max_examples=20)
+@given(dtype=dtypes, seed=seeds, dy_layout=layouts, y_layout=layouts)
+def test_relu_bias_backward(dtype, seed, dy_layout, y_layout):
+    """The fused pass: dx exactly as relu_backward, db as NumPy's sum (close: another order, float64)."""
+    shape = (1 + seed % 3, 1 + seed % 5, 1 + seed % 7, 1 + seed % 4)
+    y = np.maximum(random_array(seed, shape, dtype, away_from_zero=True), 0)
+    y[0, 0, 0, 0] = np.nan                                     # a NaN y passes dy on
+    dy = random_array(seed + 2, shape, dtype)
+    dx, db = K.relu_bias_backward(in_layout(dy, dy_layout), in_layout(y, y_layout))
+    expected_dx, expected_db = R.relu_bias_backward(dy, y)
+    same(dx, expected_dx)
+    close(db, expected_db)
+    again_dx, again_db = K.relu_bias_backward(dy, y)           # the same order on every call
+    same(again_db, db)
+
+
+def test_relu_bias_backward_sums_a_nin_sized_channel_accurately():
+    """131,072 float32 terms a channel (batch 128, 32x32): the float64 sum stays within float32's
+    rounding of the exact sum, where one float32 running sum would drift."""
+    rng = np.random.default_rng(0)
+    dy = rng.standard_normal((128, 2, 32, 32)).astype(np.float32)
+    y = np.ones_like(dy)
+    _, db = K.relu_bias_backward(dy, y)
+    exact = dy.astype(np.float64).sum(axis=(0, 2, 3))
+    np.testing.assert_allclose(db, exact, rtol=1e-6, atol=1e-4)
+
+
 def test_relu_backward_with_a_channels_last_gradient():
     """np.empty_like would keep dy's channels-last order, and then a flat view of it is a copy."""
     rng = np.random.default_rng(0)
@@ -214,3 +241,5 @@ def test_every_kernel_takes_an_empty_batch(module):
     out = np.zeros((0, 3, 2, 2))
     assert module.bias_relu_(out, np.ones(3)) is out and module.add_bias_(out, np.ones(3)) is out
     assert module.relu_backward(out, out).shape == out.shape
+    dx, db = module.relu_bias_backward(out, out)
+    assert dx.shape == out.shape and db.shape == (3,) and not db.any()

@@ -231,6 +231,10 @@ def test_bias_and_relu_kernels_match_reference(where, N, C, spatial, dtype, seed
         y = R.bias_relu_(out.copy(), bias)
         dx = gpu_kernels.relu_backward(dev.put(dy, layout), dev.put(y, layout))
         np.testing.assert_array_equal(dev.get(dx), R.relu_backward(dy, y))
+        dx, db = gpu_kernels.relu_bias_backward(dev.put(dy, layout), dev.put(y, layout))
+        expected_dx, expected_db = R.relu_bias_backward(dy, y)
+        np.testing.assert_array_equal(dev.get(dx), expected_dx)
+        np.testing.assert_allclose(dev.get(db), expected_db, **tolerance(dtype))
 
 
 @pytest.mark.parametrize("where", BACKENDS)

@@ -1,0 +1,85 @@
+"""A pool of big CPU arrays: a training step reuses the last step's memory instead of asking for new.
+
+Why. glibc's malloc gives every block over 32 MB its own fresh mapping from the OS and unmaps it
+when the block is freed. A NIN step at batch 128 makes dozens of such arrays (activations, im2col
+columns, their gradients), so every step started from fresh pages: about 20,000 page faults a step,
+each page zeroed by the kernel before NumPy writes it (benchmarks/profile_step.py; docs/why-fast.md
+has the numbers). Every step asks for the same sizes as the step before, so keeping the freed
+blocks and handing them out again removes that cost, as CuPy's memory pool does on the GPU.
+
+How. Each block is a 1-D uint8 array owned by the pool; `empty` hands out a view of a free block of
+exactly the asked size (or a new block). A block is free when nothing but the pool refers to it:
+every NumPy view keeps a reference to the array that owns its memory (`view.base` is the block), so
+while any array made from it is alive, the block's reference count is above the pool's own one.
+Nothing needs to be given back by hand. Arrays under MIN_BYTES come from NumPy as usual (malloc
+already reuses small blocks); GPU arrays come from CuPy, which has its own pool.
+
+Free blocks are kept up to LIMIT_BYTES in all; past that the pool lets go of free blocks before it
+makes a new one. `release()` lets go of every free block now. One Python thread at a time.
+"""
+import sys
+
+import numpy as np
+
+from . import backend
+
+MIN_BYTES = 1 << 20
+LIMIT_BYTES = 4 << 30
+
+_blocks = {}   # nbytes -> [uint8 arrays], every block the pool owns, free or in use
+
+
+def _references(blocks, index):
+    return sys.getrefcount(blocks[index])
+
+
+_FREE = _references([np.empty(0, np.uint8)], 0)   # the count of a block only the pool holds
+
+
+def _is_free(blocks, index):
+    return _references(blocks, index) <= _FREE
+
+
+def empty(shape, dtype=np.float32):
+    """An uninitialised C-contiguous NumPy array, from the pool when it is big."""
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape, dtype=np.int64))
+    nbytes = count * dtype.itemsize
+    if nbytes < MIN_BYTES:
+        return np.empty(shape, dtype)
+    blocks = _blocks.setdefault(nbytes, [])
+    for index in range(len(blocks)):
+        if _is_free(blocks, index):
+            return blocks[index].view(dtype).reshape(shape)
+    _make_room(nbytes)
+    blocks.append(np.empty(nbytes, np.uint8))
+    return blocks[-1].view(dtype).reshape(shape)
+
+
+def empty_for(array, shape, dtype=None):
+    """An uninitialised array on `array`'s device (dtype defaults to its dtype)."""
+    dtype = array.dtype if dtype is None else dtype
+    if backend.is_gpu_array(array):
+        return backend.array_module(array).empty(shape, dtype)
+    return empty(shape, dtype)
+
+
+def pooled_bytes():
+    """Bytes the pool holds, free or in use."""
+    return sum(nbytes * len(blocks) for nbytes, blocks in _blocks.items())
+
+
+def release(keep_bytes=0):
+    """Let go of free blocks, largest first, until the pool holds at most keep_bytes."""
+    for nbytes in sorted(_blocks, reverse=True):
+        blocks = _blocks[nbytes]
+        for index in reversed(range(len(blocks))):
+            if pooled_bytes() <= keep_bytes:
+                return
+            if _is_free(blocks, index):
+                del blocks[index]
+
+
+def _make_room(nbytes):
+    if pooled_bytes() + nbytes > LIMIT_BYTES:
+        release(max(LIMIT_BYTES - nbytes, 0))
