@@ -1,5 +1,6 @@
 """The CPU choice in ninpy/gemm.py, measured: a 1x1 convolution as one GEMM per image, or as one
-large GEMM after moving the batch next to the pixels, at the sizes of NIN's 1x1 layers on CIFAR-10.
+large GEMM after moving the batch next to the pixels, at the sizes of NIN's 1x1 layers on CIFAR-10;
+and, for scale, the large GEMMs alone ("no copies"), which a (C, N, H, W) activation layout would run.
 
 Both shapes run in this one process, alternating round by round; each row is forward
 (y[b] = w @ x[b]) and backward (dW = sum_b g[b] @ x[b]^T, dx[b] = w^T @ g[b]) in milliseconds.
@@ -14,11 +15,10 @@ import statistics
 import sys
 import time
 
-import numpy as np
-
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from ninpy import gemm  # noqa: E402
+from ninpy import gemm  # noqa: E402  (ninpy before NumPy: ninpy/cpu_settings.py)
+import numpy as np  # noqa: E402
 
 # (C_in, C_out, H*W) of each 1x1 layer of models.nin() on a 32x32 input
 NIN_POINTWISE_LAYERS = [(192, 160, 1024), (160, 96, 1024), (192, 192, 256), (192, 192, 64),
@@ -40,6 +40,12 @@ def columns(w, x, g):
     return y, (grad_w, gemm.columns_to_batch(w.T @ g_cols, batch))
 
 
+def no_copies(w, x, g):
+    """What a (C, N, H, W) activation layout would run: x and g already (K, B*L) and (M, B*L)."""
+    x_cols, g_cols = x.reshape(x.shape[1], -1), g.reshape(g.shape[1], -1)  # stand-ins of that shape
+    return gemm.matmul(w, x_cols), gemm.matmul(g_cols, x_cols.T), gemm.matmul(w.T, g_cols)
+
+
 def milliseconds(run, *args):
     start = time.perf_counter()
     run(*args)
@@ -54,11 +60,12 @@ def main():
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
-    shapes = {"per_image": per_image, "columns": columns}
+    shapes = {"per_image": per_image, "columns": columns, "no_copies": no_copies}
     results = []
     print(f"1x1 convolution forward + backward, batch {args.batch_size}, CPU ({os.cpu_count()} cores), "
           f"fp32, median of {args.rounds} rounds")
-    print(f"{'C_in':>5s} {'C_out':>5s} {'H*W':>5s} {'per image ms':>13s} {'columns ms':>11s} {'ratio':>6s}")
+    print(f"{'C_in':>5s} {'C_out':>5s} {'H*W':>5s} {'per image ms':>13s} {'columns ms':>11s} {'ratio':>6s}"
+          f" {'no copies ms':>13s}")
     for c_in, c_out, pixels in NIN_POINTWISE_LAYERS:
         w = rng.standard_normal((c_out, c_in), dtype=np.float32)
         x = rng.standard_normal((args.batch_size, c_in, pixels), dtype=np.float32)
@@ -75,10 +82,10 @@ def main():
         results.append({"c_in": c_in, "c_out": c_out, "pixels": pixels, "ms": median,
                         "ratio_per_image_over_columns": ratio, "rounds": times})
         print(f"{c_in:5d} {c_out:5d} {pixels:5d} {median['per_image']:13.1f} {median['columns']:11.1f} "
-              f"{ratio:6.2f}")
+              f"{ratio:6.2f} {median['no_copies']:13.1f}")
     total = {name: sum(r["ms"][name] for r in results) for name in shapes}
     print(f"{'all':>17s} {total['per_image']:13.1f} {total['columns']:11.1f} "
-          f"{total['per_image'] / total['columns']:6.2f}")
+          f"{total['per_image'] / total['columns']:6.2f} {total['no_copies']:13.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": "cpu", "cores": os.cpu_count(), "batch_size": args.batch_size,
