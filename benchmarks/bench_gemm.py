@@ -1,6 +1,6 @@
-"""The CPU choice in ninpy/gemm.py, measured: a 1x1 convolution as one GEMM per image, or as one
-large GEMM after moving the batch next to the pixels, at the sizes of NIN's 1x1 layers on CIFAR-10;
-and, for scale, the large GEMMs alone ("no copies"), which a (C, N, H, W) activation layout would run.
+"""The CPU choice in ninpy/gemm.py, measured: a 1x1 convolution as one GEMM per image (what the
+(N, C, H, W) layout gives) or as one GEMM over the whole batch (what ninpy's channels-first layout
+gives), at the sizes of NIN's 1x1 layers on CIFAR-10.
 
 Both shapes run in this one process, alternating round by round; each row is forward
 (y[b] = w @ x[b]) and backward (dW = sum_b g[b] @ x[b]^T, dx[b] = w^T @ g[b]) in milliseconds.
@@ -26,24 +26,15 @@ NIN_POINTWISE_LAYERS = [(192, 160, 1024), (160, 96, 1024), (192, 192, 256), (192
 
 
 def per_image(w, x, g):
-    """What ninpy runs on the CPU: NumPy's broadcast matmul, one BLAS GEMM per image, no layout copies."""
-    y = gemm.matmul_shared(w, x)
-    return y, gemm.pointwise_backward(w, g, x)
+    """The (N, C, H, W) layout: NumPy's broadcast matmul, one BLAS GEMM per image, no layout copies."""
+    y = np.matmul(w, x)
+    grad_w = np.matmul(g, x.transpose(0, 2, 1)).sum(axis=0)
+    return y, grad_w, np.matmul(w.T, g)
 
 
-def columns(w, x, g):
-    """The alternative: x (B, K, L) -> (K, B*L) so that each product is one large GEMM."""
-    batch = x.shape[0]
-    y = gemm.columns_to_batch(w @ gemm.batch_to_columns(x), batch)
-    g_cols = gemm.batch_to_columns(g)
-    grad_w = g_cols @ gemm.batch_to_columns(x).T
-    return y, (grad_w, gemm.columns_to_batch(w.T @ g_cols, batch))
-
-
-def no_copies(w, x, g):
-    """What a (C, N, H, W) activation layout would run: x and g already (K, B*L) and (M, B*L)."""
-    x_cols, g_cols = x.reshape(x.shape[1], -1), g.reshape(g.shape[1], -1)  # stand-ins of that shape
-    return gemm.matmul(w, x_cols), gemm.matmul(g_cols, x_cols.T), gemm.matmul(w.T, g_cols)
+def one_gemm(w, x, g):
+    """What ninpy runs, channels first: x (K, B*L) and g (M, B*L), one GEMM for each product."""
+    return gemm.matmul(w, x), gemm.matmul(g, x.T), gemm.matmul(w.T, g)
 
 
 def milliseconds(run, *args):
@@ -60,32 +51,35 @@ def main():
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
-    shapes = {"per_image": per_image, "columns": columns, "no_copies": no_copies}
+    shapes = {"per_image": per_image, "one_gemm": one_gemm}
     results = []
     print(f"1x1 convolution forward + backward, batch {args.batch_size}, CPU ({os.cpu_count()} cores), "
           f"fp32, median of {args.rounds} rounds")
-    print(f"{'C_in':>5s} {'C_out':>5s} {'H*W':>5s} {'per image ms':>13s} {'columns ms':>11s} {'ratio':>6s}"
-          f" {'no copies ms':>13s}")
+    print(f"{'C_in':>5s} {'C_out':>5s} {'H*W':>5s} {'per image ms':>13s} {'one GEMM ms':>12s} {'ratio':>6s}")
     for c_in, c_out, pixels in NIN_POINTWISE_LAYERS:
         w = rng.standard_normal((c_out, c_in), dtype=np.float32)
         x = rng.standard_normal((args.batch_size, c_in, pixels), dtype=np.float32)
         g = rng.standard_normal((args.batch_size, c_out, pixels), dtype=np.float32)
-        (y, (dw, dx)), (y_ref, (dw_ref, dx_ref)) = per_image(w, x, g), columns(w, x, g)  # also a warm-up
-        assert np.allclose(y, y_ref, atol=1e-3) and np.allclose(dx, dx_ref, atol=1e-3)
-        assert np.allclose(dw, dw_ref, rtol=1e-4, atol=1e-2)
+        x_cf = np.ascontiguousarray(x.transpose(1, 0, 2)).reshape(c_in, -1)   # channels first
+        g_cf = np.ascontiguousarray(g.transpose(1, 0, 2)).reshape(c_out, -1)
+        inputs = {"per_image": (w, x, g), "one_gemm": (w, x_cf, g_cf)}
+        (y, dw, dx), (y_cf, dw_cf, dx_cf) = per_image(*inputs["per_image"]), one_gemm(*inputs["one_gemm"])
+        assert np.allclose(y.transpose(1, 0, 2).reshape(c_out, -1), y_cf, atol=1e-3)   # also a warm-up
+        assert np.allclose(dx.transpose(1, 0, 2).reshape(c_in, -1), dx_cf, atol=1e-3)
+        assert np.allclose(dw, dw_cf, rtol=1e-4, atol=1e-2)
         times = {name: [] for name in shapes}
         for _ in range(args.rounds):
             for name, run in shapes.items():
-                times[name].append(milliseconds(run, w, x, g))
+                times[name].append(milliseconds(run, *inputs[name]))
         median = {name: statistics.median(t) for name, t in times.items()}
-        ratio = median["per_image"] / median["columns"]
+        ratio = median["per_image"] / median["one_gemm"]
         results.append({"c_in": c_in, "c_out": c_out, "pixels": pixels, "ms": median,
-                        "ratio_per_image_over_columns": ratio, "rounds": times})
-        print(f"{c_in:5d} {c_out:5d} {pixels:5d} {median['per_image']:13.1f} {median['columns']:11.1f} "
-              f"{ratio:6.2f} {median['no_copies']:13.1f}")
+                        "ratio_per_image_over_one_gemm": ratio, "rounds": times})
+        print(f"{c_in:5d} {c_out:5d} {pixels:5d} {median['per_image']:13.1f} {median['one_gemm']:12.1f} "
+              f"{ratio:6.2f}")
     total = {name: sum(r["ms"][name] for r in results) for name in shapes}
-    print(f"{'all':>17s} {total['per_image']:13.1f} {total['columns']:11.1f} "
-          f"{total['per_image'] / total['columns']:6.2f} {total['no_copies']:13.1f}")
+    print(f"{'all':>17s} {total['per_image']:13.1f} {total['one_gemm']:12.1f} "
+          f"{total['per_image'] / total['one_gemm']:6.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": "cpu", "cores": os.cpu_count(), "batch_size": args.batch_size,

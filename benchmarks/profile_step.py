@@ -3,8 +3,8 @@
     python benchmarks/profile_step.py                   # NIN CIFAR-10, batch 128, 3 steps after a warm-up
     python benchmarks/profile_step.py --batch-size 64 --dataset fashion-mnist
 
-It wraps each operator's forward and backward, each kernel (ninpy.cpu_kernels) and each layout
-helper (ninpy.gemm) with a timer and reports EXCLUSIVE times: a row's time excludes the rows called
+It wraps each operator's forward and backward, each kernel (ninpy.cpu_kernels) and the layout copy
+(functional._swapped) with a timer and reports EXCLUSIVE times: a row's time excludes the rows called
 inside it. So a convolution's own rows are its matrix products (GEMMs; their rate in GFLOP/s is shown)
 and the few NumPy calls around them; "autograd, loss, Python" is what is left of the step.
 Page faults are the process's minor faults per step (fresh memory the kernel has to map in).
@@ -60,30 +60,33 @@ class ExclusiveTimer:
         self.seconds.clear(), self.calls.clear(), self.flops.clear()
 
 
-def _conv_name(w_shape, x_shape):
+def _conv_name(w_shape, h, width):
     c_out, c_in, kh, kw = w_shape
-    return f"conv {kh}x{kw} {c_in}->{c_out} at {x_shape[2]}x{x_shape[3]}"
+    return f"conv {kh}x{kw} {c_in}->{c_out} at {h}x{width}"
 
 
-def _conv_forward_label(fn, x, w, *rest, **params):
-    n, c_in, h, width = x.shape
-    c_out, _, kh, kw = w.shape
+def _conv_forward_label(fn, x, w, *rest, layout="NCHW", **params):
+    n = x.shape[0] if layout == "NCHW" else x.shape[1]
+    c_out, c_in, kh, kw = w.shape
+    h, width = x.shape[2:]
     flops = 2.0 * n * c_out * c_in * kh * kw * h * width   # size-preserving convs, as in NIN
-    return f"GEMMs {_conv_name(w.shape, x.shape)}", flops
+    return f"GEMMs {_conv_name(w.shape, h, width)}", flops
 
 
 def _conv_backward_label(fn, grad):
-    n, c_out, oh, ow = grad.shape
+    c_out, n, oh, ow = fn.out_shape                         # the work is channels first
     _, c_in, kh, kw = fn.w.shape
     products = 2 if fn.needs_input_grad[0] else 1           # dW, and dx unless x is the input
-    return f"GEMMs {_conv_name(fn.w.shape, fn.x.shape)}", products * 2.0 * n * c_out * c_in * kh * kw * oh * ow
+    flops = products * 2.0 * n * c_out * c_in * kh * kw * oh * ow
+    return f"GEMMs {_conv_name(fn.w.shape, *fn.x.shape[2:])}", flops
 
 
 def instrument(timer):
     """Wrap the operators, kernels and helpers that a NIN step calls."""
     timer.wrap(F.Conv2d, "forward", _conv_forward_label)
     timer.wrap(F.Conv2d, "backward", _conv_backward_label)
-    for cls in (F.MaxPool2d, F.AvgPool2d, F.GlobalAvgPool2d, F.Dropout, F.CrossEntropy, F.ReLU):
+    for cls in (F.MaxPool2d, F.AvgPool2d, F.GlobalAvgPool2d, F.Dropout, F.CrossEntropy, F.ReLU,
+                F.SwapBatchAndChannels):
         timer.wrap(cls, "forward", f"{cls.__name__} forward (glue)")
         timer.wrap(cls, "backward", f"{cls.__name__} backward (glue)")
     kernels = {
@@ -99,9 +102,7 @@ def instrument(timer):
     for name in ("relu_bias_backward",):
         if hasattr(cpu_kernels, name):
             timer.wrap(cpu_kernels, name, "ReLU backward + bias gradient")
-    for name in ("batch_to_columns", "columns_to_batch"):
-        if hasattr(F, name):
-            timer.wrap(F, name, "columns <-> NCHW copies")
+    timer.wrap(F, "_swapped", "(N, C, H, W) <-> (C, N, H, W) copies")
     timer.wrap(Tensor, "backward", "autograd, loss, Python (the rest)")
 
 

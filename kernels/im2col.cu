@@ -2,7 +2,7 @@
 // them back.
 //
 // Layout (the whole batch in one matrix):
-//   x   (N, C, H, W)
+//   x   (N, C, H, W), or (C, N, H, W) when channels_first is 1 (ninpy's convolution uses that one)
 //   col (C*kh*kw, N*oh*ow)
 //   col[(c*kh + i)*kw + j][(n*oh + y)*ow + x] = x[n][c][y*sh - ph + i][x*sw - pw + j]  (0 off the image)
 //
@@ -22,9 +22,15 @@
 // Index is int when every flat index (and index + grid size) fits in 31 bits, long long otherwise;
 // gpu_kernels.py picks it. T is float or double.
 
+// The plane of image n, channel c among the N*C planes of x: n*C + c, or c*N + n channels first.
+template <typename Index>
+__device__ Index plane_of(Index n, Index c, int N, int C, int channels_first) {
+    return channels_first ? c * N + n : n * C + c;
+}
+
 template <typename T, typename Index>
 __global__ void im2col_kernel(const T* __restrict__ x, T* __restrict__ col,
-                              int N, int C, int H, int W, int kh, int kw,
+                              int N, int C, int channels_first, int H, int W, int kh, int kw,
                               int sh, int sw, int ph, int pw, int oh, int ow) {
     const Index columns = (Index)N * oh * ow;
     const Index total = (Index)C * columns;
@@ -36,7 +42,7 @@ __global__ void im2col_kernel(const T* __restrict__ x, T* __restrict__ col,
         const Index t = column / ow;
         const int oy = (int)(t % oh);
         const Index n = t / oh;
-        const T* plane = x + (n * C + c) * H * W;
+        const T* plane = x + plane_of<Index>(n, c, N, C, channels_first) * H * W;
         T* out = col + c * kh * kw * columns + column;  // row (c*kh + 0)*kw + 0 of this column
         const int h0 = oy * sh - ph;
         const int w0 = ox * sw - pw;
@@ -53,7 +59,7 @@ __global__ void im2col_kernel(const T* __restrict__ x, T* __restrict__ col,
 
 template <typename T, typename Index>
 __global__ void col2im_kernel(const T* __restrict__ col, T* __restrict__ dx,
-                              int N, int C, int H, int W, int kh, int kw,
+                              int N, int C, int channels_first, int H, int W, int kh, int kw,
                               int sh, int sw, int ph, int pw, int oh, int ow) {
     const Index columns = (Index)N * oh * ow;
     const Index total = (Index)N * C * H * W;
@@ -61,9 +67,9 @@ __global__ void col2im_kernel(const T* __restrict__ col, T* __restrict__ dx,
     for (Index e = (Index)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
         const int w = (int)(e % W);
         const int h = (int)((e / W) % H);
-        const Index plane = e / ((Index)W * H);  // n*C + c
-        const int c = (int)(plane % C);
-        const Index n = plane / C;
+        const Index plane = e / ((Index)W * H);  // n*C + c, or c*N + n channels first
+        const int c = (int)(channels_first ? plane / N : plane % C);
+        const Index n = channels_first ? plane % N : plane / C;
         const int hp = h + ph;  // row in the padded image
         const int wp = w + pw;
         const int y_start = hp < kh ? 0 : (hp - kh) / sh + 1;

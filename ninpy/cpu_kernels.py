@@ -49,20 +49,26 @@ _divisor = njit(cache=True)(shapes.avg_pool_divisor)
 _contiguous = np.ascontiguousarray
 
 
+@njit(cache=True)
+def _plane(n, c, N, C, channels_first):
+    """The index of image (n, c)'s plane among the N*C planes: n*C + c, or c*N + n in (C, N, H, W)."""
+    return c * N + n if channels_first else n * C + c
+
+
 @njit(parallel=True, cache=True)
-def _im2col_kernel(xp, col, kh, kw, sh, sw, oh, ow):
-    # xp is x zero-padded by ph, pw (so no bounds tests). One iteration = one row (c, i, j) of col,
-    # i.e. one weight entry, over the whole batch: for each (n, oy) it copies ow elements.
-    # (Slicing a 1-D view first lets LLVM vectorise the copy: indexing with ox from 0.)
-    N, C = xp.shape[0], xp.shape[1]
+def _im2col_kernel(xp, col, N, C, channels_first, kh, kw, sh, sw, oh, ow):
+    # xp (N*C, Hp, Wp) is x's planes zero-padded by ph, pw (so no bounds tests). One iteration = one
+    # row (c, i, j) of col, i.e. one weight entry, over the whole batch: for each (n, oy) it copies
+    # ow elements. (Slicing a 1-D view first lets LLVM vectorise the copy: indexing with ox from 0.)
     for row in prange(C * kh * kw):
         c = row // (kh * kw)
         i = (row // kw) % kh
         j = row % kw
         for n in range(N):
+            plane = _plane(n, c, N, C, channels_first)
             for oy in range(oh):
                 dst = col[row, (n * oh + oy) * ow:(n * oh + oy + 1) * ow]
-                src = xp[n, c, oy * sh + i]
+                src = xp[plane, oy * sh + i]
                 if sw == 1:
                     src = src[j:j + ow]
                     for ox in range(ow):
@@ -72,34 +78,38 @@ def _im2col_kernel(xp, col, kh, kw, sh, sw, oh, ow):
                         dst[ox] = src[ox * sw + j]
 
 
-def im2col(x, kh, kw, sh, sw, ph, pw):
-    """col[(c*kh + i)*kw + j, (n*oh + y)*ow + x] = x[n, c, y*sh - ph + i, x*sw - pw + j], 0 outside."""
+def im2col(x, kh, kw, sh, sw, ph, pw, layout="NCHW"):
+    """col[(c*kh + i)*kw + j, (n*oh + y)*ow + x] = x[n, c, y*sh - ph + i, x*sw - pw + j], 0 outside.
+    x is (N, C, H, W), or (C, N, H, W) with layout="CNHW"; col is the same for both."""
     x = _contiguous(x)
-    N, C, H, W = x.shape
+    channels_first = layout == "CNHW"
+    C, N = x.shape[:2] if channels_first else x.shape[1::-1]
+    H, W = x.shape[2:]
     oh, ow = shapes.conv_output_size(H, kh, sh, ph), shapes.conv_output_size(W, kw, sw, pw)
     if ph or pw:   # one padded copy of x (kh*kw times smaller than col) saves a bounds test per element
-        xp = memory.empty((N, C, H + 2 * ph, W + 2 * pw), dtype=x.dtype)
+        xp = memory.empty((N * C, H + 2 * ph, W + 2 * pw), dtype=x.dtype)
         xp.fill(0)
-        xp[:, :, ph:ph + H, pw:pw + W] = x
+        xp[:, ph:ph + H, pw:pw + W] = x.reshape(N * C, H, W)
     else:
-        xp = x
+        xp = x.reshape(N * C, H, W)
     col = memory.empty((C * kh * kw, N * oh * ow), dtype=x.dtype)
-    _im2col_kernel(xp, col, kh, kw, sh, sw, oh, ow)
+    _im2col_kernel(xp, col, N, C, channels_first, kh, kw, sh, sw, oh, ow)
     return col
 
 
 @njit(parallel=True, cache=True)
-def _col2im_kernel(col, dx, kh, kw, sh, sw, ph, pw, oh, ow):
-    # One iteration = one image plane (n, c) of dx, a gather. For each image row h, each window
+def _col2im_kernel(col, dx, N, C, channels_first, kh, kw, sh, sw, ph, pw, oh, ow):
+    # dx (N*C, H, W): the planes. One iteration = one image plane (n, c) of dx, a gather. For each image row h, each window
     # row oy covering it (shapes.covering_windows) holds h at kernel row i = h + ph - oy*sh, and
     # gives kw col segments of ow elements, summed into `acc`, one row of the padded image (its
     # columns -pw .. span - pw - 1); then acc's real columns are copied into dx. Every dx element
     # is summed in (oy, j) order by one thread: deterministic.
-    N, C, H, W = dx.shape
+    H, W = dx.shape[1], dx.shape[2]
     span = (ow - 1) * sw + kw                                 # padded columns that windows reach
     for p in prange(N * C):
         n = p // C
         c = p % C
+        plane = _plane(n, c, N, C, channels_first)
         acc = np.empty(span, dtype=dx.dtype)
         for h in range(H):
             acc[:] = 0
@@ -117,16 +127,19 @@ def _col2im_kernel(col, dx, kh, kw, sh, sw, ph, pw, oh, ow):
                         for ox in range(ow):
                             acc[ox * sw + j] += src[ox]
             for w in range(W):                                # columns no window reaches get 0
-                dx[n, c, h, w] = acc[w + pw] if w + pw < span else 0
+                dx[plane, h, w] = acc[w + pw] if w + pw < span else 0
 
 
-def col2im(col, x_shape, kh, kw, sh, sw, ph, pw):
-    """dx[n, c, h, w] = sum of col[(c*kh + i)*kw + j, (n*oh + y)*ow + x] over y*sh - ph + i = h, x*sw - pw + j = w."""
+def col2im(col, x_shape, kh, kw, sh, sw, ph, pw, layout="NCHW"):
+    """dx[n, c, h, w] = sum of col[(c*kh + i)*kw + j, (n*oh + y)*ow + x] over y*sh - ph + i = h, x*sw - pw + j = w.
+    x_shape and dx are (N, C, H, W), or (C, N, H, W) with layout="CNHW"."""
     col = _contiguous(col)
-    N, C, H, W = x_shape
+    channels_first = layout == "CNHW"
+    C, N = x_shape[:2] if channels_first else x_shape[1::-1]
+    H, W = x_shape[2:]
     oh, ow = shapes.conv_output_size(H, kh, sh, ph), shapes.conv_output_size(W, kw, sw, pw)
-    dx = memory.empty((N, C, H, W), dtype=col.dtype)
-    _col2im_kernel(col, dx, kh, kw, sh, sw, ph, pw, oh, ow)
+    dx = memory.empty(tuple(x_shape), dtype=col.dtype)
+    _col2im_kernel(col, dx.reshape(N * C, H, W), N, C, channels_first, kh, kw, sh, sw, ph, pw, oh, ow)
     return dx
 
 

@@ -10,7 +10,7 @@ Shapes follow PyTorch: images NCHW, conv weights (C_out, C_in, kh, kw).
 import numpy as np
 
 from . import backend, cpu_kernels, memory, random
-from .gemm import batch_to_columns, columns_to_batch, matmul, matmul_shared, pointwise_backward
+from .gemm import matmul
 from .autograd import Function, Tensor
 from .shapes import conv_output_size, pair, pool_output_size
 
@@ -30,91 +30,127 @@ def _require_4d(x, op):
 
 # ---- convolution --------------------------------------------------------------------------------
 
+LAYOUTS = ("NCHW", "CNHW")
+
+
+def _swapped(array):
+    """(N, C, H, W) <-> (C, N, H, W): the batch and channel axes exchanged, as a C-ordered copy."""
+    out = memory.empty_for(array, (array.shape[1], array.shape[0]) + array.shape[2:])
+    out[...] = array.transpose(1, 0, 2, 3)
+    return out
+
+
+class SwapBatchAndChannels(Function):
+    """y = x with axes 0 and 1 exchanged ((N, C, H, W) <-> (C, N, H, W));  dx = dy exchanged back."""
+
+    def forward(self, x):
+        _require_4d(x, "swap_batch_and_channels")
+        return _swapped(x)
+
+    def backward(self, grad):
+        return (_swapped(grad),)
+
+
+def swap_batch_and_channels(x):
+    """(N, C, H, W) -> (C, N, H, W) and back: in and out of the layout NIN keeps between layers."""
+    return SwapBatchAndChannels.apply(x)
+
+
 class Conv2d(Function):
     """y = W * x + b (cross-correlation), optionally followed by ReLU in the same pass.
 
-    A general kernel is lowered with im2col to one GEMM over the whole batch:
-    col (C*kh*kw, N*oh*ow), y = W(C_out, C*kh*kw) @ col;  dW = dy @ col^T,  dcol = W^T @ dy,
-    dx = col2im(dcol). A 1x1 kernel with stride 1 and no padding needs no im2col: x (N, C, H*W) is
-    already the column matrix of each image, so y[n] = W @ x[n] is a batched GEMM with a shared W
-    (ninpy.gemm runs it the way that measured fastest on each device).
-    col is recomputed in backward rather than kept, which bounds memory to one layer's columns.
+    The work is done channels first, on x as (C, N, H, W), where each channel of the whole batch
+    lies in one block, so that every product is ONE GEMM and needs no layout copy
+    (W2 = W as (C_out, C*kh*kw), dy2 = dy as (C_out, N*oh*ow)):
+    - a general kernel: col = im2col(x) (C*kh*kw, N*oh*ow), y = W2 @ col, which already is y as
+      (C_out, N, oh, ow);  dW = dy2 @ col^T, dcol = W2^T @ dy2, dx = col2im(dcol);
+    - a 1x1 kernel with stride 1 and no padding: x as (C, N*H*W) already is the column matrix:
+      y = W2 @ x;  dW = dy2 @ x^T, dx = W2^T @ dy2.
+    models.NIN keeps its activations channels first between layers (layout="CNHW"). An (N, C, H, W)
+    input, the public layout, is copied to channels first on the way in and the result copied
+    back: two copies, the price of a standalone call.
+    col is recomputed in backward rather than kept: keeping it saved about 3% of a NIN step and
+    took about 25% more memory (docs/why-fast.md).
     """
 
-    def forward(self, x, w, b, stride, padding, relu):
+    def forward(self, x, w, b, stride, padding, relu, layout):
         _require_4d(x, "conv2d")
-        if w.ndim != 4 or w.shape[1] != x.shape[1]:
+        if layout not in LAYOUTS:
+            raise ValueError(f"conv2d: layout must be one of {LAYOUTS}, got {layout!r}")
+        self.batch_first = layout == "NCHW"
+        c_in = x.shape[1] if self.batch_first else x.shape[0]
+        if w.ndim != 4 or w.shape[1] != c_in:
             raise ValueError(f"conv2d: weight of shape {w.shape} does not fit input of shape "
-                             f"{x.shape}; expected (C_out, {x.shape[1]}, kh, kw)")
+                             f"{x.shape} ({layout}); expected (C_out, {c_in}, kh, kw)")
         if b is not None and b.shape != (w.shape[0],):
             raise ValueError(f"conv2d: bias of shape {b.shape}, expected ({w.shape[0]},)")
+        x = _swapped(x) if self.batch_first else x            # now (C, N, H, W)
         self.kernels = kernels_for(x)
         self.x, self.w, self.has_bias, self.relu = x, w, b is not None, relu
         self.stride, self.padding = pair(stride, "stride"), pair(padding, "padding")
-        n, _, h, width = x.shape
+        _, n, h, width = x.shape
         c_out, _, kh, kw = w.shape
-        self.out_hw = (conv_output_size(h, kh, self.stride[0], self.padding[0]),
-                       conv_output_size(width, kw, self.stride[1], self.padding[1]))
+        self.out_shape = (c_out, n, conv_output_size(h, kh, self.stride[0], self.padding[0]),
+                          conv_output_size(width, kw, self.stride[1], self.padding[1]))
         self.pointwise = (kh, kw) == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
-        w2 = w.reshape(c_out, -1)
-        if self.pointwise:   # explicit sizes, not -1: a batch of 0 images must reshape too
-            y = matmul_shared(w2, x.reshape(n, x.shape[1], h * width))
-        else:
-            y = columns_to_batch(matmul(w2, self._im2col(x)), n)
+        y2 = matmul(w.reshape(c_out, -1), self._columns())     # (C_out, N*oh*ow)
         if relu and b is not None:
-            self.kernels.bias_relu_(y, b)
+            self.kernels.bias_relu_(y2[None], b)               # (1, C_out, N*oh*ow): one plane a channel
         elif relu:
-            backend.array_module(y).maximum(y, 0, out=y)
+            backend.array_module(y2).maximum(y2, 0, out=y2)
         elif b is not None:
-            self.kernels.add_bias_(y, b)
-        y = y.reshape(n, c_out, *self.out_hw)
+            self.kernels.add_bias_(y2[None], b)
         if relu:
-            self.y = y
-        return y
+            self.y2 = y2
+        y = y2.reshape(self.out_shape)
+        return _swapped(y) if self.batch_first else y
 
     def backward(self, grad):
-        grad, grad_b = self._relu_and_bias_backward(grad)
-        x, w = self.x, self.w
-        n, c_out = grad.shape[:2]
-        pixels = self.out_hw[0] * self.out_hw[1]
-        w2 = w.reshape(c_out, -1)
-        need_x = self.needs_input_grad[0]
-        if self.pointwise:
-            x3, g3 = x.reshape(n, x.shape[1], pixels), grad.reshape(n, c_out, pixels)
-            grad_w, grad_x = pointwise_backward(w2, g3, x3, need_x)
-            grad_x = grad_x.reshape(x.shape) if need_x else None
-        else:
-            g2 = batch_to_columns(grad.reshape(n, c_out, pixels))
-            grad_w = g2 @ self._im2col(x).T
-            grad_x = self._col2im(matmul(w2.T, g2)) if need_x else None
-        return grad_x, grad_w.reshape(w.shape), grad_b
+        grad = _swapped(grad) if self.batch_first else grad
+        c_out = self.out_shape[0]
+        g2, grad_b = self._relu_and_bias_backward(grad.reshape(c_out, -1 if grad.size else 0))
+        w2 = self.w.reshape(c_out, -1)
+        columns = self._columns()
+        grad_w = (g2 @ columns.T).reshape(self.w.shape)
+        if not self.needs_input_grad[0]:
+            return None, grad_w, grad_b
+        dcolumns = matmul(w2.T, g2)
+        grad_x = dcolumns.reshape(self.x.shape) if self.pointwise else self._col2im(dcolumns)
+        return (_swapped(grad_x) if self.batch_first else grad_x), grad_w, grad_b
 
-    def _relu_and_bias_backward(self, grad):
-        """dy through the fused ReLU, and the bias gradient db[c] = sum of it over n, h, w:
+    def _relu_and_bias_backward(self, g2):
+        """dy2 through the fused ReLU, and the bias gradient db[c] = sum of row c of it:
         one kernel reads the gradient once for both when both are needed."""
         if self.relu and self.has_bias:
-            return self.kernels.relu_bias_backward(grad, self.y)
+            dz, grad_b = self.kernels.relu_bias_backward(g2[None], self.y2[None])
+            return dz[0], grad_b
         if self.relu:
-            return self.kernels.relu_backward(grad, self.y), None
-        return grad, grad.sum(axis=(0, 2, 3)) if self.has_bias else None
+            return self.kernels.relu_backward(g2, self.y2), None
+        return g2, g2.sum(axis=1) if self.has_bias else None
 
-    def _im2col(self, x):
+    def _columns(self):
+        """The GEMM's right-hand matrix: x as (C, N*H*W) for a 1x1 kernel, else im2col(x)."""
+        if self.pointwise:
+            c, n, h, w = self.x.shape
+            return self.x.reshape(c, n * h * w)              # explicit: a batch may be empty
         kh, kw = self.w.shape[2:]
-        return self.kernels.im2col(x, kh, kw, *self.stride, *self.padding)
+        return self.kernels.im2col(self.x, kh, kw, *self.stride, *self.padding, layout="CNHW")
 
-    def _col2im(self, col):
+    def _col2im(self, dcolumns):
         kh, kw = self.w.shape[2:]
-        return self.kernels.col2im(col, self.x.shape, kh, kw, *self.stride, *self.padding)
+        return self.kernels.col2im(dcolumns, self.x.shape, kh, kw, *self.stride, *self.padding,
+                                   layout="CNHW")
 
 
-def conv2d(x, weight, bias=None, stride=1, padding=0):
-    """2-D convolution (cross-correlation) of x (N, C, H, W) with weight (C_out, C, kh, kw)."""
-    return Conv2d.apply(x, weight, bias, stride=stride, padding=padding, relu=False)
+def conv2d(x, weight, bias=None, stride=1, padding=0, layout="NCHW"):
+    """2-D convolution (cross-correlation) of x (N, C, H, W) with weight (C_out, C, kh, kw).
+    layout="CNHW": x and the result are channels first, (C, N, H, W)."""
+    return Conv2d.apply(x, weight, bias, stride=stride, padding=padding, relu=False, layout=layout)
 
 
-def conv2d_relu(x, weight, bias=None, stride=1, padding=0):
-    """relu(conv2d(x, weight, bias, stride, padding)) in one Function: bias and ReLU in one pass."""
-    return Conv2d.apply(x, weight, bias, stride=stride, padding=padding, relu=True)
+def conv2d_relu(x, weight, bias=None, stride=1, padding=0, layout="NCHW"):
+    """relu(conv2d(x, weight, bias, stride, padding, layout)) in one Function: bias and ReLU in one pass."""
+    return Conv2d.apply(x, weight, bias, stride=stride, padding=padding, relu=True, layout=layout)
 
 
 # ---- activation ---------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """GPU kernels: launch the CUDA sources in `kernels/*.cu` on CuPy arrays.
 
 Same names and signatures as `ninpy.reference` (the readable NumPy oracle) and `ninpy.cpu_kernels`,
-plus the GPU-only `dropout_mask` and `matmul_shared` (the kernel contract in docs/design.md lists them
-all). Every function takes and returns CuPy arrays of any strides (inputs are made C-contiguous,
+plus the GPU-only `dropout_mask` (the kernel contract in docs/design.md lists them all). The
+convolutions' GEMMs are CuPy's own 2-D matmul (ninpy/gemm.py). Every function takes and returns CuPy arrays of any strides (inputs are made C-contiguous,
 because a raw kernel ignores strides), allocates its outputs with `cupy.empty`, launches on the
 current stream and never waits for the GPU or copies to the host.
 
@@ -27,7 +27,6 @@ A launch, step by step (every public function below does this, in `_launch`):
 Cross-entropy launches one warp per row instead, so it builds its grid in `_row_launch`.
 """
 import math
-import os
 import re
 from pathlib import Path
 
@@ -230,30 +229,36 @@ def _i32(*values):
 
 # --- im2col / col2im ------------------------------------------------------------------------------
 
-def im2col(x, kh, kw, sh, sw, ph, pw):
-    """col[(c*kh + i)*kw + j, (n*oh + y)*ow + x] = x[n, c, y*sh - ph + i, x*sw - pw + j], 0 outside."""
+def im2col(x, kh, kw, sh, sw, ph, pw, layout="NCHW"):
+    """col[(c*kh + i)*kw + j, (n*oh + y)*ow + x] = x[n, c, y*sh - ph + i, x*sw - pw + j], 0 outside.
+    x is (N, C, H, W), or (C, N, H, W) with layout="CNHW"; col is the same for both."""
     cupy = backend.require_gpu()
     x = _contiguous(x)
-    N, C, H, W = x.shape
+    channels_first = layout == "CNHW"
+    C, N = x.shape[:2] if channels_first else x.shape[1::-1]
+    H, W = x.shape[2:]
     oh, ow = conv_output_size(H, kh, sh, ph), conv_output_size(W, kw, sw, pw)
     col = cupy.empty((C * kh * kw, N * oh * ow), dtype=x.dtype)
     _launch("im2col.cu", "im2col_kernel", x.dtype, C * N * oh * ow,
-            (x, col) + _i32(N, C, H, W, kh, kw, sh, sw, ph, pw, oh, ow))
+            (x, col) + _i32(N, C, channels_first, H, W, kh, kw, sh, sw, ph, pw, oh, ow))
     return col
 
 
-def col2im(col, x_shape, kh, kw, sh, sw, ph, pw):
-    """dx[n, c, h, w] = sum of the col entries im2col copied from x[n, c, h, w] (a gather)."""
+def col2im(col, x_shape, kh, kw, sh, sw, ph, pw, layout="NCHW"):
+    """dx[n, c, h, w] = sum of the col entries im2col copied from x[n, c, h, w] (a gather).
+    x_shape and dx are (N, C, H, W), or (C, N, H, W) with layout="CNHW"."""
     cupy = backend.require_gpu()
     col = _contiguous(col)
-    N, C, H, W = x_shape
+    channels_first = layout == "CNHW"
+    C, N = x_shape[:2] if channels_first else x_shape[1::-1]
+    H, W = x_shape[2:]
     oh, ow = conv_output_size(H, kh, sh, ph), conv_output_size(W, kw, sw, pw)
     if col.shape != (C * kh * kw, N * oh * ow):
         raise ValueError(f"col has shape {col.shape}, expected {(C * kh * kw, N * oh * ow)} for "
-                         f"x_shape {tuple(x_shape)} and kernel {kh}x{kw}")
-    dx = cupy.empty((N, C, H, W), dtype=col.dtype)
+                         f"x_shape {tuple(x_shape)} ({layout}) and kernel {kh}x{kw}")
+    dx = cupy.empty(tuple(x_shape), dtype=col.dtype)
     _launch("im2col.cu", "col2im_kernel", col.dtype, dx.size,
-            (col, dx) + _i32(N, C, H, W, kh, kw, sh, sw, ph, pw, oh, ow))
+            (col, dx) + _i32(N, C, channels_first, H, W, kh, kw, sh, sw, ph, pw, oh, ow))
     return dx
 
 
@@ -436,72 +441,3 @@ def sgd_update_(param, grad, buf, lr, momentum, weight_decay, nesterov):
     return param
 
 
-# --- shared-weight batched GEMM -------------------------------------------------------------------
-
-def _tf32_enabled():
-    """CuPy's rule for its own matmuls: CUPY_TF32=1 and a GPU of compute capability 8.0 or newer."""
-    if int(os.environ.get("CUPY_TF32", "0") or 0) <= 0:
-        return False
-    cupy = backend.require_gpu()
-    return int(cupy.cuda.Device().compute_capability) >= 80
-
-
-def matmul_shared(w, x, transpose_w=False):
-    """out[b] = op(w) @ x[b]: w (M, K) (or (K, M) with transpose_w), x (B, K, L) -> out (B, M, L).
-
-    One cuBLAS strided-batched GEMM with stride 0 for the shared weight. cuBLAS is column-major, and a
-    row-major (R, C) matrix is the column-major (C, R) matrix of its transpose, so we ask cuBLAS for
-    out[b]^T (L, M) = x[b]^T (L, K) @ op(w)^T (K, M): A = x[b] untransposed (lda = L, stride K*L),
-    B = w (ldb = K; transposed, with ldb = M, when transpose_w), C = out[b] (ldc = L, stride M*L).
-    """
-    cupy = backend.require_gpu()
-    w = _contiguous(w)
-    x = _contiguous(x)
-    if w.dtype != x.dtype:
-        raise TypeError(f"w ({w.dtype}) and x ({x.dtype}) must share a dtype")
-    _c_type(x.dtype)
-    if w.ndim != 2 or x.ndim != 3:
-        raise ValueError(f"matmul_shared takes w (M, K) and x (B, K, L), got {w.shape} and {x.shape}")
-    M, K = (w.shape[1], w.shape[0]) if transpose_w else w.shape
-    B, Kx, L = x.shape
-    if Kx != K:
-        raise ValueError(f"op(w) is ({M}, {K}) but x[b] is ({Kx}, {L}); inner sizes must agree")
-    out = cupy.empty((B, M, L), dtype=x.dtype)
-    if out.size == 0:
-        return out
-    if K == 0:
-        out.fill(0)
-        return out
-    _gemm_strided_batched(transpose_b=transpose_w, m=L, n=M, k=K,
-                          a=x, lda=L, stride_a=K * L,
-                          b=w, ldb=M if transpose_w else K, stride_b=0,
-                          c=out, ldc=L, stride_c=M * L, batch=B)
-    return out
-
-
-def _gemm_strided_batched(transpose_b, m, n, k, a, lda, stride_a, b, ldb, stride_b, c, ldc, stride_c,
-                          batch):
-    """Column-major C[i] = A[i] @ op(B[i]) for i < batch (alpha 1, beta 0), on the current stream.
-
-    float32 goes through gemmStridedBatchedEx so that CUPY_TF32=1 applies here as it does to CuPy's
-    own 2-D matmul (compute type 32F_FAST_TF32); float64 through dgemmStridedBatched.
-    """
-    cupy = backend.require_gpu()
-    from cupy.cuda import cublas, device
-
-    handle = device.get_cublas_handle()  # CuPy's cuBLAS wrappers set the current stream each call
-    transb = cublas.CUBLAS_OP_T if transpose_b else cublas.CUBLAS_OP_N
-    one = np.array(1, dtype=c.dtype)   # host scalars: CuPy's handle is in host pointer mode
-    zero = np.array(0, dtype=c.dtype)
-    if c.dtype == np.float32:
-        compute = cublas.CUBLAS_COMPUTE_32F_FAST_TF32 if _tf32_enabled() else cublas.CUBLAS_COMPUTE_32F
-        r32f = cupy.cuda.runtime.CUDA_R_32F
-        cublas.gemmStridedBatchedEx(
-            handle, cublas.CUBLAS_OP_N, transb, m, n, k,
-            one.ctypes.data, a.data.ptr, r32f, lda, stride_a, b.data.ptr, r32f, ldb, stride_b,
-            zero.ctypes.data, c.data.ptr, r32f, ldc, stride_c, batch, compute, cublas.CUBLAS_GEMM_DEFAULT)
-    else:
-        cublas.dgemmStridedBatched(
-            handle, cublas.CUBLAS_OP_N, transb, m, n, k,
-            one.ctypes.data, a.data.ptr, lda, stride_a, b.data.ptr, ldb, stride_b,
-            zero.ctypes.data, c.data.ptr, ldc, stride_c, batch)

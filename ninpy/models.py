@@ -6,6 +6,7 @@ logit. Dataset presets choose the arguments; they add no layers of their own.
 """
 import numpy as np
 
+from . import functional as F
 from . import nn
 
 # The authors' CIFAR-10 layout (their released Caffe model): widths of each block's three convs.
@@ -13,7 +14,13 @@ CIFAR_WIDTHS = ((192, 160, 96), (192, 192, 192), (192, 192, None))
 
 
 class NIN(nn.Module):
-    """blocks: mlpconv -> pool -> dropout -> mlpconv -> pool -> dropout -> mlpconv -> GAP."""
+    """blocks: mlpconv -> pool -> dropout -> mlpconv -> pool -> dropout -> mlpconv -> GAP.
+
+    Between its layers NIN keeps the activations channels first, (C, N, H, W): every convolution
+    is then one GEMM over the batch with no layout copy (functional.Conv2d). Pooling and dropout
+    work per image plane or per element, so they take either layout as it is. The input and the
+    class maps are (N, C, H, W); `features` works channels first.
+    """
 
     def __init__(self, in_channels, num_classes, widths, kernel_sizes, pools, dropout, init_std,
                  dtype):
@@ -21,7 +28,7 @@ class NIN(nn.Module):
         for index, (block_widths, k) in enumerate(zip(widths, kernel_sizes)):
             block_widths = tuple(num_classes if w is None else w for w in block_widths)
             blocks.append(nn.MLPConv(channels, block_widths, k, padding=k // 2, init_std=init_std,
-                                     dtype=dtype))
+                                     dtype=dtype, layout="CNHW"))
             channels = block_widths[-1]
             if index < len(pools):
                 blocks.append(_pool(pools[index]))
@@ -30,8 +37,8 @@ class NIN(nn.Module):
         self.gap = nn.GlobalAvgPool2d()
 
     def class_maps(self, x):
-        """The last block's output: one (H, W) map per class (the class activation maps)."""
-        return self.features(x)
+        """The last block's output: one (H, W) map per class (the class activation maps), (N, K, H, W)."""
+        return F.swap_batch_and_channels(self.features(F.swap_batch_and_channels(x)))
 
     def forward(self, x):
         return self.gap(self.class_maps(x))

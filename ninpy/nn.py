@@ -201,11 +201,13 @@ class MLPConv(Module):
 
     The two 1x1 convolutions are a small two-layer perceptron applied at every pixel to the
     features of the k x k window under it. Each conv runs with its ReLU fused (F.conv2d_relu).
+    layout: "NCHW", or "CNHW" for channels-first input and output (what models.NIN passes).
     """
 
     def __init__(self, in_channels, widths, kernel_size, padding=0, init_std=None,
-                 dtype=np.float32):
+                 dtype=np.float32, layout="NCHW"):
         c1, c2, c3 = widths
+        self.layout = layout
         self.conv = Conv2d(in_channels, c1, kernel_size, padding=padding, init_std=init_std,
                            dtype=dtype)
         self.cccp1 = Conv2d(c1, c2, 1, init_std=init_std, dtype=dtype)
@@ -213,5 +215,5 @@ class MLPConv(Module):
 
     def forward(self, x):
         for conv in (self.conv, self.cccp1, self.cccp2):
-            x = F.conv2d_relu(x, conv.weight, conv.bias, conv.stride, conv.padding)
+            x = F.conv2d_relu(x, conv.weight, conv.bias, conv.stride, conv.padding, self.layout)
         return x

@@ -11,8 +11,10 @@ COLUMN per output position (n, y, x):
 
     col[(c*kh + i)*kw + j, (n*oh + y)*ow + x] = x[n, c, y*sh - ph + i, x*sw - pw + j]   (0 outside)
 
-so col is (C*kh*kw, N*oh*ow) and the product is (F, N*oh*ow), which the caller reshapes to
-(F, N, oh, ow) and transposes to (N, F, oh, ow). col2im is the adjoint (the transpose) of im2col:
+so col is (C*kh*kw, N*oh*ow) and the product is (F, N*oh*ow): the output in the (F, N, oh, ow)
+layout, channels first (CNHW). ninpy's convolution works in that layout (functional.Conv2d), so
+im2col and col2im also take and give x in it (layout="CNHW"); here that is one transpose away from
+the (N, C, H, W) code. col2im is the adjoint (the transpose) of im2col:
 each input element receives the SUM of every col entry that was copied from it, which is exactly the
 gradient of the input given the gradient of col.
 
@@ -46,8 +48,11 @@ def _pad(x, value, kh, kw, sh, sw, ph, pw, oh, ow):
     return np.pad(x, ((0, 0), (0, 0), (ph, bottom), (pw, right)), constant_values=value)
 
 
-def im2col(x, kh, kw, sh, sw, ph, pw):
-    """col[(c*kh + i)*kw + j, (n*oh + y)*ow + x] = x[n, c, y*sh - ph + i, x*sw - pw + j], 0 outside."""
+def im2col(x, kh, kw, sh, sw, ph, pw, layout="NCHW"):
+    """col[(c*kh + i)*kw + j, (n*oh + y)*ow + x] = x[n, c, y*sh - ph + i, x*sw - pw + j], 0 outside.
+    x is (N, C, H, W), or (C, N, H, W) with layout="CNHW"; col is the same for both."""
+    if layout == "CNHW":
+        x = x.transpose(1, 0, 2, 3)
     N, C, H, W = x.shape
     oh, ow = conv_output_size(H, kh, sh, ph), conv_output_size(W, kw, sw, pw)
     xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
@@ -59,8 +64,12 @@ def im2col(x, kh, kw, sh, sw, ph, pw):
     return col.reshape(C * kh * kw, N * oh * ow)
 
 
-def col2im(col, x_shape, kh, kw, sh, sw, ph, pw):
-    """dx[n, c, h, w] = sum of col[(c*kh + i)*kw + j, (n*oh + y)*ow + x] over y*sh - ph + i = h, x*sw - pw + j = w."""
+def col2im(col, x_shape, kh, kw, sh, sw, ph, pw, layout="NCHW"):
+    """dx[n, c, h, w] = sum of col[(c*kh + i)*kw + j, (n*oh + y)*ow + x] over y*sh - ph + i = h, x*sw - pw + j = w.
+    x_shape and dx are (N, C, H, W), or (C, N, H, W) with layout="CNHW"."""
+    if layout == "CNHW":
+        dx = col2im(col, (x_shape[1], x_shape[0]) + tuple(x_shape[2:]), kh, kw, sh, sw, ph, pw)
+        return np.ascontiguousarray(dx.transpose(1, 0, 2, 3))
     N, C, H, W = x_shape
     oh, ow = conv_output_size(H, kh, sh, ph), conv_output_size(W, kw, sw, pw)
     col = col.reshape(C, kh, kw, N, oh, ow)

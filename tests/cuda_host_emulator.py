@@ -14,7 +14,7 @@ scalar of exactly the C type — a Python int would become long long in CuPy, a 
 passes them the way cuLaunchKernel does, as an array of pointers to the values.
 
 What this does NOT show: timing, memory coalescing, real warp scheduling, float rounding of the GPU's
-math library (expf/logf), or cuBLAS (matmul_shared). Those need tests/test_gpu.py on a GPU.
+math library (expf/logf), or cuBLAS (CuPy's matmul). Those need tests/test_gpu.py on a GPU.
 """
 import ctypes
 import functools

@@ -60,6 +60,14 @@ def test_im2col_and_col2im(g, dtype, seed, layout):
     same(K.im2col(in_layout(x, layout), *g.window), R.im2col(x, *g.window))
     col = random_array(seed + 1, (g.c * g.kh * g.kw, g.n * g.oh * g.ow), dtype)
     close(K.col2im(in_layout(col, layout), g.x_shape, *g.window), R.col2im(col, g.x_shape, *g.window))
+    # the channels-first layout (C, N, H, W) that functional.Conv2d uses: the same col
+    channels_first = np.ascontiguousarray(x.transpose(1, 0, 2, 3))
+    same(K.im2col(in_layout(channels_first, layout), *g.window, layout="CNHW"), R.im2col(x, *g.window))
+    swapped = (g.c, g.n) + g.x_shape[2:]
+    dx = K.col2im(col, swapped, *g.window, layout="CNHW")
+    close(dx, np.ascontiguousarray(R.col2im(col, g.x_shape, *g.window).transpose(1, 0, 2, 3)))
+    close(R.col2im(col, swapped, *g.window, layout="CNHW"), dx)
+    same(R.im2col(channels_first, *g.window, layout="CNHW"), R.im2col(x, *g.window))
 
 
 @settings(max_examples=30)

@@ -1,6 +1,9 @@
 """Every operator's gradient against finite differences (float64, NumPy path), with inputs and
 upstream gradients in any memory layout, its edge cases (NaN, -inf, empty batches), and its forward
 and backward against PyTorch when PyTorch is installed."""
+import os
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -54,6 +57,39 @@ def test_pointwise_conv_path_gradients(n, c, c_out, seed, layout):
     w = leaf(arr(seed + 1, (c_out, c, 1, 1)), layout)
     b = leaf(arr(seed + 2, (c_out,)))
     assert ninpy.gradcheck(lambda x, w, b: F.conv2d(x, w, b), [x, w, b])
+
+
+@settings(max_examples=20)
+@given(conv_geometries(max_size=6), st.integers(1, 3), seeds, st.booleans(), st.booleans(), layouts)
+def test_channels_first_conv2d_gradients_and_values(g, c_out, seed, with_bias, relu, layout):
+    """layout="CNHW" (what NIN runs between layers): the NCHW result with axes 0 and 1 exchanged,
+    and gradients right by finite differences, for general and 1x1 kernels alike."""
+    x, w, b, stride, pad = conv_inputs(g, c_out, seed, layout)
+    b = b if with_bias else None
+    op = F.conv2d_relu if relu else F.conv2d
+    x_cf = F.swap_batch_and_channels(x)
+    y_cf = op(x_cf, w, b, stride, pad, layout="CNHW")
+    np.testing.assert_allclose(y_cf.data, op(x, w, b, stride, pad).data.transpose(1, 0, 2, 3),
+                               rtol=1e-12, atol=1e-12)
+    if relu and np.abs(F.conv2d(x, w, b, stride, pad).data).min() < 1e-3:
+        return                                   # finite differences across ReLU's kink are meaningless
+    leaf_cf = leaf(x_cf.data, layout)
+    inputs = [leaf_cf, w] + ([b] if with_bias else [])
+    assert ninpy.gradcheck(lambda x, w, b=None: op(x, w, b, stride, pad, layout="CNHW"), inputs)
+    w1 = leaf(arr(seed + 4, (c_out, g.c, 1, 1)))
+    assert ninpy.gradcheck(lambda x, w: op(x, w, None, 1, 0, layout="CNHW"), [leaf_cf, w1])
+
+
+def test_swap_batch_and_channels_gradient_and_errors():
+    x = leaf(arr(0, (2, 3, 4, 5)), "transposed")
+    y = F.swap_batch_and_channels(x)
+    assert y.shape == (3, 2, 4, 5) and y.data.flags.c_contiguous
+    np.testing.assert_array_equal(y.data, x.data.transpose(1, 0, 2, 3))
+    assert ninpy.gradcheck(F.swap_batch_and_channels, [x])
+    with pytest.raises(ValueError, match="layout"):
+        F.conv2d(x, leaf(arr(1, (2, 3, 1, 1))), layout="NHWC")
+    with pytest.raises(ValueError, match=r"\(CNHW\); expected \(C_out, 2"):
+        F.conv2d(x, leaf(arr(1, (2, 3, 1, 1))), layout="CNHW")   # (2, 3, ...) read as C=2, N=3
 
 
 @settings(max_examples=15)
@@ -317,6 +353,31 @@ class TestAgainstTorch:
         np.testing.assert_allclose(ny.data, ty.detach().numpy(), rtol=1e-10, atol=1e-10)
         for ours, theirs in ((nx, tx), (nw, tw), (nb, tb)):
             np.testing.assert_allclose(ours.grad, theirs.grad.numpy(), rtol=1e-10, atol=1e-10)
+
+    def test_whole_nin_step_matches_torch(self):
+        """NIN as models.nin builds it (channels first inside) against the same net in torch.nn:
+        logits, loss and every parameter gradient, float64, dropout off."""
+        torch = self._torch()
+        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+        from torch_nin import torch_nin
+        ninpy.manual_seed(0)
+        model = models.nin(dropout=0.0, dtype=np.float64)
+        net = torch_nin(torch).double()
+        with torch.no_grad():
+            for theirs, ours in zip(net.parameters(), model.parameters()):
+                theirs.copy_(torch.from_numpy(ours.data))
+        for module in net:
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        x = arr(1, (3, 3, 32, 32))
+        labels = np.array([1, 7, 3])
+        loss = F.cross_entropy(model(Tensor(x)), labels)
+        loss.backward()
+        theirs = torch.nn.functional.cross_entropy(net(torch.tensor(x)), torch.tensor(labels))
+        theirs.backward()
+        np.testing.assert_allclose(loss.item(), theirs.item(), rtol=1e-10)
+        for ours, p in zip(model.parameters(), net.parameters()):
+            np.testing.assert_allclose(ours.grad, p.grad.numpy(), rtol=1e-8, atol=1e-12)
 
     @settings(max_examples=40)
     @given(pool_geometries(), seeds, st.sampled_from(["max", "avg", "avg_real_only"]))

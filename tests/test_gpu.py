@@ -93,6 +93,14 @@ def test_im2col_col2im_match_reference(where, g, dtype, seed, layout):
         dx = gpu_kernels.col2im(dev.put(dcol, layout), shape, *geometry)
         assert dx.shape == shape and dx.dtype == dtype
         np.testing.assert_allclose(dev.get(dx), R.col2im(dcol, shape, *geometry), **tolerance(dtype))
+        channels_first = np.ascontiguousarray(x.transpose(1, 0, 2, 3))   # what functional.Conv2d uses
+        col = gpu_kernels.im2col(dev.put(channels_first, layout), *geometry, layout="CNHW")
+        np.testing.assert_array_equal(dev.get(col), expected)
+        swapped = channels_first.shape
+        dx = gpu_kernels.col2im(dev.put(dcol), swapped, *geometry, layout="CNHW")
+        assert dx.shape == swapped
+        np.testing.assert_allclose(dev.get(dx), R.col2im(dcol, swapped, *geometry, layout="CNHW"),
+                                   **tolerance(dtype))
 
 
 # --- pooling --------------------------------------------------------------------------------------
@@ -374,38 +382,7 @@ def test_kernels_reject_wrong_dtypes_clearly(where):
                                    dev.put(np.zeros(3, np.float32)))
 
 
-# --- GPU only: cuBLAS, streams, no host synchronisation -------------------------------------------
-
-def _cublas_semantics(transpose_b, m, n, k, a, lda, stride_a, b, ldb, stride_b, c, ldc, stride_c, batch):
-    """cuBLAS's strided-batched GEMM on flat buffers, in NumPy: column-major, X(i, j) = X[i + j*ld]."""
-    a, b, flat_c = a.ravel(), b.ravel(), c.reshape(-1)
-    i, j, l = np.arange(m)[:, None], np.arange(n)[None, :], np.arange(k)
-    for t in range(batch):
-        a_t = a[t * stride_a + i + l[None, :] * lda]                        # (m, k)
-        b_t = (b[t * stride_b + j + l[:, None] * ldb] if transpose_b        # op(B) = B^T, B stored (n, k)
-               else b[t * stride_b + l[:, None] + j * ldb])                 # (k, n)
-        flat_c[t * stride_c + i + j * ldc] = a_t @ b_t
-
-
-@pytest.mark.parametrize("where", BACKENDS)
-@settings(max_examples=25, deadline=None)
-@given(B=st.integers(1, 4), M=st.integers(1, 40), K=st.integers(1, 40), L=st.integers(1, 70),
-       transpose_w=st.booleans(), dtype=dtypes, seed=seeds)
-def test_matmul_shared_matches_numpy(where, B, M, K, L, transpose_w, dtype, seed):
-    """On "emulated", cuBLAS is replaced by its column-major semantics: this checks the layout maths."""
-    rng = np.random.default_rng(seed)
-    w = rng.standard_normal((K, M) if transpose_w else (M, K)).astype(dtype)
-    x = rng.standard_normal((B, K, L)).astype(dtype)
-    with kernels_on(where) as dev, pytest.MonkeyPatch.context() as patch:
-        if dev.name == "emulated":
-            patch.setattr(gpu_kernels, "_gemm_strided_batched", _cublas_semantics)
-        out = gpu_kernels.matmul_shared(dev.put(w), dev.put(x), transpose_w=transpose_w)
-        assert out.shape == (B, M, L) and out.dtype == dtype
-        expected = np.matmul(w.T if transpose_w else w, x)
-        tf32 = dtype == np.float32 and os.environ.get("CUPY_TF32", "0") not in ("", "0")
-        rtol = 5e-3 if tf32 else (1e-4 if dtype == np.float32 else 1e-12)
-        np.testing.assert_allclose(dev.get(out), expected, rtol=rtol, atol=rtol * math.sqrt(K))
-
+# --- GPU only: streams, no host synchronisation -------------------------------------------
 
 def _kernel_inputs(cupy):
     """Small device arrays for _every_kernel_once, made before any no-synchronisation check."""
@@ -433,7 +410,6 @@ def _every_kernel_once(inputs):
                 gpu_kernels.dropout_mask((4, 5), 0.5, 1, 2, np.float32)]
     p, buf = x.copy(), x * 0
     results += [gpu_kernels.sgd_update_(p, x, buf, 0.1, 0.9, 1e-4, False), buf]
-    results.append(gpu_kernels.matmul_shared(inputs["w"], x.reshape(2, 3, 64)))
     return results
 
 
@@ -500,7 +476,6 @@ def gpu_device(where):
         patch.setattr(backend, "require_gpu", lambda: module)
         patch.setattr(gpu_kernels, "_modules", {})
         patch.setattr(gpu_kernels, "_functions", {})
-        patch.setattr(gpu_kernels, "_gemm_strided_batched", _cublas_semantics)
         try:
             yield
         except cuda_host_emulator.EmulatorLacks as error:
