@@ -97,7 +97,7 @@ RECIPES = {
                     augment="none", crop_pad=2, preprocess="standardize"),
     # Fashion-MNIST (not in the paper): the MNIST variant. Everything that differs is ours,
     # chosen by full runs (docs/recipes.md): 40 epochs of cosine decay (93.56%, vs 93.30% in 30
-    # and 92.76% in 17; ~3.6 h on a 2-core CPU). In short schedules the net underfits, so no
+    # and 92.76% in 17; ~75 min on a 2-core CPU). In short schedules the net underfits, so no
     # dropout (91.4% vs 89.7% with it, 15 epochs), lr 0.04 reached over a 1,000-step warm-up
     # (92.09% vs 91.44% for lr 0.02, 17 epochs), and a flip (clothes, unlike digits, may be
     # mirrored) without the 2-pixel translation (93.30% vs 93.10% in 30 epochs), with the class
