@@ -14,8 +14,10 @@ while any array made from it is alive, the block's reference count is above the 
 Nothing needs to be given back by hand. Arrays under MIN_BYTES come from NumPy as usual (malloc
 already reuses small blocks); GPU arrays come from CuPy, which has its own pool.
 
-Free blocks are kept up to LIMIT_BYTES in all; past that the pool lets go of free blocks before it
-makes a new one. `release()` lets go of every free block now. One Python thread at a time.
+The pool holds at most LIMIT_BYTES in all (blocks in use can always be made): past that it lets
+go of free blocks before it makes a new one. `release()` lets go of every free block now; the
+training loop calls it around each evaluation, where the sizes change, so that the blocks of one
+phase do not stay held through the other. One Python thread at a time.
 """
 import sys
 

@@ -37,7 +37,7 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from . import backend, checkpoint, data, datasets, models, run_folder
+from . import backend, checkpoint, data, datasets, memory, models, run_folder
 from . import functional as F
 from . import random as nrandom
 from . import recipes
@@ -351,7 +351,8 @@ class Trainer:
         whose logit is 0 on every image has a dead map.
         """
         self.model.eval()
-        xp = backend.array_module(x)
+        memory.release()   # training's arrays have other sizes than evaluation's: let them go, so
+        xp = backend.array_module(x)   # the pool holds one phase's memory at a time (ninpy/memory.py)
         loss_sum, correct = xp.zeros((), np.float64), xp.zeros((), np.int64)
         alive = xp.zeros(self.num_classes, dtype=bool)
         with no_grad():
@@ -364,6 +365,7 @@ class Trainer:
                 correct = correct + (logits.data.argmax(axis=1) == yb).sum()
                 alive = alive | (logits.data > 0).any(axis=0)
         self.model.train()
+        memory.release()
         dead = tuple(int(k) for k in np.flatnonzero(~backend.to_device(alive, "cpu")))
         return Evaluation(float(loss_sum) / len(x), int(correct) / len(x), dead)
 
