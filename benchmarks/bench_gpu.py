@@ -290,8 +290,7 @@ def _time_ops(args, cupy, torch):
     from ninpy import Tensor
     import ninpy.functional as F
 
-    conv_relu = getattr(F, "conv2d_relu", None) or (lambda x, w, b, stride, padding: F.relu(
-        F.conv2d(x, w, b, stride, padding)))
+    conv_relu = F.conv2d_relu
 
     def cupy_timer(fn):
         start, end = cupy.cuda.Event(), cupy.cuda.Event()
@@ -325,7 +324,9 @@ def _time_ops(args, cupy, torch):
                        requires_grad=True)
             b = Tensor(cupy.zeros(c_out, np.float32), requires_grad=True)
             params = [w, b]
-            forward = lambda: conv_relu(x, w, b, 1, pad)  # noqa: E731
+            # channels first, as NIN runs it between layers (an NCHW call adds two layout copies)
+            x = Tensor(cupy.asarray(np.ascontiguousarray(data.transpose(1, 0, 2, 3))), requires_grad=True)
+            forward = lambda: conv_relu(x, w, b, 1, pad, layout="CNHW")  # noqa: E731
         elif kind == "max_pool":
             forward = lambda: F.max_pool2d(x, 3, 2, 0, True)  # noqa: E731
         elif kind == "avg_pool":
