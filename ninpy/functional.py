@@ -109,12 +109,10 @@ class Conv2d(Function):
         grad = _swapped(grad) if self.batch_first else grad
         c_out = self.out_shape[0]
         g2, grad_b = self._relu_and_bias_backward(grad.reshape(c_out, -1 if grad.size else 0))
-        w2 = self.w.reshape(c_out, -1)
-        columns = self._columns()
-        grad_w = (g2 @ columns.T).reshape(self.w.shape)
-        if not self.needs_input_grad[0]:
+        grad_w = (g2 @ self._columns().T).reshape(self.w.shape)   # col is dropped right after,
+        if not self.needs_input_grad[0]:                            # so dcol can take its memory
             return None, grad_w, grad_b
-        dcolumns = matmul(w2.T, g2)
+        dcolumns = matmul(self.w.reshape(c_out, -1).T, g2)
         grad_x = dcolumns.reshape(self.x.shape) if self.pointwise else self._col2im(dcolumns)
         return (_swapped(grad_x) if self.batch_first else grad_x), grad_w, grad_b
 

@@ -7,18 +7,25 @@ each page zeroed by the kernel before NumPy writes it (benchmarks/profile_step.p
 has the numbers). Every step asks for the same sizes as the step before, so keeping the freed
 blocks and handing them out again removes that cost, as CuPy's memory pool does on the GPU.
 
-How. Each block is a 1-D uint8 array owned by the pool; `empty` hands out a view of a free block of
-exactly the asked size (or a new block). A block is free when nothing but the pool refers to it:
-every NumPy view keeps a reference to the array that owns its memory (`view.base` is the block), so
-while any array made from it is alive, the block's reference count is above the pool's own one.
-Nothing needs to be given back by hand. Arrays under MIN_BYTES come from NumPy as usual (malloc
-already reuses small blocks); GPU arrays come from CuPy, which has its own pool.
+How. Each block is a 1-D uint8 array owned by the pool; `empty` hands out a view of the smallest
+free block that holds the asked size and is under twice it, or of a new block of that size (a
+block much larger than the request would be kept from the big arrays that need it). A block is
+free when nothing but the pool refers to it: every NumPy view keeps a reference to the array that
+owns its memory (`view.base` is the block), so while any array made from it is alive, the block's
+reference count is above the pool's own one. Nothing needs to be given back by hand. Arrays under
+MIN_BYTES come from NumPy as usual (malloc already reuses small blocks); GPU arrays come from
+CuPy, which has its own pool.
 
-The pool holds at most LIMIT_BYTES in all (blocks in use can always be made): past that it lets
-go of free blocks before it makes a new one. `release()` lets go of every free block now; the
-training loop calls it around each evaluation, where the sizes change, so that the blocks of one
-phase do not stay held through the other. One Python thread at a time.
+The price is memory. The pool keeps, for each size, as many blocks as were ever in use at once,
+which adds up to more than the peak of all sizes together: NIN at batch 128 peaks at about 1.4 GB
+resident against about 1.0 GB without the pool (docs/why-fast.md has the measurements). The pool
+holds at most LIMIT_BYTES (blocks in use can always be made; past the limit it lets go of free
+blocks before it makes a new one); the environment variable NINPY_MEMORY_POOL_MB sets it, and 0
+turns the pool off. `release()` lets go of every free block now; the training loop calls it around
+each evaluation, where the sizes change, so that one phase's blocks are not held through the
+other. One Python thread at a time.
 """
+import os
 import sys
 
 import numpy as np
@@ -26,7 +33,7 @@ import numpy as np
 from . import backend
 
 MIN_BYTES = 1 << 20
-LIMIT_BYTES = 4 << 30
+LIMIT_BYTES = int(float(os.environ.get("NINPY_MEMORY_POOL_MB", 4096)) * 2**20)
 
 _blocks = {}   # nbytes -> [uint8 arrays], every block the pool owns, free or in use
 
@@ -47,15 +54,25 @@ def empty(shape, dtype=np.float32):
     dtype = np.dtype(dtype)
     count = int(np.prod(shape, dtype=np.int64))
     nbytes = count * dtype.itemsize
-    if nbytes < MIN_BYTES:
+    if nbytes < MIN_BYTES or LIMIT_BYTES <= 0:
         return np.empty(shape, dtype)
-    blocks = _blocks.setdefault(nbytes, [])
-    for index in range(len(blocks)):
-        if _is_free(blocks, index):
-            return blocks[index].view(dtype).reshape(shape)
-    _make_room(nbytes)
-    blocks.append(np.empty(nbytes, np.uint8))
-    return blocks[-1].view(dtype).reshape(shape)
+    block = _free_block(nbytes)
+    if block is None:
+        _make_room(nbytes)
+        block = np.empty(nbytes, np.uint8)
+        _blocks.setdefault(nbytes, []).append(block)
+    return block[:nbytes].view(dtype).reshape(shape)
+
+
+def _free_block(nbytes):
+    """The smallest free block of at least nbytes and under twice that, or None."""
+    for size in sorted(_blocks):
+        if nbytes <= size < 2 * nbytes:
+            blocks = _blocks[size]
+            for index in range(len(blocks)):
+                if _is_free(blocks, index):
+                    return blocks[index]
+    return None
 
 
 def empty_for(array, shape, dtype=None):

@@ -74,3 +74,20 @@ def test_free_blocks_are_let_go_past_the_limit(monkeypatch):
     assert address(held) in [address(b) for b in memory._blocks[held.nbytes]]
     memory.release()
     assert memory.pooled_bytes() == held.nbytes               # only the block in use is left
+
+
+def test_a_larger_free_block_serves_a_request_under_half_its_size_only():
+    a = memory.empty((1536, 1024), np.float32)               # 6 MiB
+    where = address(a)
+    del a
+    b = memory.empty(BIG, np.float32)                        # 4 MiB fits in it: under twice
+    assert address(b) == where and b.shape == BIG and b.flags.c_contiguous
+    del b
+    c = memory.empty((512, 1024), np.float32)                # 2 MiB: the 6 MiB block is not lent
+    assert address(c) != where
+
+
+def test_a_limit_of_zero_turns_the_pool_off(monkeypatch):
+    monkeypatch.setattr(memory, "LIMIT_BYTES", 0)
+    a = memory.empty(BIG, np.float32)
+    assert a.shape == BIG and memory.pooled_bytes() == 0
