@@ -5,6 +5,7 @@ one (2^28 cycles, about 0.1 s), taking a core from the Numba kernel that runs ne
 OPENBLAS_THREAD_TIMEOUT=4 (2^4 cycles) puts them to sleep at once: a NIN step at batch 128 on
 2 cores went from 1042 to 965 ms with it alone (benchmarks/profile_step.py). OpenBLAS reads it when it loads, which is why ninpy/__init__.py imports this module
 before anything imports NumPy; if NumPy is already loaded, or the variable is set, nothing changes.
+The variable stays in os.environ, so processes started from this one inherit it.
 `APPLIED` lists what this import changed.
 
 What ninpy does NOT change: malloc. Turning glibc's mmap off (mallopt M_MMAP_MAX = 0) would also

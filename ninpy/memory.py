@@ -27,13 +27,26 @@ other. One Python thread at a time.
 """
 import os
 import sys
+import warnings
 
 import numpy as np
 
 from . import backend
 
 MIN_BYTES = 1 << 20
-LIMIT_BYTES = int(float(os.environ.get("NINPY_MEMORY_POOL_MB", 4096)) * 2**20)
+
+
+def _limit_from_environment(default_mb=4096):
+    text = os.environ.get("NINPY_MEMORY_POOL_MB", "").strip()
+    try:
+        return max(int(float(text or default_mb) * 2**20), 0)
+    except (ValueError, OverflowError):
+        warnings.warn(f"NINPY_MEMORY_POOL_MB={text!r} is not a number of megabytes (0 turns the "
+                      f"pool off); using {default_mb}", stacklevel=2)
+        return default_mb * 2**20
+
+
+LIMIT_BYTES = _limit_from_environment()
 
 _blocks = {}   # nbytes -> [uint8 arrays], every block the pool owns, free or in use
 

@@ -91,3 +91,14 @@ def test_a_limit_of_zero_turns_the_pool_off(monkeypatch):
     monkeypatch.setattr(memory, "LIMIT_BYTES", 0)
     a = memory.empty(BIG, np.float32)
     assert a.shape == BIG and memory.pooled_bytes() == 0
+
+
+@pytest.mark.parametrize("text, expected_mb", [("512", 512), ("0", 0), ("-3", 0), ("", 4096),
+                                               ("abc", 4096), ("inf", 4096)])
+def test_the_limit_from_the_environment(monkeypatch, text, expected_mb):
+    monkeypatch.setenv("NINPY_MEMORY_POOL_MB", text)
+    if text in ("abc", "inf"):
+        with pytest.warns(UserWarning, match="NINPY_MEMORY_POOL_MB"):
+            assert memory._limit_from_environment() == expected_mb * 2**20
+    else:
+        assert memory._limit_from_environment() == expected_mb * 2**20
