@@ -1,8 +1,9 @@
 """CPU kernels with Numba: the same functions, names and signatures as `reference.py`, made fast.
 
 Each public function is a thin Python wrapper that allocates the output (memory.empty, from
-ninpy's pool of big arrays; the kernel writes every element) and calls one `@njit(parallel=True, cache=True)` kernel whose outer
-loop is a `prange` over independent work: the N*C image planes, or the rows of col for im2col.
+ninpy's pool of big arrays; the kernel writes every element) and calls one
+`@njit(parallel=True, cache=True)` kernel whose outer loop is a `prange` over independent work:
+the N*C image planes, or the rows of col for im2col.
 No two iterations write the same element, so there are no races and no atomics. In the backward
 kernels (col2im, pooling) the iteration that owns an image plane computes each of its elements as a
 sum, in a fixed order, of what reaches it, so results are deterministic: col2im gathers one image
@@ -82,8 +83,7 @@ def im2col(x, kh, kw, sh, sw, ph, pw, layout="NCHW"):
     """col[(c*kh + i)*kw + j, (n*oh + y)*ow + x] = x[n, c, y*sh - ph + i, x*sw - pw + j], 0 outside.
     x is (N, C, H, W), or (C, N, H, W) with layout="CNHW"; col is the same for both."""
     x = _contiguous(x)
-    channels_first = layout == "CNHW"
-    C, N = x.shape[:2] if channels_first else x.shape[1::-1]
+    N, C = shapes.batch_and_channels(x.shape, layout)
     H, W = x.shape[2:]
     oh, ow = shapes.conv_output_size(H, kh, sh, ph), shapes.conv_output_size(W, kw, sw, pw)
     if ph or pw:   # one padded copy of x (kh*kw times smaller than col) saves a bounds test per element
@@ -93,14 +93,14 @@ def im2col(x, kh, kw, sh, sw, ph, pw, layout="NCHW"):
     else:
         xp = x.reshape(N * C, H, W)
     col = memory.empty((C * kh * kw, N * oh * ow), dtype=x.dtype)
-    _im2col_kernel(xp, col, N, C, channels_first, kh, kw, sh, sw, oh, ow)
+    _im2col_kernel(xp, col, N, C, layout == "CNHW", kh, kw, sh, sw, oh, ow)
     return col
 
 
 @njit(parallel=True, cache=True)
 def _col2im_kernel(col, dx, N, C, channels_first, kh, kw, sh, sw, ph, pw, oh, ow):
-    # dx (N*C, H, W): the planes. One iteration = one image plane (n, c) of dx, a gather. For each image row h, each window
-    # row oy covering it (shapes.covering_windows) holds h at kernel row i = h + ph - oy*sh, and
+    # dx (N*C, H, W): the planes. One iteration = one image plane (n, c) of dx, a gather. For each
+    # image row h, each window row oy covering it (shapes.covering_windows) holds h at kernel row i = h + ph - oy*sh, and
     # gives kw col segments of ow elements, summed into `acc`, one row of the padded image (its
     # columns -pw .. span - pw - 1); then acc's real columns are copied into dx. Every dx element
     # is summed in (oy, j) order by one thread: deterministic.
@@ -134,12 +134,12 @@ def col2im(col, x_shape, kh, kw, sh, sw, ph, pw, layout="NCHW"):
     """dx[n, c, h, w] = sum of col[(c*kh + i)*kw + j, (n*oh + y)*ow + x] over y*sh - ph + i = h, x*sw - pw + j = w.
     x_shape and dx are (N, C, H, W), or (C, N, H, W) with layout="CNHW"."""
     col = _contiguous(col)
-    channels_first = layout == "CNHW"
-    C, N = x_shape[:2] if channels_first else x_shape[1::-1]
+    N, C = shapes.batch_and_channels(x_shape, layout)
     H, W = x_shape[2:]
     oh, ow = shapes.conv_output_size(H, kh, sh, ph), shapes.conv_output_size(W, kw, sw, pw)
     dx = memory.empty(tuple(x_shape), dtype=col.dtype)
-    _col2im_kernel(col, dx.reshape(N * C, H, W), N, C, channels_first, kh, kw, sh, sw, ph, pw, oh, ow)
+    _col2im_kernel(col, dx.reshape(N * C, H, W), N, C, layout == "CNHW", kh, kw, sh, sw, ph, pw,
+                   oh, ow)
     return dx
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ninpy import backend
-from ninpy.shapes import conv_output_size
+from ninpy.shapes import batch_and_channels, conv_output_size
 
 
 def _kernel_dir():
@@ -234,13 +234,12 @@ def im2col(x, kh, kw, sh, sw, ph, pw, layout="NCHW"):
     x is (N, C, H, W), or (C, N, H, W) with layout="CNHW"; col is the same for both."""
     cupy = backend.require_gpu()
     x = _contiguous(x)
-    channels_first = layout == "CNHW"
-    C, N = x.shape[:2] if channels_first else x.shape[1::-1]
+    N, C = batch_and_channels(x.shape, layout)
     H, W = x.shape[2:]
     oh, ow = conv_output_size(H, kh, sh, ph), conv_output_size(W, kw, sw, pw)
     col = cupy.empty((C * kh * kw, N * oh * ow), dtype=x.dtype)
     _launch("im2col.cu", "im2col_kernel", x.dtype, C * N * oh * ow,
-            (x, col) + _i32(N, C, channels_first, H, W, kh, kw, sh, sw, ph, pw, oh, ow))
+            (x, col) + _i32(N, C, layout == "CNHW", H, W, kh, kw, sh, sw, ph, pw, oh, ow))
     return col
 
 
@@ -249,8 +248,7 @@ def col2im(col, x_shape, kh, kw, sh, sw, ph, pw, layout="NCHW"):
     x_shape and dx are (N, C, H, W), or (C, N, H, W) with layout="CNHW"."""
     cupy = backend.require_gpu()
     col = _contiguous(col)
-    channels_first = layout == "CNHW"
-    C, N = x_shape[:2] if channels_first else x_shape[1::-1]
+    N, C = batch_and_channels(x_shape, layout)
     H, W = x_shape[2:]
     oh, ow = conv_output_size(H, kh, sh, ph), conv_output_size(W, kw, sw, pw)
     if col.shape != (C * kh * kw, N * oh * ow):
@@ -258,7 +256,7 @@ def col2im(col, x_shape, kh, kw, sh, sw, ph, pw, layout="NCHW"):
                          f"x_shape {tuple(x_shape)} ({layout}) and kernel {kh}x{kw}")
     dx = cupy.empty(tuple(x_shape), dtype=col.dtype)
     _launch("im2col.cu", "col2im_kernel", col.dtype, dx.size,
-            (col, dx) + _i32(N, C, channels_first, H, W, kh, kw, sh, sw, ph, pw, oh, ow))
+            (col, dx) + _i32(N, C, layout == "CNHW", H, W, kh, kw, sh, sw, ph, pw, oh, ow))
     return dx
 
 

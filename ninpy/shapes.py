@@ -83,3 +83,8 @@ def avg_pool_divisor(o, kernel, stride, padding, size, count_include_pad):
     if count_include_pad:
         return min(end, size + padding) - start
     return min(end, size) - max(start, 0)
+
+
+def batch_and_channels(shape, layout):
+    """(N, C) of an image array's shape: (N, C, H, W), or (C, N, H, W) with layout "CNHW"."""
+    return (shape[1], shape[0]) if layout == "CNHW" else (shape[0], shape[1])
