@@ -52,7 +52,7 @@ def test_conv2d_gradients(g, c_out, seed, with_bias, layout):
 @settings(max_examples=15)
 @given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 4), seeds, layouts)
 def test_pointwise_conv_path_gradients(n, c, c_out, seed, layout):
-    """1x1, stride 1, pad 0 takes the batched-GEMM path: check it separately."""
+    """1x1, stride 1, pad 0 skips im2col (x itself is the column matrix): check it separately."""
     x = leaf(arr(seed, (n, c, 3, 2)), layout)
     w = leaf(arr(seed + 1, (c_out, c, 1, 1)), layout)
     b = leaf(arr(seed + 2, (c_out,)))
@@ -264,8 +264,8 @@ def test_fused_conv_relu_backward_with_a_transposed_upstream_gradient():
     np.testing.assert_allclose(fused[1], w.grad, rtol=1e-12, atol=1e-12)
 
 
-# Every operator, as (name, input shape, function of the input tensor). The 1x1 convolution takes
-# the batched-GEMM path, the 3x3 one im2col; dropout re-seeds so both runs draw one mask.
+# Every operator, as (name, input shape, function of the input tensor). The 1x1 convolution skips
+# im2col, the 3x3 one uses it; dropout re-seeds so both runs draw one mask.
 def _dropout_seeded(x):
     ninpy.manual_seed(5)
     return F.dropout(x, 0.4)
