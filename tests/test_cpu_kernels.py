@@ -89,6 +89,10 @@ def test_max_pool(g, dtype, seed, layout):
 @given(g=pool_geometries(), dtype=dtypes, seed=seeds, layout=layouts)
 def test_max_pool_with_ties(g, dtype, seed, layout):
     x = np.round(random_array(seed, g.x_shape, dtype))    # few distinct values: many ties
+    max_pool_forward_matches_reference(x, g, layout)
+
+
+def max_pool_forward_matches_reference(x, g, layout):
     y, argmax = K.max_pool_forward(in_layout(x, layout), *g.window, g.oh, g.ow)
     expected_y, expected_argmax = R.max_pool_forward(x, *g.window, g.oh, g.ow)
     same(y, expected_y)
@@ -100,11 +104,7 @@ def test_max_pool_with_ties(g, dtype, seed, layout):
 @given(g=pool_geometries(), dtype=dtypes, seed=seeds, layout=layouts)
 def test_max_pool_with_nan_and_infinities(g, dtype, seed, layout):
     """The contract at the edges: NaN wins, a window of -inf points at its first real element."""
-    x = edge_values(seed, g.x_shape, dtype)
-    y, argmax = K.max_pool_forward(in_layout(x, layout), *g.window, g.oh, g.ow)
-    expected_y, expected_argmax = R.max_pool_forward(x, *g.window, g.oh, g.ow)
-    same(y, expected_y)
-    same(argmax, expected_argmax)
+    max_pool_forward_matches_reference(edge_values(seed, g.x_shape, dtype), g, layout)
 
 
 @settings(max_examples=30)

@@ -32,22 +32,23 @@ REPO = Path(__file__).resolve().parents[1]
 AS_GIVEN = ("--warmup-steps", "2", "--schedule", "step:40,50")
 
 
+def _finished_run(env, name, epochs):
+    out = env["root"] / name
+    result = train(env, "--out", str(out), "--epochs", str(epochs), "--seed", "4", *AS_GIVEN)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
 @pytest.fixture(scope="module")
 def two_epochs(env):
     """A finished uninterrupted 2-epoch run (subprocess): what interrupted runs must reproduce."""
-    out = env["root"] / "two-epochs"
-    result = train(env, "--out", str(out), "--epochs", "2", "--seed", "4", *AS_GIVEN)
-    assert result.returncode == 0, result.stderr
-    return out
+    return _finished_run(env, "two-epochs", 2)
 
 
 @pytest.fixture(scope="module")
 def first_of_two(env):
     """The same run stopped after its first epoch (subprocess); tests copy it before changing it."""
-    out = env["root"] / "first-of-two"
-    result = train(env, "--out", str(out), "--epochs", "1", "--seed", "4", *AS_GIVEN)
-    assert result.returncode == 0, result.stderr
-    return out
+    return _finished_run(env, "first-of-two", 1)
 
 
 def copy_run(source, target, names=("checkpoint.npz", "metrics.jsonl", "final.json")):
