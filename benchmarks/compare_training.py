@@ -109,7 +109,7 @@ def run_torch(config, log):
                 theirs["lr"] = ours["lr"]
             x, y = torch.from_numpy(xb), torch.from_numpy(yb)
             logits = net(x)
-            loss = torch.nn.functional.cross_entropy(logits, y)
+            loss = torch.nn.functional.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -142,7 +142,7 @@ def _torch_groups(clock, net):
 
 
 def _evaluate_torch(torch, net, clock, batch_size):
-    """(mean loss, accuracy) over the test split, in eval mode, as Trainer.evaluate."""
+    """(mean loss, accuracy) over the test split, in eval mode, as Trainer.evaluate (plain loss)."""
     from ninpy import data
 
     net.eval()
