@@ -52,6 +52,7 @@ SHIM = r"""
 // Host stand-ins for the CUDA built-ins used by kernels/*.cu.
 #include <algorithm>
 #include <barrier>
+#include <cstdio>
 #include <functional>
 #include <math.h>
 #include <thread>
@@ -94,6 +95,7 @@ static void launch(unsigned grid, unsigned block, bool warps, const std::functio
 """
 
 SANITIZE_ENV = "NINPY_EMULATOR_SANITIZE"
+DEBUG_ENV = "NINPY_EMULATOR_DEBUG"
 # What to install when no C++ compiler is found (the shim needs C++20's <barrier>: g++ 11 or later).
 INSTALL_HINT = ("install g++ 11 or later (Debian/Ubuntu: `apt-get install g++`, or build-essential; "
                 "Fedora: `dnf install gcc-c++`; macOS: `brew install gcc` and set CXX=g++-14)")
@@ -203,8 +205,11 @@ def compile_once(code, what, name, sanitize=""):
     """g++ `code` into a shared library (ctypes.CDLL), built once per version of `what` (the code
     and the sources it includes) and reused by later processes."""
     flags = ["-std=c++20", "-g", "-shared", "-fPIC", "-pthread"]
-    # -O1 keeps a build of every kernel to seconds; a sanitized build keeps frames for its reports
-    flags += ["-O1", "-fno-omit-frame-pointer", "-fsanitize=address"] if sanitize else ["-O1"]
+    # -O1 keeps a build of every kernel to seconds; NINPY_EMULATOR_DEBUG=1 keeps every line and
+    # variable for a debugger (-O0); a sanitized build keeps frames for its reports
+    flags += ["-O0"] if os.environ.get(DEBUG_ENV, "0") not in ("", "0") else ["-O1"]
+    if sanitize:
+        flags += ["-fno-omit-frame-pointer", f"-fsanitize={sanitize}"]
     if sanitize:
         _require_asan_runtime()
     digest = hashlib.sha256((what + " ".join(flags)).encode()).hexdigest()[:16]

@@ -11,6 +11,7 @@ Every test runs on two devices of ninpy's GPU code path:
 import contextlib
 import ctypes
 import math
+import os
 import types
 
 import numpy as np
@@ -18,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import GPU_PATHS, require_device, tf32
+from conftest import GPU_PATHS, IN_CI, require_device, tf32
 from ninpy import backend, emulator, gpu_kernels
 from ninpy import reference as R
 from strategies import (conv_geometries, dtypes, in_layout, layouts, pool_geometries, random_array,
@@ -622,3 +623,54 @@ def test_operators_on_the_gpu_take_any_layout_and_an_empty_batch(where, name):
     empty = np.zeros((0,) + shape[1:])
     y, dx = _run_operator(op, empty, np.zeros((0,) + y_shape[1:]), device)
     assert dx.shape == empty.shape and (y.shape[0] == 0 if y.ndim else np.isnan(y))
+
+
+# --- AddressSanitizer: an out-of-bounds access in a kernel stops the emulator -----------------------
+
+_PLANTED = """
+import sys
+from pathlib import Path
+import numpy as np
+from ninpy import emulator, gpu_kernels
+
+path = Path(sys.argv[1])
+names = gpu_kernels._name_expressions("sgd.cu")
+cupy = emulator.load([(path, path.read_text(), names)])
+kernel = cupy.RawModule(code="", name_expressions=names).get_function("sgd_update_kernel<float, int>")
+param, grad, buf = (cupy.asarray(np.ones(3, np.float32)) for _ in range(3))
+kernel((1,), (32,), (param, grad, buf, np.int32(3), np.float32(0.1), np.float32(0.9), np.float32(0),
+                     np.int32(0)))
+print("no error seen")
+"""
+
+
+def test_address_sanitizer_stops_an_out_of_bounds_write_in_a_kernel(tmp_path):
+    """NINPY_EMULATOR_SANITIZE=address builds the kernels with AddressSanitizer: sgd.cu with a
+    planted write one past the end of `buf` stops with a report naming the .cu line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    require_device("emulated")
+    libasan = subprocess.run([emulator.compiler(), "-print-file-name=libasan.so"],
+                             capture_output=True, text=True).stdout.strip()
+    if not Path(libasan).is_file():
+        if IN_CI:
+            pytest.fail("g++ has no libasan.so here: install libasan (it comes with Debian's g++)")
+        pytest.skip("this g++ has no AddressSanitizer runtime (libasan.so)")
+    planted = tmp_path / "sgd.cu"
+    source = (gpu_kernels.KERNEL_DIR / "sgd.cu").read_text()
+    assert source.count("buf[e] = b;") == 1
+    planted.write_text(source.replace("buf[e] = b;", "buf[e + 1] = b;"))
+    env = {**os.environ, "NINPY_EMULATOR_SANITIZE": "address", "LD_PRELOAD": libasan,
+           "ASAN_OPTIONS": "detect_leaks=0"}
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", _PLANTED, str(planted)], capture_output=True,
+                            text=True, env=env, cwd=root, timeout=300)
+    assert result.returncode != 0 and "no error seen" not in result.stdout, result.stdout
+    assert "AddressSanitizer: heap-buffer-overflow" in result.stderr, result.stderr[-2000:]
+    assert f"{planted}:" in result.stderr  # the report names the kernel's file and line
+    # and the unplanted kernel runs clean under the sanitizer
+    clean = subprocess.run([sys.executable, "-c", _PLANTED, str(gpu_kernels.KERNEL_DIR / "sgd.cu")],
+                           capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert clean.returncode == 0 and "no error seen" in clean.stdout, clean.stderr[-2000:]
