@@ -85,8 +85,8 @@ def working_layout():
 
 
 def kernels_for(array):
-    """The kernel module for an array: gpu_kernels for CuPy arrays, else cpu_kernels; reference
-    under use_kernels("reference") (CPU arrays only)."""
+    """The kernel module for an array: gpu_kernels for CuPy (and emulated) arrays, else
+    cpu_kernels; reference under use_kernels("reference") (CPU arrays only)."""
     if backend.is_gpu_array(array):
         if _kernel_set == "reference":
             raise backend.DeviceError("the reference kernels run on the CPU only; move the tensors "
@@ -353,7 +353,7 @@ def _dropout_mask(x, p):
         return backend.array_module(x).zeros_like(x)
     if backend.is_gpu_array(x):
         seed, offset = random.next_gpu_stream(x.size)
-        return kernels_for(x).dropout_mask(x.shape, p, seed, offset, x.dtype)
+        return kernels_for(x).dropout_mask(x.shape, p, seed, offset, x.dtype, backend.device_of(x))
     keep = random.cpu_generator().random(x.shape, dtype=np.float32) >= p
     return keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - p))
 
