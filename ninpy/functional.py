@@ -21,7 +21,7 @@ import numpy as np
 from . import backend, cpu_kernels, memory, random, reference
 from .gemm import matmul
 from .autograd import Function, Tensor
-from .shapes import conv_output_size, pair, pool_output_size
+from .shapes import batch_and_channels, conv_output_size, pair, pool_output_size
 
 # ---- which kernels: the fast path or the plain path ---------------------------------------------
 
@@ -149,14 +149,14 @@ class Conv2d(Function):
     def forward(self, x, w, b, stride, padding, relu, layout):
         _check_conv_inputs(x, w, b, layout)
         self.batch_first = layout == "NCHW"
-        x = _swapped(x) if self.batch_first else x            # now (C, N, H, W)
-        self.kernels = kernels_for(x)
-        self.x, self.w, self.has_bias, self.relu = x, w, b is not None, relu
         self.stride, self.padding = pair(stride, "stride"), pair(padding, "padding")
-        _, n, h, width = x.shape
+        (n, _), (h, width) = batch_and_channels(x.shape, layout), x.shape[2:]
         c_out, _, kh, kw = w.shape
         self.out_shape = (c_out, n, conv_output_size(h, kh, self.stride[0], self.padding[0]),
                           conv_output_size(width, kw, self.stride[1], self.padding[1]))
+        x = _swapped(x) if self.batch_first else x            # now (C, N, H, W)
+        self.kernels = kernels_for(x)
+        self.x, self.w, self.has_bias, self.relu = x, w, b is not None, relu
         self.pointwise = (kh, kw) == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
         y2 = matmul(w.reshape(c_out, -1), self._columns())     # (C_out, N*oh*ow)
         if relu and b is not None:

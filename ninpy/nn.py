@@ -13,7 +13,7 @@ from . import backend
 from . import functional as F
 from . import random
 from .autograd import Tensor
-from .shapes import pair
+from .shapes import check_window, pair
 
 
 class Parameter(Tensor):
@@ -110,6 +110,8 @@ class Conv2d(Module):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
                  init_std=None, dtype=np.float32):
         kh, kw = pair(kernel_size, "kernel_size")
+        for kernel, step, pad in zip((kh, kw), pair(stride, "stride"), pair(padding, "padding")):
+            check_window(kernel, step, pad)   # here, before a kernel of 0 divides He's std by 0
         self.stride, self.padding = stride, padding
         self.weight = Parameter(init_weight((out_channels, in_channels, kh, kw), init_std, dtype))
         self.bias = Parameter(np.zeros(out_channels, dtype=dtype)) if bias else None

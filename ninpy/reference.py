@@ -33,7 +33,7 @@ implementations.
 import numpy as np
 
 from .autograd import Function
-from .shapes import avg_pool_divisor, conv_output_size, pair
+from .shapes import avg_pool_divisor, check_pool_output, conv_output_size, pair
 
 
 def _window_rows(start, stride, count):
@@ -84,6 +84,7 @@ def col2im(col, x_shape, kh, kw, sh, sw, ph, pw, layout="NCHW"):
 
 def max_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow):
     """y[n, c, oy, ox] = max of x[n, c, h, w] over the window's real elements (NaN wins); argmax = h*W + w of it."""
+    check_pool_output(x.shape, kh, kw, sh, sw, ph, pw, oh, ow)
     N, C, H, W = x.shape
     h0 = np.maximum(np.arange(oh) * sh - ph, 0)[:, None]   # each window's first real element
     w0 = np.maximum(np.arange(ow) * sw - pw, 0)[None, :]
@@ -103,6 +104,7 @@ def max_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow):
 
 def max_pool_backward(dy, argmax, x_shape, kh, kw, sh, sw, ph, pw):
     """dx[n, c, h, w] = sum of dy[n, c, oy, ox] over the windows whose argmax is h*W + w."""
+    check_pool_output(x_shape, kh, kw, sh, sw, ph, pw, *dy.shape[2:])
     N, C, H, W = x_shape
     windows = dy.shape[2] * dy.shape[3]                   # not -1: an empty batch must reshape too
     dx = np.zeros((N * C, H * W), dtype=dy.dtype)
@@ -120,6 +122,7 @@ def _avg_pool_divisors(H, W, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad):
 
 def avg_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad=True):
     """y[n, c, oy, ox] = (sum of the window's real elements) / divisor(oy, ox) (padding counted if count_include_pad)."""
+    check_pool_output(x.shape, kh, kw, sh, sw, ph, pw, oh, ow)
     N, C, H, W = x.shape
     xp = _pad(x, 0, kh, kw, sh, sw, ph, pw, oh, ow)
     total = np.zeros((N, C, oh, ow), dtype=x.dtype)
@@ -132,6 +135,7 @@ def avg_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad=True):
 
 def avg_pool_backward(dy, x_shape, kh, kw, sh, sw, ph, pw, count_include_pad=True):
     """dx[n, c, h, w] = sum of dy[n, c, oy, ox] / divisor(oy, ox) over the windows covering (h, w)."""
+    check_pool_output(x_shape, kh, kw, sh, sw, ph, pw, *dy.shape[2:])
     N, C, H, W = x_shape
     oh, ow = dy.shape[2:]
     divisors = _avg_pool_divisors(H, W, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad)
