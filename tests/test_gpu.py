@@ -674,3 +674,50 @@ def test_address_sanitizer_stops_an_out_of_bounds_write_in_a_kernel(tmp_path):
     clean = subprocess.run([sys.executable, "-c", _PLANTED, str(gpu_kernels.KERNEL_DIR / "sgd.cu")],
                            capture_output=True, text=True, env=env, cwd=root, timeout=300)
     assert clean.returncode == 0 and "no error seen" in clean.stdout, clean.stderr[-2000:]
+
+
+# --- conftest.py's rules for the GPU path's tests ------------------------------------------------
+
+class _Item:
+    """A collected test as conftest's hook sees it: keywords (folder names included) and markers."""
+
+    def __init__(self, keywords, markers):
+        self.keywords, self.markers, self.added = keywords, markers, []
+
+    def get_closest_marker(self, name):
+        return name if name in self.markers else None
+
+    def add_marker(self, marker):
+        self.added.append(marker)
+
+
+def test_only_the_gpu_marker_skips_a_test_without_a_gpu(monkeypatch):
+    """A checkout in a folder called `gpu` puts "gpu" among every test's keywords; only the marker
+    may decide."""
+    import conftest
+
+    monkeypatch.setattr(conftest, "GPU_PROBLEM", "no GPU here")
+    in_a_gpu_folder = _Item({"gpu": 1, "test_x": 1}, markers=())
+    marked = _Item({"test_y": 1}, markers=("gpu",))
+    conftest.pytest_collection_modifyitems(None, [in_a_gpu_folder, marked])
+    assert in_a_gpu_folder.added == [] and len(marked.added) == 1
+
+
+@pytest.mark.parametrize("in_ci", [True, False])
+def test_an_emulator_that_cannot_run_fails_in_ci_and_skips_elsewhere(monkeypatch, in_ci):
+    import conftest
+
+    monkeypatch.setattr(backend, "_emulated", None)
+    monkeypatch.setenv("CXX", "no-such-c++-compiler")
+    monkeypatch.setattr(conftest, "IN_CI", in_ci)
+    outcome = pytest.fail.Exception if in_ci else pytest.skip.Exception
+    with pytest.raises(outcome, match="no-such-c\\+\\+-compiler is not on PATH"):
+        conftest.require_device("emulated")
+
+
+def test_a_cupy_call_the_emulator_lacks_is_an_error_not_a_skip():
+    """EmulatorLacks is raised, never turned into a skip: a CuPy-only API in ninpy's GPU path fails
+    the emulated tests (in CI the emulator is the only evidence about that path)."""
+    require_device("emulated")
+    with pytest.raises(emulator.EmulatorLacks, match="cupy.cuda_only_function"):
+        backend.require_emulator().cuda_only_function
