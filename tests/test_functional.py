@@ -241,11 +241,15 @@ HOSTILE_GEOMETRIES = {
 }
 
 
+@pytest.mark.parametrize("kernel_set", F.KERNEL_SETS)
 @pytest.mark.parametrize("case", HOSTILE_GEOMETRIES)
-def test_a_geometry_pytorch_refuses_is_refused_before_any_kernel(case, monkeypatch):
+def test_a_geometry_pytorch_refuses_is_refused_before_any_kernel(case, kernel_set, monkeypatch):
     call, message = HOSTILE_GEOMETRIES[case]
-    monkeypatch.setattr(F, "kernels_for", lambda array: pytest.fail("a kernel was reached"))
-    with pytest.raises(RuntimeError, match=message):
+    reached = lambda *args, **kwargs: pytest.fail("a kernel was reached")  # noqa: E731
+    monkeypatch.setattr(F, "kernels_for", reached)                          # the fast path's kernels
+    for name in ("im2col", "max_pool_forward", "avg_pool_forward"):          # the plain path's
+        monkeypatch.setattr(ninpy.reference, name, reached)
+    with ninpy.use_kernels(kernel_set), pytest.raises(RuntimeError, match=message):
         call(F, Tensor)
 
 
