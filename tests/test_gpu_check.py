@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GPU_PROBLEM, IN_CI, require_device
+from conftest import GPU_PROBLEM, require_device
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
@@ -77,7 +77,7 @@ def test_missing_data_is_one_line_saying_how_to_stage_it(tmp_path, monkeypatch):
     assert "--data-dir" in problem and "load_dataset('fashion-mnist'" in problem
 
 
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir() and not IN_CI,
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
                     reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
 def test_the_whole_sequence_runs_on_the_emulator(tmp_path):
     """CI's dry run: every step's command, the data check and the report, on the emulated device
