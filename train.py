@@ -239,11 +239,7 @@ def _main(args):
         sys.stderr.write(f"train.py: error: {_one_line(error)}\n")
         return EXIT_ERROR
     except MemoryError as error:
-        batch = f" (now {config.batch_size})" if config is not None else ""
-        where = "the GPU" if backend.is_cuda_error(error) else "the machine"
-        sys.stderr.write(f"train.py: error: {where} ran out of memory ({_one_line(error)}); lower "
-                         f"--batch-size{batch}\n")
-        return EXIT_ERROR
+        return _out_of_memory(error, config)
     except KernelCompileError as error:  # names kernels/FILE.cu:LINE
         sys.stderr.write(f"train.py: error: {_one_line(error).replace(kernel_root, '')}\n")
         return EXIT_ERROR
@@ -259,11 +255,24 @@ def _main(args):
                          "any, is intact)\n")
         return _signal_exit(stop)
     except Exception as error:
+        if backend.is_out_of_memory(error):  # cuBLAS's or the CUDA runtime's way of saying it
+            return _out_of_memory(error, config)
         line = backend.cuda_error_line(error)  # CUDA, cuBLAS, NVRTC: one line naming the operation
         if line is None:
             raise
         sys.stderr.write(f"train.py: error: {line}\n")
         return EXIT_ERROR
+
+
+def _out_of_memory(error, config):
+    """One line for running out of GPU or host memory, naming the setting to lower."""
+    from ninpy import backend
+
+    batch = f" (now {config.batch_size})" if config is not None else ""
+    where = "the GPU" if backend.is_cuda_error(error) else "the machine"
+    sys.stderr.write(f"train.py: error: {where} ran out of memory ({_one_line(error)}); lower "
+                     f"--batch-size{batch}\n")
+    return EXIT_ERROR
 
 
 def choose_device(device):

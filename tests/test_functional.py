@@ -13,6 +13,7 @@ import ninpy
 import ninpy.functional as F
 from ninpy import Tensor, models
 from ninpy.shapes import conv_output_size, pool_output_size
+from conftest import require_device
 from strategies import (LAYOUTS, conv_geometries, in_layout, layouts, pool_geometries, random_array,
                         seeds)
 
@@ -264,12 +265,23 @@ HOSTILE_GEOMETRIES = {
 }
 
 
+@pytest.mark.parametrize("device, kernel_set", [("cpu", "fast"), ("cpu", "reference"),
+                                                 ("emulated", "fast")],
+                         ids=["numba", "reference", "cuda-emulated"])
 @pytest.mark.parametrize("case", HOSTILE_GEOMETRIES)
-def test_a_geometry_pytorch_refuses_is_refused_before_any_kernel(case, monkeypatch):
+def test_a_geometry_pytorch_refuses_is_refused_before_any_kernel(case, device, kernel_set,
+                                                                  monkeypatch):
+    """On every kernel set: the Numba kernels, the plain NumPy path, and the CUDA launchers (run by
+    the emulator, which compiles the .cu sources for the CPU)."""
     call, message = HOSTILE_GEOMETRIES[case]
-    monkeypatch.setattr(F, "kernels_for", lambda array: pytest.fail("a kernel was reached"))
-    with pytest.raises(RuntimeError, match=message):
-        call(F, Tensor)
+    if device == "emulated":
+        require_device(device)
+    reached = lambda *args, **kwargs: pytest.fail("a kernel was reached")  # noqa: E731
+    monkeypatch.setattr(F, "kernels_for", reached)                          # Numba's and CUDA's
+    for name in ("im2col", "max_pool_forward", "avg_pool_forward"):          # the plain path's
+        monkeypatch.setattr(ninpy.reference, name, reached)
+    with ninpy.use_kernels(kernel_set), pytest.raises(RuntimeError, match=message):
+        call(F, lambda array: Tensor(array, device=device))
 
 
 @pytest.mark.parametrize("case", HOSTILE_GEOMETRIES)
