@@ -64,7 +64,7 @@ def test_the_plain_path_runs_no_numba_kernel_and_takes_nothing_from_the_pool(mon
     for name in ("im2col", "col2im", "max_pool_forward", "max_pool_backward", "avg_pool_forward",
                  "avg_pool_backward", "bias_relu_", "add_bias_", "relu_backward", "relu_bias_backward"):
         monkeypatch.setattr(cpu_kernels, name, forbidden)
-    monkeypatch.setattr(memory, "empty", forbidden)
+    monkeypatch.setattr(memory, "pooled_empty", forbidden)
     losses, _ = train("reference", np.float64, steps=1)
     assert np.isfinite(losses).all()
     with pytest.raises(AssertionError, match="fast path"):
