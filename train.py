@@ -83,6 +83,9 @@ def build_parser():
                         "fashion-mnist 1000; 0 = none)")
     p.add_argument("--dropout", type=_number(float, 0, True, 1),
                    help="dropout probability after blocks 1 and 2 (recipe: 0.5; fashion-mnist 0)")
+    p.add_argument("--label-smoothing", type=FRACTION,
+                   help="of the training loss, as PyTorch's cross_entropy: the target is (1 - eps) "
+                        "onehot + eps / classes (recipe: 0)")
     p.add_argument("--augment", choices=("none", "crop", "flip", "crop+flip"),
                    help="crop: random translation by up to --crop-pad pixels (recipe)")
     p.add_argument("--crop-pad", type=COUNT, help="padding of the random crop (recipe)")
@@ -112,7 +115,7 @@ def build_parser():
 _FIELDS = {"dataset": "dataset", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
            "momentum": "momentum", "weight_decay": "weight_decay", "bias_lr_mult": "bias_lr_mult",
            "last_lr_mult": "last_lr_mult", "schedule": "schedule", "warmup_steps": "warmup_steps",
-           "dropout": "dropout",
+           "dropout": "dropout", "label_smoothing": "label_smoothing",
            "augment": "augment", "crop_pad": "crop_pad", "preprocess": "preprocess", "seed": "seed",
            "data_dir": "data_dir", "out": "out", "limit": "limit", "val_split": "val_split"}
 
@@ -224,7 +227,8 @@ def _main(args):
               f"x{config.last_lr_mult}), momentum {config.momentum}, weight decay "
               f"{config.weight_decay}, batch {config.batch_size}, {config.epochs} epochs, schedule "
               f"{config.schedule}, warm-up {config.warmup_steps} of {config.epochs * trainer.steps_per_epoch} "
-              f"steps, dropout {config.dropout}, augment {config.augment}, "
+              f"steps, dropout {config.dropout}, label smoothing {config.label_smoothing}, "
+              f"augment {config.augment}, "
               f"preprocess {config.preprocess}; writing to {trainer.out}", flush=True)
         final = trainer.fit()
         if "test_acc" in final:

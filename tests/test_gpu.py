@@ -168,21 +168,26 @@ def test_pooling_cu_window_arithmetic_agrees_with_shapes_py():
 @pytest.mark.parametrize("where", BACKENDS)
 @EXAMPLES
 @given(N=st.integers(1, 12), K=st.integers(1, 75), dtype=dtypes, label_dtype=st.sampled_from([np.int32, np.int64, np.uint8]),
-       spread=st.sampled_from([1.0, 30.0]), scale_on_device=st.booleans(), seed=seeds, layout=layouts)
+       spread=st.sampled_from([1.0, 30.0]), scale_on_device=st.booleans(), seed=seeds, layout=layouts,
+       label_smoothing=st.sampled_from([0.0, 0.1, 1.0]))
 def test_cross_entropy_matches_reference(where, N, K, dtype, label_dtype, spread, scale_on_device, seed,
-                                         layout):
+                                         layout, label_smoothing):
     rng = np.random.default_rng(seed)
     logits = (spread * rng.standard_normal((N, K))).astype(dtype)
     labels = random_labels(seed, N, K).astype(label_dtype)
     with kernels_on(where) as dev:
-        losses = gpu_kernels.cross_entropy_forward(dev.put(logits, layout), dev.put(labels, layout))
+        losses = gpu_kernels.cross_entropy_forward(dev.put(logits, layout), dev.put(labels, layout),
+                                                   label_smoothing)
         assert losses.shape == (N,) and losses.dtype == dtype
-        np.testing.assert_allclose(dev.get(losses), R.cross_entropy_forward(logits, labels), **tolerance(dtype))
+        np.testing.assert_allclose(dev.get(losses), R.cross_entropy_forward(logits, labels, label_smoothing),
+                                   **tolerance(dtype))
         scale = 1.0 / N
         device_scale = dev.put(np.array(scale, dtype=dtype)) if scale_on_device else scale
-        d = gpu_kernels.cross_entropy_backward(dev.put(logits), dev.put(labels), device_scale)
+        d = gpu_kernels.cross_entropy_backward(dev.put(logits), dev.put(labels), device_scale,
+                                               label_smoothing)
         assert d.shape == (N, K) and d.dtype == dtype
-        np.testing.assert_allclose(dev.get(d), R.cross_entropy_backward(logits, labels, dtype(scale)),
+        np.testing.assert_allclose(dev.get(d), R.cross_entropy_backward(logits, labels, dtype(scale),
+                                                                        label_smoothing),
                                    **tolerance(dtype))
 
 
