@@ -443,6 +443,7 @@ def _training_step(device):
     x, labels = _small_batch(np.float32, n=2)
     xb, yb = backend.to_device(x, device), backend.to_device(labels, device)
     trainer = types.SimpleNamespace(model=model, warmup=types.SimpleNamespace(warmup_steps=-1),
+                                    config=training.Config.for_dataset("cifar10"),  # its recipe
                                     optimizer=optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
     tally = training._EpochTally.start(backend.module_of_device(device), {}, 0)
     return lambda: training.Trainer._step(trainer, 0, [0.01], xb, yb, tally)
