@@ -371,24 +371,30 @@ def dropout(x, p=0.5, training=True):
 # ---- loss ---------------------------------------------------------------------------------------
 
 class CrossEntropy(Function):
-    """loss = mean_n (logsumexp(z_n) - z_n[label_n]);  dz = (softmax(z) - onehot(label)) / N."""
+    """loss = mean_n (logsumexp(z_n) - (1 - eps) z_n[label_n] - eps mean_k z_n[k]);
+    dz = (softmax(z) - (1 - eps) onehot(label) - eps / K) / N.  eps = label_smoothing (0: plain)."""
 
-    def forward(self, logits, labels):
+    def forward(self, logits, labels, label_smoothing):
         self.kernels = kernels_for(logits)
-        self.logits, self.labels = logits, labels
+        self.logits, self.labels, self.label_smoothing = logits, labels, label_smoothing
         if logits.shape[0] == 0:   # the mean of no losses is NaN, as in PyTorch (without a warning)
             return backend.array_module(logits).full((), np.nan, dtype=logits.dtype)
-        return self.kernels.cross_entropy_forward(logits, labels).mean()
+        return self.kernels.cross_entropy_forward(logits, labels, label_smoothing).mean()
 
     def backward(self, grad):
         scale = grad / max(self.logits.shape[0], 1)   # an empty batch has an empty gradient
-        return self.kernels.cross_entropy_backward(self.logits, self.labels, scale), None
+        return self.kernels.cross_entropy_backward(self.logits, self.labels, scale,
+                                                   self.label_smoothing), None
 
 
-def cross_entropy(logits, labels):
-    """Softmax cross-entropy of logits (N, K) against integer labels (N,), averaged over the batch."""
+def cross_entropy(logits, labels, *, label_smoothing=0.0):
+    """Softmax cross-entropy of logits (N, K) against integer labels (N,), averaged over the batch.
+
+    label_smoothing (PyTorch's): eps in [0, 1]; the target becomes (1 - eps) onehot + eps / K, so the
+    loss is (1 - eps) * the plain loss + eps * the mean over the K classes of -log softmax(z)."""
     if logits.ndim != 2:
         raise ValueError(f"cross_entropy: logits must be (N, K), got shape {logits.shape}")
+    label_smoothing = _label_smoothing(label_smoothing)
     label_array = labels.data if isinstance(labels, Tensor) else labels
     xp = backend.array_module(logits.data)
     label_array = backend.to_device(label_array, logits.device)
@@ -401,4 +407,17 @@ def cross_entropy(logits, labels):
         raise ValueError(f"cross_entropy: labels must lie in [0, {logits.shape[1]}), got "
                          f"[{label_array.min()}, {label_array.max()}]")
     loss = reference.CrossEntropy if _plain(logits) else CrossEntropy
-    return loss.apply(logits, Tensor(xp.ascontiguousarray(label_array)))
+    return loss.apply(logits, Tensor(xp.ascontiguousarray(label_array)), label_smoothing=label_smoothing)
+
+
+def _label_smoothing(value):
+    """label_smoothing as a float in [0, 1]. PyTorch refuses values above 1 and silently reads a
+    negative or NaN one as 0; here those are refused too, since they are mistakes."""
+    try:
+        eps = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"cross_entropy: label_smoothing must be a number in [0, 1], got "
+                        f"{value!r}") from None
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"cross_entropy: label_smoothing must be between 0.0 and 1.0, got {value!r}")
+    return eps
