@@ -331,7 +331,7 @@ class CrossEntropy(Function):
     """loss = mean_n (logsumexp(z_n) - (1 - eps) z_n[label_n] - eps mean_k z_n[k]);
     dz = (softmax(z) - (1 - eps) onehot(label) - eps / K) / N.  eps = label_smoothing (0: plain)."""
 
-    def forward(self, logits, labels, label_smoothing=0.0):
+    def forward(self, logits, labels, label_smoothing):
         self.logits, self.labels, self.label_smoothing = logits, labels, label_smoothing
         if logits.shape[0] == 0:   # the mean of no losses is NaN, as in PyTorch
             return np.full((), np.nan, dtype=logits.dtype)
