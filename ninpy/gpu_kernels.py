@@ -61,7 +61,7 @@ _KERNELS = {
                          "cross_entropy_backward_kernel": INTEGERS},
     "elementwise.cu": {"bias_relu_kernel": INTEGERS, "add_bias_kernel": INTEGERS,
                        "relu_backward_kernel": INTEGERS, "dropout_mask_kernel": INTEGERS},
-    "sgd.cu": {"sgd_update_kernel": INTEGERS},
+    "sgd.cu": {"sgd_update_kernel": INTEGERS, "sgd_update_many_kernel": INTEGERS},
 }
 
 _C_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
@@ -422,15 +422,19 @@ def dropout_mask(shape, p, seed, offset, dtype):
 
 # --- optimiser ------------------------------------------------------------------------------------
 
-def sgd_update_(param, grad, buf, lr, momentum, weight_decay, nesterov):
-    """torch.optim.SGD (dampening 0) in place: g = grad + wd*param; buf = m*buf + g;
-    param -= lr * (g + m*buf if nesterov else buf)."""
+def _check_sgd_arrays(param, grad, buf):
     _require_contiguous(param, "param")
     _require_contiguous(buf, "buf")
     if grad.shape != param.shape or buf.shape != param.shape:
         raise ValueError(f"param {param.shape}, grad {grad.shape} and buf {buf.shape} must have one shape")
     if grad.dtype != param.dtype or buf.dtype != param.dtype:
         raise TypeError(f"param ({param.dtype}), grad ({grad.dtype}) and buf ({buf.dtype}) must share a dtype")
+
+
+def sgd_update_(param, grad, buf, lr, momentum, weight_decay, nesterov):
+    """torch.optim.SGD (dampening 0) in place: g = grad + wd*param; buf = m*buf + g;
+    param -= lr * (g + m*buf if nesterov else buf)."""
+    _check_sgd_arrays(param, grad, buf)
     grad = _contiguous(grad)
     scalar = param.dtype.type
     _launch("sgd.cu", "sgd_update_kernel", param.dtype, param.size,
@@ -439,3 +443,54 @@ def sgd_update_(param, grad, buf, lr, momentum, weight_decay, nesterov):
     return param
 
 
+def sgd_update_many_(params, grads, bufs, settings):
+    """sgd_update_(params[t], grads[t], bufs[t], *settings[t]) for every t, in ONE launch.
+
+    settings[t] = (lr, momentum, weight_decay, nesterov). All arrays share one dtype. The kernel
+    finds the tensors through a table of their addresses (kernels/sgd.cu), copied to the device
+    only when it differs from the last one copied (CuPy's pool usually hands a step's gradients the
+    addresses of the last step's, so most steps copy nothing)."""
+    if not (len(params) == len(grads) == len(bufs) == len(settings)):
+        raise ValueError(f"{len(params)} params, {len(grads)} grads, {len(bufs)} bufs and "
+                         f"{len(settings)} settings: expected one of each per tensor")
+    if not params:
+        return params
+    dtype = params[0].dtype
+    grads = [_contiguous(g) for g in grads]
+    ends = np.cumsum([p.size for p in params], dtype=np.uint64)
+    for param, grad, buf in zip(params, grads, bufs):
+        _check_sgd_arrays(param, grad, buf)
+        if param.dtype != dtype:
+            raise TypeError(f"sgd_update_many_: every tensor must share one dtype, got {dtype} and "
+                            f"{param.dtype}; update each dtype in its own call")
+    table = np.array([[_address(p), _address(g), _address(b), end]
+                      for p, g, b, end in zip(params, grads, bufs, ends.tolist())], dtype=np.uint64)
+    hyper = np.array([(lr, momentum, weight_decay, bool(nesterov))
+                      for lr, momentum, weight_decay, nesterov in settings], dtype=dtype)
+    total = int(ends[-1])
+    _launch("sgd.cu", "sgd_update_many_kernel", dtype, total,
+            (_on_device("sgd tensors", table, params[0]), _on_device("sgd settings", hyper, params[0]),
+             _Index(total)))
+    return params
+
+
+def _address(array):
+    """The device address of an array's first element (CuPy: .data.ptr; the host emulator's NumPy
+    arrays: their ctypes address)."""
+    data = array.data
+    return data.ptr if hasattr(data, "ptr") else array.ctypes.data
+
+
+_device_copies = {}  # (name, device) -> (host bytes, device array): small tables kept on a device
+
+
+def _on_device(name, host_array, like):
+    """host_array on the device of `like`; the last copy there is reused while the contents are the
+    same (nothing writes to it, so reusing it is the same as copying again)."""
+    cupy = backend.require_gpu()
+    where = (name, str(getattr(like, "device", "")))
+    contents = host_array.tobytes()
+    kept = _device_copies.get(where)
+    if kept is None or kept[0] != contents or not isinstance(kept[1], cupy.ndarray):
+        kept = _device_copies[where] = (contents, cupy.asarray(host_array))
+    return kept[1]
