@@ -42,6 +42,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 import numpy as np  # noqa: E402
 
 from ninpy import backend, gpu_kernels  # noqa: E402
+from ninpy.models import PRESETS  # noqa: E402
 
 import cuda_host_emulator  # noqa: E402
 
@@ -50,13 +51,14 @@ class LaunchCounter:
     """Counts, per row ("category: name"), the launches the counted CuPy operations make."""
 
     def __init__(self):
-        self.counts = collections.Counter()
+        self.counts = collections.Counter()   # (phase, row) -> launches
         self.enabled = True
+        self.phase = "step"
         self._busy = 0   # > 0 while a counted operation runs: what it does inside is not counted again
 
     def add(self, row):
         if self.enabled and self._busy == 0:
-            self.counts[row] += 1
+            self.counts[(self.phase, row)] += 1
 
     @contextlib.contextmanager
     def operation(self, row):
@@ -67,9 +69,6 @@ class LaunchCounter:
             yield
         finally:
             self._busy -= 1
-
-    def total(self):
-        return sum(self.counts.values())
 
     def reset(self):
         self.counts.clear()
@@ -110,10 +109,11 @@ class CountedArray(cuda_host_emulator.EmulatedArray):
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
         kind = "reduction" if method == "reduce" else "elementwise"
+        row = "cuBLAS: GEMM" if ufunc is np.matmul else f"cupy {kind}: {ufunc.__name__}"
         out = kwargs.get("out")
         if out is not None:
             kwargs["out"] = _plain(out)
-        with COUNTER.operation(f"cupy {kind}: {ufunc.__name__}"):
+        with COUNTER.operation(row):
             result = getattr(ufunc, method)(*_plain(inputs), **kwargs)
         if out is not None:
             return out[0] if len(out) == 1 else out
@@ -267,42 +267,79 @@ def emulated_gpu():
          gpu_kernels._functions) = saved
 
 
-# --- the step ------------------------------------------------------------------------------------
+# --- one training step, as train.py's Trainer makes it --------------------------------------------
 
-def make_step(dataset="cifar10", batch_size=128, seed=0):
-    """(step, parameters): one training step as train.py's Trainer._step makes it (forward,
-    cross-entropy, zero_grad, backward, SGD with the recipe's parameter groups) on a batch already
-    on the device and preprocessed (float32 NCHW)."""
+PHASES = ("batch", "step", "tally")
+PHASE_TITLES = {"batch": "making the batch (gather, crop + flip, GCN + ZCA)",
+                "step": "the training step (forward, loss, backward, SGD)",
+                "tally": "the epoch's running loss and accuracy"}
+
+
+class _Phase:
+    """Counts what `inner` does under its own phase: the tally, whose add() the step calls."""
+
+    def __init__(self, inner, phase):
+        self.inner, self.phase = inner, phase
+
+    def add(self, *args):
+        previous, COUNTER.phase = COUNTER.phase, self.phase
+        try:
+            self.inner.add(*args)
+        finally:
+            COUNTER.phase = previous
+
+
+def make_trainer_step(dataset="cifar10", batch_size=128, seed=0):
+    """A function running one training step of train.py's Trainer on the device "gpu": the next batch
+    made by data.batches (the recipe's crop + flip and GCN + ZCA; made-up images and an identity
+    whitening: the launches do not depend on the values), then Trainer._step itself (forward,
+    cross-entropy, zero_grad, backward, SGD with the recipe's parameter groups, the epoch tally)."""
+    import types
+
     import ninpy
-    import ninpy.functional as F
-    from ninpy import Tensor, models, optim, recipes
+    from ninpy import data, models, optim, recipes, training
 
     ninpy.random.manual_seed(seed)
     preset = models.PRESETS[dataset]
-    model = models.nin_for(dataset).to("gpu").train()
-    optimizer = optim.SGD(recipes.param_groups(model, 0.1, 1e-4), lr=0.1, momentum=0.9)
+    recipe = recipes.RECIPES[dataset]
+    channels, side = preset["in_channels"], 28 if preset["in_channels"] == 1 else 32
     rng = np.random.default_rng(seed)
-    side = 28 if preset["in_channels"] == 1 else 32
-    x = backend.to_device(rng.standard_normal((batch_size, preset["in_channels"], side, side))
-                          .astype(np.float32), "gpu")
-    labels = backend.to_device(rng.integers(0, preset["num_classes"], batch_size), "gpu")
+    images = backend.to_device(rng.integers(0, 256, (2 * batch_size, channels, side, side), np.uint8), "gpu")
+    labels = rng.integers(0, preset["num_classes"], 2 * batch_size)
+    features = channels * side * side
+    transform = (data.GcnZca(np.zeros(features), np.eye(features)) if recipe.preprocess == "gcn-zca"
+                 else data.Standardize(np.zeros(channels), np.ones(channels)))
+    crop, flip = recipes.parse_augment(recipe.augment)
+    augment = data.RandomCropFlip(recipe.crop_pad if crop else 0, flip) if crop or flip else None
+    model = models.nin_for(dataset).to("gpu")
+    optimizer = optim.SGD(recipes.param_groups(model, recipe.lr, recipe.weight_decay), lr=recipe.lr,
+                          momentum=recipe.momentum)
+    trainer = types.SimpleNamespace(model=model.train(), optimizer=optimizer,
+                                    warmup=recipes.WarmupSchedule(optimizer, 0))
+    tally = _Phase(training._EpochTally.start(backend.require_gpu(), {}, 0), "tally")
+
+    def batches():
+        while True:
+            yield from data.batches(images, labels, batch_size, shuffle=True, seed=seed, device="gpu",
+                                    augment=augment, transform=transform)
+
+    stream = batches()
 
     def step():
-        logits = model(Tensor(x))
-        loss = F.cross_entropy(logits, labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        return loss
+        COUNTER.phase = "batch"
+        xb, yb = next(stream)
+        COUNTER.phase = "step"
+        training.Trainer._step(trainer, 1, [g["lr"] for g in optimizer.param_groups], xb, yb, tally)
 
-    return step, model.parameters()
+    return step
 
 
 def count_emulated(dataset="cifar10", batch_size=128, warmup_steps=1):
-    """Counter of launches of one step (after `warmup_steps` uncounted ones) on the emulator."""
+    """{phase: Counter of rows} for one training step on the emulated GPU, after `warmup_steps`
+    uncounted ones (the first step makes the momentum buffers)."""
     with emulated_gpu():
         COUNTER.enabled = False
-        step, _ = make_step(dataset, batch_size)
+        step = make_trainer_step(dataset, batch_size)
         for _ in range(warmup_steps):
             step()
         COUNTER.reset()
@@ -311,26 +348,56 @@ def count_emulated(dataset="cifar10", batch_size=128, warmup_steps=1):
             step()
         finally:
             COUNTER.enabled = False
-        return collections.Counter(COUNTER.counts)
+        return {phase: collections.Counter({row: n for (p, row), n in COUNTER.counts.items() if p == phase})
+                for phase in PHASES}
 
 
 def print_table(counts, title):
-    width = max(len(row) for row in counts) if counts else 10
+    width = max([len(row) for row in counts] + [20])
     print(title)
     for row, count in sorted(counts.items(), key=lambda item: (item[0].split(":")[0], -item[1], item[0])):
         print(f"  {row:<{width}}  {count:4d}")
     print(f"  {'total':<{width}}  {sum(counts.values()):4d}")
 
 
+def run_on_gpu(dataset, batch_size, steps):
+    """Warm-up steps, then `steps` steps between cudaProfilerStart and Stop, for a profiler to count.
+    Nsight Systems counts the launches of that range:
+        nsys profile --capture-range=cudaProfilerApi --stats=true \\
+            python benchmarks/count_launches.py --device gpu
+    (its CUDA API summary counts cudaLaunchKernel / cuLaunchKernel, cudaMemcpyAsync, cudaMemsetAsync;
+    its GPU kernel summary names each kernel)."""
+    import cupy
+
+    step = make_trainer_step(dataset, batch_size)
+    for _ in range(2):        # compile the kernels, fill CuPy's memory pool
+        step()
+    cupy.cuda.get_current_stream().synchronize()
+    cupy.cuda.profiler.start()
+    for _ in range(steps):
+        step()
+    cupy.cuda.get_current_stream().synchronize()
+    cupy.cuda.profiler.stop()
+    print(f"ran {steps} NIN {dataset} training step(s), batch {batch_size}, between "
+          "cudaProfilerStart and cudaProfilerStop: the profiler's summary counts their launches")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="cifar10")
+    parser.add_argument("--dataset", default="cifar10", choices=sorted(PRESETS))
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", choices=["emulated", "gpu"], default="emulated")
+    parser.add_argument("--steps", type=int, default=1, help="--device gpu: profiled steps")
     args = parser.parse_args(argv)
+    if args.device == "gpu":
+        backend.require_gpu()
+        run_on_gpu(args.dataset, args.batch_size, args.steps)
+        return
     counts = count_emulated(args.dataset, args.batch_size)
-    print_table(counts, f"launches in one NIN {args.dataset} training step, batch {args.batch_size} "
-                        f"(emulated CuPy)")
+    for phase in PHASES:
+        print_table(counts[phase], f"{PHASE_TITLES[phase]}, NIN {args.dataset}, batch {args.batch_size}:")
+    print(f"launches per training step: {sum(counts['step'].values())} in the step itself, "
+          f"{sum(sum(c.values()) for c in counts.values())} with the batch and the tally")
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ _KERNELS = {
                          "cross_entropy_backward_kernel": INTEGERS},
     "elementwise.cu": {"bias_relu_kernel": INTEGERS, "add_bias_kernel": INTEGERS,
                        "relu_backward_kernel": INTEGERS, "dropout_mask_kernel": INTEGERS},
+    "relu_bias_backward.cu": {"relu_bias_backward_kernel": INTEGERS},
     "sgd.cu": {"sgd_update_kernel": INTEGERS, "sgd_update_many_kernel": INTEGERS},
 }
 
@@ -400,9 +401,35 @@ def relu_backward(dy, y):
 
 
 def relu_bias_backward(dy, y):
-    """dx = relu_backward(dy, y) and db[c] = sum of dx[:, c]; on the GPU the sum is CuPy's reduction."""
-    dx = relu_backward(dy, y)
-    return dx, dx.sum(axis=(0,) + tuple(range(2, dx.ndim)))
+    """dx = relu_backward(dy, y) and db[c] = sum of dx[:, c], in one launch: a block per channel
+    sums its part of dx as it writes it (kernels/relu_bias_backward.cu)."""
+    cupy = backend.require_gpu()
+    dy = _contiguous(dy)
+    y = _contiguous(y)
+    if dy.shape != y.shape or dy.dtype != y.dtype or dy.ndim < 2:
+        raise ValueError(f"dy ({dy.shape}, {dy.dtype}) and y ({y.shape}, {y.dtype}) must have one "
+                         "shape (N, C, ...) and dtype")
+    N, C = dy.shape[:2]
+    L = math.prod(dy.shape[2:])
+    dx = cupy.empty_like(dy)
+    db = cupy.empty((C,), dtype=dy.dtype)
+    if C == 0:
+        return dx, db
+    index_c, index_np = _index(dy.size, (dy,))
+    threads = _threads_for(N * L)
+    function = _function("relu_bias_backward.cu", "relu_bias_backward_kernel", _c_type(dy.dtype), index_c)
+    function((min(C, _MAX_BLOCKS),), (threads,),
+             (dy, y, dx, db, np.int32(C), index_np(L), index_np(N * L)))
+    return dx, db
+
+
+def _threads_for(per_block):
+    """Threads of a block that reduces `per_block` elements: a power of two from one warp to 1024,
+    about one thread for every 16 elements (a few loads in flight each, none left idle)."""
+    threads = _WARP
+    while threads < 1024 and threads * 16 < per_block:
+        threads *= 2
+    return threads
 
 
 def dropout_mask(shape, p, seed, offset, dtype):

@@ -3,8 +3,9 @@ without a GPU.
 
 The .cu sources are compiled UNCHANGED by the host C++ compiler (g++ -std=c++20) after a small shim
 that defines the CUDA built-ins they use: __global__/__device__, threadIdx/blockIdx/blockDim/gridDim,
-min/max, and __shfl_xor_sync (a warp is 32 std::threads meeting at a barrier). A launch runs every
-block and thread of the grid, so grid-stride loops and the index formulas run as written.
+min/max, __shfl_xor_sync (a warp is 32 std::threads meeting at a barrier), and __syncthreads with
+__shared__ arrays (a block's threads are fibers on one OS thread, switched at each barrier). A launch
+runs every block and thread of the grid, so grid-stride loops and the index formulas run as written.
 
 `emulated_cupy()` is a stand-in for the `cupy` module made of NumPy (empty, full, ascontiguousarray,
 ...) whose `RawModule(...).get_function("kernel<float, int>")` returns a launcher with CuPy's calling
@@ -35,7 +36,9 @@ SHIM = r"""
 #include <barrier>
 #include <functional>
 #include <math.h>
+#include <memory>
 #include <thread>
+#include <ucontext.h>
 #include <vector>
 struct Dim3 { unsigned x = 1, y = 1, z = 1; };
 thread_local Dim3 threadIdx, blockIdx;
@@ -53,6 +56,47 @@ template <typename T> T __shfl_xor_sync(unsigned, T v, int lane_mask) {
     warp_slots[lane] = (double)v;              // float and double both fit exactly
     warp_barrier->arrive_and_wait();
     return (T)warp_slots[lane ^ lane_mask];
+}
+// __syncthreads: the threads of a block run as fibers (ucontext) on one OS thread. Each runs until it
+// reaches the barrier or ends, then the next one runs; a round ends when all have, so no thread passes
+// a barrier before every thread of its block has reached it. __shared__ arrays are static: one per
+// kernel instantiation, which the block running at the time owns.
+#define __shared__ static
+static ucontext_t fiber_scheduler;
+static std::vector<ucontext_t> fibers;
+static std::vector<char> fiber_finished;
+static unsigned fiber_current;
+static const std::function<void()>* fiber_body;
+static void fiber_start() { (*fiber_body)(); fiber_finished[fiber_current] = 1; }
+inline void __syncthreads() { swapcontext(&fibers[fiber_current], &fiber_scheduler); }
+static void launch_blocks(unsigned grid, unsigned block, const std::function<void()>& body) {
+    gridDim.x = grid;
+    blockDim.x = block;
+    const size_t stack_size = 64 * 1024;
+    std::unique_ptr<char[]> stacks(new char[block * stack_size]);
+    fibers.assign(block, ucontext_t{});
+    fiber_body = &body;
+    for (unsigned b = 0; b < grid; ++b) {
+        fiber_finished.assign(block, 0);
+        for (unsigned t = 0; t < block; ++t) {
+            getcontext(&fibers[t]);
+            fibers[t].uc_stack.ss_sp = stacks.get() + t * stack_size;
+            fibers[t].uc_stack.ss_size = stack_size;
+            fibers[t].uc_link = &fiber_scheduler;
+            makecontext(&fibers[t], fiber_start, 0);
+        }
+        for (bool running = true; running;) {  // a round: every unfinished thread to its next barrier
+            running = false;
+            for (unsigned t = 0; t < block; ++t) {
+                if (fiber_finished[t]) continue;
+                fiber_current = t;
+                blockIdx.x = b;
+                threadIdx.x = t;
+                swapcontext(&fiber_scheduler, &fibers[t]);
+                running = running || !fiber_finished[t];
+            }
+        }
+    }
 }
 static void launch(unsigned grid, unsigned block, bool warps, const std::function<void()>& body) {
     gridDim.x = grid;
@@ -130,13 +174,15 @@ def _build(sources):
         kernels = parse_kernels(source)
         parts.append(f'#include "{Path(path).resolve()}"')
         warps = "__shfl" in source
+        launcher = ("launch_blocks(grid, block, " if "__syncthreads" in source
+                    else f"launch(grid, block, {str(warps).lower()}, ")
         for expression in expressions:
             wrapper = f"wrap_{len(wrappers)}"
             wrappers[expression] = (wrapper, _param_types(kernels, expression))
             args = ", ".join(f"*reinterpret_cast<{'const ' if const else ''}{base}{'*' if pointer else ''}*>(a[{i}])"
                              for i, (base, pointer, const) in enumerate(_param_types(kernels, expression)))
             parts.append(f'extern "C" void {wrapper}(unsigned grid, unsigned block, void** a) '
-                         f'{{ launch(grid, block, {str(warps).lower()}, [&] {{ {expression}({args}); }}); }}')
+                         f'{{ {launcher}[&] {{ {expression}({args}); }}); }}')
     code = "\n".join(parts) + "\n"
     what = code + "".join(s for _, s, _ in sources)
     return _compile_once(compiler, code, what, "emulator"), wrappers

@@ -246,6 +246,28 @@ def test_bias_and_relu_kernels_match_reference(where, N, C, spatial, dtype, seed
 
 
 @pytest.mark.parametrize("where", BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 3, 20000), (3, 2, 7, 5), (2, 5, 1), (0, 4, 3), (1, 1, 1)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_relu_bias_backward_matches_reference(where, shape, dtype):
+    """One block per channel sums dx as it writes it: every block size (32 to 1024 threads, from
+    the elements per channel), channels first as Conv2d passes them, NaN, and an empty batch
+    (db = 0, as a sum over nothing). Twice the same bits: the sum's order is fixed."""
+    rng = np.random.default_rng(5)
+    y = np.maximum(rng.standard_normal(shape), 0).astype(dtype)
+    y.flat[:3] = np.nan                                       # NaN passes dy on
+    dy = rng.standard_normal(shape).astype(dtype)
+    with kernels_on(where) as dev:
+        dx, db = gpu_kernels.relu_bias_backward(dev.put(dy, "transposed"), dev.put(y))
+        again = gpu_kernels.relu_bias_backward(dev.put(dy), dev.put(y, "strided"))
+        expected_dx, expected_db = R.relu_bias_backward(dy, y)
+        assert dx.dtype == db.dtype == dtype and db.shape == (shape[1],)
+        np.testing.assert_array_equal(dev.get(dx), expected_dx)
+        np.testing.assert_allclose(dev.get(db), expected_db, **tolerance(dtype))
+        np.testing.assert_array_equal(dev.get(again[1]), dev.get(db))
+        np.testing.assert_array_equal(dev.get(again[0]), dev.get(dx))
+
+
+@pytest.mark.parametrize("where", BACKENDS)
 def test_long_long_index_instantiations_agree(where, monkeypatch):
     """Sizes past 2**31 switch every kernel to 64-bit indices; force that path on small arrays."""
     rng = np.random.default_rng(0)
@@ -477,6 +499,7 @@ def _every_kernel_once(inputs):
     results += [gpu_kernels.bias_relu_(x.copy(), inputs["bias"]),
                 gpu_kernels.add_bias_(x.copy(), inputs["bias"]),
                 gpu_kernels.relu_backward(x, x),
+                *gpu_kernels.relu_bias_backward(x, x),
                 gpu_kernels.dropout_mask((4, 5), 0.5, 1, 2, np.float32)]
     p, buf = x.copy(), x * 0
     results += [gpu_kernels.sgd_update_(p, x, buf, 0.1, 0.9, 1e-4, False), buf]
