@@ -37,22 +37,20 @@ import os
 import sys
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 
-from ninpy import backend, gpu_kernels  # noqa: E402
+from ninpy import backend, emulator  # noqa: E402
 from ninpy.models import PRESETS  # noqa: E402
-
-import cuda_host_emulator  # noqa: E402
 
 
 class LaunchCounter:
-    """Counts, per row ("category: name"), the launches the counted CuPy operations make."""
+    """Counts launches per (phase, row); a row is "kind: name", e.g. "cupy elementwise: add"."""
 
     def __init__(self):
-        self.counts = collections.Counter()   # (phase, row) -> launches
-        self.enabled = True
+        self.counts = collections.Counter()
+        self.enabled = False
         self.phase = "step"
         self._busy = 0   # > 0 while a counted operation runs: what it does inside is not counted again
 
@@ -62,209 +60,136 @@ class LaunchCounter:
 
     @contextlib.contextmanager
     def operation(self, row):
-        """Count `row` once for the whole `with` block, whatever NumPy does inside."""
-        self.add(row)
+        """Count `row` once (None: nothing) for the whole block, whatever NumPy does inside it."""
+        if row is not None:
+            self.add(row)
         self._busy += 1
         try:
             yield
         finally:
             self._busy -= 1
 
-    def reset(self):
-        self.counts.clear()
-
 
 COUNTER = LaunchCounter()
 
 
-def _plain(value):
-    """A counted array as a plain NumPy view (so NumPy's internals do not call back into the counter)."""
-    if isinstance(value, CountedArray):
-        return value.view(np.ndarray)
-    if isinstance(value, tuple):
-        return tuple(_plain(v) for v in value)
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
+# --- the rules, one per kind of operation --------------------------------------------------------
+
+def _ufunc_row(ufunc, method):
+    if ufunc is np.matmul:
+        return "cuBLAS: GEMM"
+    return f"cupy {'reduction' if method == 'reduce' else 'elementwise'}: {ufunc.__name__}"
 
 
-def _device(value):
-    """A result as a device array: CuPy returns 0-d arrays where NumPy returns scalars."""
-    if isinstance(value, np.ndarray):
-        return value if isinstance(value, CountedArray) else value.view(CountedArray)
-    if isinstance(value, np.generic):
-        return np.asarray(value).view(CountedArray)
-    if isinstance(value, tuple):
-        return tuple(_device(v) for v in value)
-    return value
-
-
-def _is_advanced(key):
-    keys = key if isinstance(key, tuple) else (key,)
+def _is_advanced(index):
+    keys = index if isinstance(index, tuple) else (index,)
     return any(isinstance(k, (np.ndarray, list)) for k in keys)
 
 
-class CountedArray(cuda_host_emulator.EmulatedArray):
-    """An emulated device array whose kernel-making operations are counted in COUNTER."""
+_VIEWS = {"broadcast_to", "expand_dims", "reshape", "transpose", "squeeze", "swapaxes", "moveaxis"}
+_ALLOCATIONS = {"empty", "empty_like"}
+_FILLS = {"zeros", "ones", "full", "zeros_like", "ones_like", "full_like"}
+_ELEMENTWISE = {"where", "arange", "stack", "concatenate", "clip", "sqrt", "exp", "log"}
+_GEMMS = {"matmul", "dot", "tensordot", "inner"}
+_FROM_HOST = {"array", "asarray", "asanyarray", "ascontiguousarray"}
 
-    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
-        kind = "reduction" if method == "reduce" else "elementwise"
-        row = "cuBLAS: GEMM" if ufunc is np.matmul else f"cupy {kind}: {ufunc.__name__}"
-        out = kwargs.get("out")
-        if out is not None:
-            kwargs["out"] = _plain(out)
+
+def _function_row(name, args, kwargs):
+    """The row of cupy.NAME(*args, **kwargs), or None when it queues nothing."""
+    if name in _VIEWS or name in _ALLOCATIONS:
+        return None
+    if name in _FILLS:
+        return f"cupy fill: {name}"
+    if name in _GEMMS:
+        return "cuBLAS: GEMM"
+    if name in _ELEMENTWISE:
+        return f"cupy elementwise: {name}"
+    if name in _FROM_HOST:
+        data, dtype = args[0], kwargs.get("dtype", args[1] if len(args) > 1 else None)
+        if not isinstance(data, emulator.EmulatedArray):
+            return f"copy: host->device ({name})"
+        if dtype is not None and np.dtype(dtype) != data.dtype:
+            return f"cupy astype: {data.dtype}->{np.dtype(dtype)}"
+        if name == "array" or (name == "ascontiguousarray" and not data.flags.c_contiguous):
+            return f"cupy copy: {name}"
+        return None
+    return f"unclassified: cupy.{name}"
+
+
+def _counted_methods(original):
+    """Counting versions of EmulatedArray's methods that queue work on a GPU (CuPy's rules)."""
+    def ufunc(self, ufunc, method, *inputs, **kwargs):
+        with COUNTER.operation(_ufunc_row(ufunc, method)):
+            return original["__array_ufunc__"](self, ufunc, method, *inputs, **kwargs)
+
+    def getitem(self, index):
+        with COUNTER.operation("cupy gather: fancy indexing" if _is_advanced(index) else None):
+            return original["__getitem__"](self, index)
+
+    def setitem(self, index, value):
+        row = "cupy fill: x[...] = scalar" if np.ndim(value) == 0 else "cupy copy: x[...] = array"
         with COUNTER.operation(row):
-            result = getattr(ufunc, method)(*_plain(inputs), **kwargs)
-        if out is not None:
-            return out[0] if len(out) == 1 else out
-        return _device(result)
-
-    def mean(self, *args, **kwargs):
-        with COUNTER.operation("cupy reduction: mean"):
-            return _device(self.view(np.ndarray).mean(*args, **kwargs))
-
-    def argmax(self, *args, **kwargs):
-        with COUNTER.operation("cupy reduction: argmax"):
-            return _device(self.view(np.ndarray).argmax(*args, **kwargs))
+            original["__setitem__"](self, index, value)
 
     def astype(self, dtype, *args, copy=True, **kwargs):
-        if np.dtype(dtype) == self.dtype and not copy:
-            return self
-        with COUNTER.operation(f"cupy astype: {self.dtype}->{np.dtype(dtype)}"):
-            return _device(self.view(np.ndarray).astype(dtype, *args, copy=copy, **kwargs))
-
-    def copy(self, *args, **kwargs):
-        with COUNTER.operation("cupy copy: copy()"):
-            return _device(self.view(np.ndarray).copy(*args, **kwargs))
-
-    def fill(self, value):
-        with COUNTER.operation("cupy fill: fill()"):
-            self.view(np.ndarray).fill(value)
+        same = np.dtype(dtype) == self.dtype
+        row = None if same and not copy else (
+            "cupy copy: astype" if same else f"cupy astype: {self.dtype}->{np.dtype(dtype)}")
+        with COUNTER.operation(row):
+            return original["astype"](self, dtype, *args, copy=copy, **kwargs)
 
     def reshape(self, *args, **kwargs):
-        result = super().reshape(*args, **kwargs)
+        result = original["reshape"](self, *args, **kwargs)
         if result.size and not np.may_share_memory(result, self):
             COUNTER.add("cupy copy: reshape of a non-contiguous array")
         return result
 
-    def __getitem__(self, key):
-        if _is_advanced(key):
-            with COUNTER.operation("cupy gather: fancy indexing"):
-                return _device(self.view(np.ndarray)[_plain(key)])
-        return super().__getitem__(key)
-
-    def __setitem__(self, key, value):
-        row = "cupy fill: x[...] = scalar" if np.ndim(value) == 0 else "cupy copy: x[...] = array"
-        with COUNTER.operation(row):
-            self.view(np.ndarray)[_plain(key)] = _plain(value)
-
-    def get(self):
-        with COUNTER.operation("copy: device->host (get)"):
-            return np.array(self.view(np.ndarray))
-
-    def item(self):
-        with COUNTER.operation("copy: device->host (item)"):
-            return self.view(np.ndarray).item()
-
-
-# How each cupy function the step may call is counted: a row, or None for no launch.
-_VIEWS = {"broadcast_to", "expand_dims", "reshape", "transpose", "squeeze", "ravel_view"}
-_ALLOCATIONS = {"empty", "empty_like"}
-_FILLS = {"zeros", "ones", "full", "zeros_like", "ones_like", "full_like"}
-_ELEMENTWISE = {"where", "arange", "stack", "concatenate", "clip"}
-_GEMMS = {"matmul", "dot"}
-_TYPES = {"float32", "float64", "int32", "int64", "uint8", "bool_", "dtype", "result_type", "iinfo",
-          "finfo", "ndim", "shape", "isscalar", "issubdtype", "can_cast", "newaxis", "nan", "inf",
-          "pi"}
-
-
-def _asarray_row(value, dtype=None, **_):
-    if not isinstance(value, CountedArray):
-        return "copy: host->device (asarray)"
-    if dtype is not None and np.dtype(dtype) != value.dtype:
-        return f"cupy astype: {value.dtype}->{np.dtype(dtype)}"
-    return None
-
-
-def _contiguous_row(value, dtype=None, **_):
-    if not isinstance(value, CountedArray):
-        return "copy: host->device (ascontiguousarray)"
-    if value.flags.c_contiguous and (dtype is None or np.dtype(dtype) == value.dtype):
-        return None
-    return "cupy copy: ascontiguousarray"
-
-
-class CountingCupy(cuda_host_emulator.EmulatedCupyModule):
-    """The emulator's cupy module, counting every launch of the rules above in COUNTER."""
-
-    def __init__(self, sources):
-        super().__init__(sources)
-        emulated_raw_module = self.RawModule
-        self.ndarray = CountedArray
-
-        class RawModule(emulated_raw_module):
-            def get_function(self, expression):
-                kernel = super().get_function(expression)
-                row = f"ninpy kernel: {expression.split('<')[0]}"
-
-                def launch(grid, block, args):
-                    with COUNTER.operation(row):
-                        kernel(grid, block, _plain(args))
-                return launch
-
-        self.RawModule = RawModule
-
-    def __getattr__(self, name):
-        function = getattr(np, name, None)
-        if function is None:
-            return super().__getattr__(name)   # raises EmulatorLacks
-        if name in _TYPES or not callable(function) or isinstance(function, (type, np.ufunc)):
-            return function   # a ufunc counts itself, in CountedArray.__array_ufunc__
-
-        def counted(*args, **kwargs):
-            row = self._row(name, args, kwargs)
-            if row is None:
-                return _device(function(*_plain(args), **_plain(kwargs)))
+    def one(row, name):
+        def method(self, *args, **kwargs):
             with COUNTER.operation(row):
-                result = function(*_plain(args), **_plain(kwargs))
-            out = kwargs.get("out")
-            return out if out is not None else _device(result)
-        return counted
+                return original[name](self, *args, **kwargs)
+        return method
 
-    @staticmethod
-    def _row(name, args, kwargs):
-        if name in _VIEWS or name in _ALLOCATIONS:
-            return None
-        if name in _FILLS:
-            return f"cupy fill: {name}"
-        if name in _GEMMS:
-            return "cuBLAS: GEMM"
-        if name in _ELEMENTWISE:
-            return f"cupy elementwise: {name}"
-        if name in ("asarray", "array"):
-            return _asarray_row(*args, **kwargs)
-        if name == "ascontiguousarray":
-            return _contiguous_row(*args, **kwargs)
-        return f"unclassified: cupy.{name}"
-
-    def asnumpy(self, value):
-        with COUNTER.operation("copy: device->host (asnumpy)"):
-            return np.array(_plain(value))
+    return {"__array_ufunc__": ufunc, "__getitem__": getitem, "__setitem__": setitem,
+            "astype": astype, "reshape": reshape,
+            "copy": one("cupy copy: copy()", "copy"), "fill": one("cupy fill: fill()", "fill"),
+            "mean": one("cupy reduction: mean", "mean"), "argmax": one("cupy reduction: argmax", "argmax"),
+            **{name: one(f"copy: device->host ({name})", name)
+               for name in ("get", "item", "tolist", "__float__", "__int__", "__bool__")}}
 
 
 @contextlib.contextmanager
-def emulated_gpu():
-    """ninpy's "gpu" device made of CountingCupy for the block (as tests/test_gpu.py's gpu_device)."""
-    module = CountingCupy(gpu_kernels.kernel_sources())
-    saved = (backend._cupy, backend.gpu_problem, backend.require_gpu, gpu_kernels._modules,
-             gpu_kernels._functions)
-    backend._cupy, backend.gpu_problem, backend.require_gpu = module, (lambda: None), (lambda: module)
-    gpu_kernels._modules, gpu_kernels._functions = {}, {}
+def counting():
+    """The emulator, with every operation of the rules above counted in COUNTER (when enabled)."""
+    array_class, module_class, kernel_class = emulator.EmulatedArray, emulator.EmulatedCupy, emulator.Kernel
+    names = ["__array_ufunc__", "__getitem__", "__setitem__", "astype", "reshape", "copy", "fill",
+             "mean", "argmax", "get", "item", "tolist", "__float__", "__int__", "__bool__"]
+    original = {name: getattr(array_class, name) for name in names}
+    original_getattr, original_call = module_class.__getattr__, kernel_class.__call__
+
+    def module_getattr(self, name):
+        value = original_getattr(self, name)
+        if not callable(value) or isinstance(value, (type, np.ufunc)):
+            return value   # a ufunc counts itself, in __array_ufunc__
+
+        def counted(*args, **kwargs):
+            with COUNTER.operation(_function_row(name, args, kwargs)):
+                return value(*args, **kwargs)
+        return counted
+
+    def kernel_call(self, grid, block, args):
+        with COUNTER.operation(f"ninpy kernel: {self.expression.split('<')[0]}"):
+            return original_call(self, grid, block, args)
+
     try:
-        yield module
+        for name, method in _counted_methods(original).items():
+            setattr(array_class, name, method)
+        module_class.__getattr__, kernel_class.__call__ = module_getattr, kernel_call
+        yield COUNTER
     finally:
-        (backend._cupy, backend.gpu_problem, backend.require_gpu, gpu_kernels._modules,
-         gpu_kernels._functions) = saved
+        for name, method in original.items():
+            setattr(array_class, name, method)
+        module_class.__getattr__, kernel_class.__call__ = original_getattr, original_call
 
 
 # --- one training step, as train.py's Trainer makes it --------------------------------------------
@@ -289,8 +214,8 @@ class _Phase:
             COUNTER.phase = previous
 
 
-def make_trainer_step(dataset="cifar10", batch_size=128, seed=0):
-    """A function running one training step of train.py's Trainer on the device "gpu": the next batch
+def make_trainer_step(dataset="cifar10", batch_size=128, device="emulated", seed=0):
+    """A function running one training step of train.py's Trainer on `device`: the next batch
     made by data.batches (the recipe's crop + flip and GCN + ZCA; made-up images and an identity
     whitening: the launches do not depend on the values), then Trainer._step itself (forward,
     cross-entropy, zero_grad, backward, SGD with the recipe's parameter groups, the epoch tally)."""
@@ -304,23 +229,24 @@ def make_trainer_step(dataset="cifar10", batch_size=128, seed=0):
     recipe = recipes.RECIPES[dataset]
     channels, side = preset["in_channels"], 28 if preset["in_channels"] == 1 else 32
     rng = np.random.default_rng(seed)
-    images = backend.to_device(rng.integers(0, 256, (2 * batch_size, channels, side, side), np.uint8), "gpu")
+    images = backend.to_device(rng.integers(0, 256, (2 * batch_size, channels, side, side), np.uint8),
+                               device)
     labels = rng.integers(0, preset["num_classes"], 2 * batch_size)
     features = channels * side * side
     transform = (data.GcnZca(np.zeros(features), np.eye(features)) if recipe.preprocess == "gcn-zca"
                  else data.Standardize(np.zeros(channels), np.ones(channels)))
     crop, flip = recipes.parse_augment(recipe.augment)
     augment = data.RandomCropFlip(recipe.crop_pad if crop else 0, flip) if crop or flip else None
-    model = models.nin_for(dataset).to("gpu")
+    model = models.nin_for(dataset).to(device)
     optimizer = optim.SGD(recipes.param_groups(model, recipe.lr, recipe.weight_decay), lr=recipe.lr,
                           momentum=recipe.momentum)
     trainer = types.SimpleNamespace(model=model.train(), optimizer=optimizer,
                                     warmup=recipes.WarmupSchedule(optimizer, 0))
-    tally = _Phase(training._EpochTally.start(backend.require_gpu(), {}, 0), "tally")
+    tally = _Phase(training._EpochTally.start(backend.module_of_device(device), {}, 0), "tally")
 
     def batches():
         while True:
-            yield from data.batches(images, labels, batch_size, shuffle=True, seed=seed, device="gpu",
+            yield from data.batches(images, labels, batch_size, shuffle=True, seed=seed, device=device,
                                     augment=augment, transform=transform)
 
     stream = batches()
@@ -335,14 +261,13 @@ def make_trainer_step(dataset="cifar10", batch_size=128, seed=0):
 
 
 def count_emulated(dataset="cifar10", batch_size=128, warmup_steps=1):
-    """{phase: Counter of rows} for one training step on the emulated GPU, after `warmup_steps`
+    """{phase: Counter of rows} for one training step on the emulated device, after `warmup_steps`
     uncounted ones (the first step makes the momentum buffers)."""
-    with emulated_gpu():
-        COUNTER.enabled = False
-        step = make_trainer_step(dataset, batch_size)
+    with counting():
+        step = make_trainer_step(dataset, batch_size, "emulated")
         for _ in range(warmup_steps):
             step()
-        COUNTER.reset()
+        COUNTER.counts.clear()
         COUNTER.enabled = True
         try:
             step()
