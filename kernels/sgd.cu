@@ -7,15 +7,13 @@
 //
 // Two kernels do this:
 // - sgd_update_kernel: one tensor. One thread per element (grid-stride loop over `total`).
-// - sgd_update_many_kernel: every tensor of a model in ONE launch (a launch costs the host a few
-//   microseconds; NIN has 18 parameter tensors). The tensors stay where they are; `tensors` is a
-//   table of 4 numbers per tensor t:
-//       tensors[4t + 0, 1, 2] = the addresses of its param, grad and buf (each a T*),
-//       tensors[4t + 3]       = end[t], where its elements end when the tensors are laid end to end
-//                               (tensor t holds the flat positions end[t-1] .. end[t]-1, end[-1] = 0),
-//   and `settings` holds lr, momentum, weight_decay and nesterov (0 or 1) for each tensor, in T.
-//   One thread per flat position (grid-stride loop over `total` = end[count-1]); a thread's positions
-//   only grow, so the tensor it is in is found by moving t forward, never back.
+// - sgd_update_many_kernel: up to SGD_TENSORS tensors (all of NIN's 18) in ONE launch: a launch
+//   costs the host a few microseconds. The tensors stay where they are; the kernel gets their
+//   addresses and settings in a struct passed BY VALUE (it travels with the launch, like any
+//   argument: nothing is copied to the device first), as PyTorch's multi-tensor optimisers do.
+//   Tensor t holds the flat positions end[t-1] .. end[t]-1 when the tensors are laid end to end
+//   (end[-1] = 0). One thread per flat position (grid-stride loop over `total` = the last end); a
+//   thread's positions only grow, so it finds the tensor holding each one by moving t forward.
 // Each element is read and written by one thread only: deterministic, no atomics.
 //
 // Index is int when every flat index (and index + grid size) fits in 31 bits, long long otherwise.
@@ -40,18 +38,31 @@ __global__ void sgd_update_kernel(T* __restrict__ param, const T* __restrict__ g
     }
 }
 
+constexpr int SGD_TENSORS = 32;  // tensors one sgd_update_many_kernel launch takes (gpu_kernels.py too)
+
+template <typename T>
+struct SgdTensors {
+    unsigned long long param[SGD_TENSORS];  // the address of tensor t's param (a T*)
+    unsigned long long grad[SGD_TENSORS];   // ... of its grad
+    unsigned long long buf[SGD_TENSORS];    // ... of its momentum buffer
+    long long end[SGD_TENSORS];             // where its flat positions end
+    T lr[SGD_TENSORS];
+    T momentum[SGD_TENSORS];
+    T weight_decay[SGD_TENSORS];
+    int nesterov[SGD_TENSORS];
+};
+
 template <typename T, typename Index>
-__global__ void sgd_update_many_kernel(const unsigned long long* __restrict__ tensors,
-                                       const T* __restrict__ settings, Index total) {
+__global__ void sgd_update_many_kernel(const SgdTensors<T> tensors, Index total) {
     const Index stride = (Index)blockDim.x * gridDim.x;
     int t = 0;
     for (Index e = (Index)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
-        while (e >= (Index)tensors[4 * t + 3]) ++t;          // the tensor holding position e
-        const Index i = e - (t == 0 ? 0 : (Index)tensors[4 * t - 1]);
-        T* param = reinterpret_cast<T*>(tensors[4 * t]);
-        const T* grad = reinterpret_cast<const T*>(tensors[4 * t + 1]);
-        T* buf = reinterpret_cast<T*>(tensors[4 * t + 2]);
-        const T* s = settings + 4 * t;                       // lr, momentum, weight_decay, nesterov
-        sgd_element(param[i], grad[i], buf[i], s[0], s[1], s[2], s[3] != T(0));
+        while (e >= (Index)tensors.end[t]) ++t;              // the tensor holding position e
+        const Index i = e - (t == 0 ? 0 : (Index)tensors.end[t - 1]);
+        T* param = reinterpret_cast<T*>(tensors.param[t]);
+        const T* grad = reinterpret_cast<const T*>(tensors.grad[t]);
+        T* buf = reinterpret_cast<T*>(tensors.buf[t]);
+        sgd_element(param[i], grad[i], buf[i], tensors.lr[t], tensors.momentum[t],
+                    tensors.weight_decay[t], tensors.nesterov[t] != 0);
     }
 }

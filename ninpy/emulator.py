@@ -14,7 +14,8 @@ into `EmulatedArray` (a NumPy array that backend.py takes for a device array), a
 whose `get_function("kernel<float, int>")` returns a launcher with CuPy's calling convention
 `kernel(grid, block, args)`. Before each launch it checks every argument against the kernel's C
 parameter list parsed from the source (pointer: a contiguous array of the right dtype; scalar: a
-NumPy scalar of exactly the C type; a Python int would become long long in CuPy, a float double),
+NumPy scalar of exactly the C type; a Python int would become long long in CuPy, a float double;
+a struct passed by value: a 1-element NumPy record array of the struct's size, as CuPy takes one),
 then passes them the way cuLaunchKernel does, as an array of pointers to the values. As on a GPU,
 a host (NumPy) array handed to a device function is refused, and reading a device value on the host
 (`.get()`, `float()`, `.item()`) is a synchronisation, which `forbid_synchronize()` turns into an
@@ -220,7 +221,8 @@ def _param_types(kernels, expression):
     args = [a.strip() for a in args.rstrip(">").split(",")]
     template_names, params = kernels[name]
     substitute = dict(zip(template_names, args))
-    return [(substitute.get(base, base), pointer, const) for base, pointer, const in params]
+    return [(re.sub(r"\b\w+\b", lambda word: substitute.get(word[0], word[0]), base), pointer, const)
+            for base, pointer, const in params]  # T alone, and inside a struct's type: Table<T>
 
 
 @functools.lru_cache(maxsize=None)
@@ -242,6 +244,10 @@ def _build(sources, sanitize):
                              for i, (base, pointer, const) in enumerate(params))
             parts.append(f'extern "C" void {wrapper}(unsigned grid, unsigned block, void** a) '
                          f'{{ {launcher}[&] {{ {expression}({args}); }}); }}')
+            for i, (base, pointer, _) in enumerate(params):  # a struct passed by value: its size
+                if not pointer and base not in _C_TO_NUMPY:
+                    parts.append(f'extern "C" unsigned long long {wrapper}_sizeof_{i}() '
+                                 f'{{ return sizeof({base}); }}')
     code = "\n".join(parts) + "\n"
     what = code + "".join(s for _, s, _ in sources)
     return compile_once(code, what, "emulator", sanitize), wrappers
@@ -287,6 +293,7 @@ class Kernel:
 
     def __init__(self, lib, expression, wrapper, params):
         self.expression = expression
+        self.lib, self.wrapper = lib, wrapper
         self.function = getattr(lib, wrapper)
         self.params = params
 
@@ -296,6 +303,11 @@ class Kernel:
             raise TypeError(f"{self.expression}: {len(args)} arguments for {len(self.params)} parameters")
         keep, pointers = [], []
         for i, (arg, (base, pointer, _)) in enumerate(zip(args, self.params)):
+            if not pointer and base not in _C_TO_NUMPY:
+                value = self._struct(i, arg, base)
+                keep.append(value)
+                pointers.append(ctypes.cast(value, ctypes.c_void_p))
+                continue
             expected = np.dtype(_C_TO_NUMPY[base])
             if pointer:
                 if not isinstance(arg, EmulatedArray) or arg.dtype != expected or not arg.flags.c_contiguous:
@@ -313,6 +325,19 @@ class Kernel:
         array = (ctypes.c_void_p * len(pointers))(*pointers)
         launches.append(self.expression)
         self.function(ctypes.c_uint(int(grid[0])), ctypes.c_uint(int(block[0])), array)
+
+
+    def _struct(self, i, arg, base):
+        """A struct passed by value, as CuPy passes one: a 1-element NumPy record array (host
+        memory) whose dtype has the struct's fields and size; a pointer to a copy of its bytes."""
+        size = getattr(self.lib, f"{self.wrapper}_sizeof_{i}")
+        size.restype = ctypes.c_ulonglong
+        if (not isinstance(arg, np.ndarray) or isinstance(arg, EmulatedArray) or arg.size != 1
+                or arg.dtype.names is None or arg.dtype.itemsize != size()):
+            raise TypeError(f"{self.expression}: argument {i} must be a 1-element NumPy record array "
+                            f"of {size()} bytes (for the struct {base}), got {type(arg).__name__} "
+                            f"{getattr(arg, 'dtype', '')}")
+        return ctypes.create_string_buffer(arg.tobytes(), size())
 
 
 # Every launch made in this process, by name expression ("sgd_update_kernel<float, int>"): what a

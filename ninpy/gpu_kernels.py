@@ -484,54 +484,57 @@ def sgd_update_(param, grad, buf, lr, momentum, weight_decay, nesterov):
     return param
 
 
-def sgd_update_many_(params, grads, bufs, settings):
-    """sgd_update_(params[t], grads[t], bufs[t], *settings[t]) for every t, in ONE launch.
+_SGD_TENSORS = 32  # kernels/sgd.cu's SGD_TENSORS: the tensors one sgd_update_many_kernel launch takes
 
-    settings[t] = (lr, momentum, weight_decay, nesterov). All arrays share one dtype. The kernel
-    finds the tensors through a table of their addresses (kernels/sgd.cu), copied to the device
-    only when it differs from the last one copied (CuPy's pool usually hands a step's gradients the
-    addresses of the last step's, so most steps copy nothing)."""
+
+def _sgd_tensors_type(dtype):
+    """The NumPy twin of sgd.cu's `SgdTensors<T>` (the same fields, C's alignment)."""
+    n = _SGD_TENSORS
+    return np.dtype([("param", np.uint64, n), ("grad", np.uint64, n), ("buf", np.uint64, n),
+                     ("end", np.int64, n), ("lr", dtype, n), ("momentum", dtype, n),
+                     ("weight_decay", dtype, n), ("nesterov", np.int32, n)], align=True)
+
+
+def sgd_update_many_(params, grads, bufs, settings):
+    """sgd_update_(params[t], grads[t], bufs[t], *settings[t]) for every t, settings[t] =
+    (lr, momentum, weight_decay, nesterov): one launch for up to 32 tensors of one dtype, which
+    receives their addresses and settings as an argument (kernels/sgd.cu). Returns params."""
     if not (len(params) == len(grads) == len(bufs) == len(settings)):
         raise ValueError(f"{len(params)} params, {len(grads)} grads, {len(bufs)} bufs and "
                          f"{len(settings)} settings: expected one of each per tensor")
-    if not params:
-        return params
-    dtype = params[0].dtype
     grads = [_contiguous(g) for g in grads]
-    ends = np.cumsum([p.size for p in params], dtype=np.uint64)
     for param, grad, buf in zip(params, grads, bufs):
         _check_sgd_arrays(param, grad, buf)
-        if param.dtype != dtype:
-            raise TypeError(f"sgd_update_many_: every tensor must share one dtype, got {dtype} and "
-                            f"{param.dtype}; update each dtype in its own call")
-    table = np.array([[_address(p), _address(g), _address(b), end]
-                      for p, g, b, end in zip(params, grads, bufs, ends.tolist())], dtype=np.uint64)
-    hyper = np.array([(lr, momentum, weight_decay, bool(nesterov))
-                      for lr, momentum, weight_decay, nesterov in settings], dtype=dtype)
-    total = int(ends[-1])
-    _launch("sgd.cu", "sgd_update_many_kernel", dtype, total,
-            (_on_device("sgd tensors", table, params[0]), _on_device("sgd settings", hyper, params[0]),
-             _Index(total)))
+        if param.dtype != params[0].dtype:
+            raise TypeError(f"sgd_update_many_: every tensor must share one dtype, got "
+                            f"{params[0].dtype} and {param.dtype}; update each dtype in its own call")
+    for start in range(0, len(params), _SGD_TENSORS):
+        chunk = slice(start, start + _SGD_TENSORS)
+        _sgd_launch(params[chunk], grads[chunk], bufs[chunk], settings[chunk])
     return params
 
 
+def _sgd_launch(params, grads, bufs, settings):
+    dtype = params[0].dtype
+    tensors = np.zeros(1, _sgd_tensors_type(dtype))   # CuPy passes a 1-element record array by value
+    count = len(params)
+    ends = np.cumsum([p.size for p in params])
+    for field, values in (("param", params), ("grad", grads), ("buf", bufs)):
+        tensors[field][0, :count] = [_address(a) for a in values]
+    tensors["end"][0, :count] = ends
+    for i, field in enumerate(("lr", "momentum", "weight_decay", "nesterov")):
+        tensors[field][0, :count] = [s[i] for s in settings]
+    total = int(ends[-1])
+    if total == 0:
+        return
+    index_c, index_np = _index(total, params)
+    function = _function(backend.array_module(params[0]), "sgd.cu", "sgd_update_many_kernel",
+                         _c_type(dtype), index_c)
+    function((_grid(total),), (_BLOCK,), (tensors, index_np(total)))
+
+
 def _address(array):
-    """The device address of an array's first element (CuPy: .data.ptr; the host emulator's NumPy
+    """The device address of an array's first element (CuPy: .data.ptr; the emulator's NumPy
     arrays: their ctypes address)."""
     data = array.data
     return data.ptr if hasattr(data, "ptr") else array.ctypes.data
-
-
-_device_copies = {}  # (name, module, device) -> (host bytes, device array): small tables kept there
-
-
-def _on_device(name, host_array, like):
-    """host_array on the device of `like`; the last copy there is reused while the contents are the
-    same (nothing writes to it, so reusing it is the same as copying again)."""
-    cupy = backend.array_module(like)
-    where = (name, cupy.__name__, str(getattr(like, "device", "")))
-    contents = host_array.tobytes()
-    kept = _device_copies.get(where)
-    if kept is None or kept[0] != contents or not isinstance(kept[1], cupy.ndarray):
-        kept = _device_copies[where] = (contents, cupy.asarray(host_array))
-    return kept[1]

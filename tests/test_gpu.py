@@ -414,6 +414,23 @@ def test_sgd_update_many_matches_the_reference_tensor_by_tensor(where, dtype):
 
 
 @pytest.mark.parametrize("where", BACKENDS)
+def test_sgd_update_many_takes_more_tensors_than_one_launch_holds(where):
+    """Past gpu_kernels._SGD_TENSORS tensors the update goes on in a second launch."""
+    rng = np.random.default_rng(6)
+    count = gpu_kernels._SGD_TENSORS + 8
+    params = [rng.standard_normal(int(rng.integers(1, 9))) for _ in range(count)]
+    grads = [rng.standard_normal(p.shape) for p in params]
+    settings = [(0.01 * (t + 1), 0.9, 1e-4 * t, t % 2 == 0) for t in range(count)]
+    with kernels_on(where) as dev:
+        on_device = [dev.put(p) for p in params]
+        bufs = [dev.put(np.ones_like(p)) for p in params]
+        gpu_kernels.sgd_update_many_(on_device, [dev.put(g) for g in grads], bufs, settings)
+        R.sgd_update_many_(params, grads, [np.ones_like(p) for p in params], settings)
+        for got, want in zip(on_device, params):
+            np.testing.assert_allclose(dev.get(got), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("where", BACKENDS)
 def test_sgd_update_many_matches_torch_optim_sgd(where):
     """Against torch.optim.SGD itself, one parameter group per setting (skipped without torch)."""
     torch = pytest.importorskip("torch")
