@@ -1,34 +1,36 @@
 """How many GPU launches one NIN training step makes, kernel by kernel.
 
-    python benchmarks/count_launches.py                       # CIFAR-10 NIN, batch 128, on the emulator
-    python benchmarks/count_launches.py --batch-size 8        # the same count: it follows the layers
-    python benchmarks/count_launches.py --device gpu          # a real GPU: the step captured as a CUDA graph
+    python benchmarks/count_launches.py                  # CIFAR-10 NIN, batch 128, on the emulated device
+    python benchmarks/count_launches.py --batch-size 4   # the same count: it follows the layers, not the batch
+    python benchmarks/count_launches.py --device gpu     # a real GPU: the step captured as a CUDA graph
 
 On a fast GPU a NIN step's kernels are short, and the host's time to launch them (a few
 microseconds each, in CuPy's Python and the driver) becomes the floor of the step: the count is a
-cost in its own right.
+cost in its own right. The step is train.py's: the batch (data.batches: gather, the CIFAR recipe's
+crop + flip, GCN + ZCA), then Trainer._step (forward, cross-entropy, zero_grad, backward, SGD with
+the recipe's parameter groups) and the epoch's running loss and accuracy; each is counted apart.
 
-What "a launch" is here: one operation a GPU would queue on the stream for the step. Counted:
-- every kernels/*.cu kernel (a RawKernel call), named as in gpu_kernels;
-- every cuBLAS GEMM (cupy.matmul), one launch each;
-- every CuPy elementwise kernel: each ufunc call (`a + b`, `cupy.maximum(..., out=)`, `-g`,
-  a comparison), `cupy.where`, `cupy.arange`, a strided assignment `out[...] = view`, `copy()`,
-  `astype` to another dtype, `ascontiguousarray` of a non-contiguous array, fancy indexing (a gather);
-- every CuPy reduction (sum, mean, max, argmax), one launch each;
-- every fill (zeros, ones, full and their _like forms; a memset or a fill kernel);
-- every copy between host and device (asarray of a host array, `.get()`, `.item()`).
-Not counted: views (reshape of a contiguous array, transpose, slicing, broadcast_to), `cupy.empty`
-(an allocation from CuPy's pool queues nothing), and host work.
-A CuPy routine is counted once, as CuPy's API calls it; where CuPy runs one as several kernels
-(CUB's two-pass reductions, a GEMM split by cuBLAS) the device count is higher.
-Anything the emulated CuPy does that is not in these rules is counted and listed as
-"unclassified", so nothing goes uncounted silently.
+What "a launch" is here: one operation the GPU path queues on the stream. Counted, one each:
+- a kernels/*.cu kernel (a RawKernel call), named as in gpu_kernels;
+- a cuBLAS GEMM (cupy.matmul);
+- a CuPy elementwise kernel: a ufunc call (`a + b`, `cupy.maximum(..., out=)`, `-g`, a
+  comparison), `cupy.where`, `cupy.arange`, an assignment `out[...] = array`, `copy()`, `astype`
+  to another dtype (or with copy), `ascontiguousarray` of a non-contiguous array, fancy indexing;
+- a CuPy reduction (sum, mean, max, argmax);
+- a fill (zeros, ones, full and their _like forms, `x[...] = scalar`, `fill`);
+- a copy between host and device (asarray of a host array; `.get()`, `.item()`, `float()`).
+Not counted: views (a reshape of a contiguous array, transpose, slicing, broadcast_to),
+`cupy.empty` (memory from CuPy's pool queues nothing), `astype(same dtype, copy=False)` (CuPy
+returns the array itself) and host work. A CuPy routine counts once, as its API is called; where
+CuPy runs it as more than one kernel (CUB's reductions, a GEMM that cuBLAS splits) a device counts
+more. An operation of the emulated cupy that no rule names is counted as "unclassified: ...", so
+nothing goes uncounted silently.
 
-How: on the host emulator (NumPy standing in for CuPy, kernels/*.cu compiled by g++), the arrays
-and the cupy module are wrapped so that each of the operations above adds one to its row.
-With --device gpu the step runs on the GPU inside a CUDA stream capture, and the captured graph's
-nodes (kernel, memset, memcpy) are counted by name: the GPU's own account, CUB and cuBLAS
-kernels included.
+How: the emulated device (ninpy/emulator.py: NumPy standing in for CuPy, kernels/*.cu compiled by
+g++) runs the step with its array class, cupy module and kernel launcher wrapped so that each
+operation above adds one to its row. With --device gpu the step runs on the GPU inside a CUDA
+stream capture and the captured graph's nodes are counted by type (kernel, memcpy, memset): the
+GPU's own account, cuBLAS's and CuPy's kernels as they really run.
 """
 import argparse
 import collections
@@ -37,7 +39,7 @@ import os
 import sys
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
 
 import numpy as np  # noqa: E402
 
@@ -215,10 +217,11 @@ class _Phase:
 
 
 def make_trainer_step(dataset="cifar10", batch_size=128, device="emulated", seed=0):
-    """A function running one training step of train.py's Trainer on `device`: the next batch
-    made by data.batches (the recipe's crop + flip and GCN + ZCA; made-up images and an identity
-    whitening: the launches do not depend on the values), then Trainer._step itself (forward,
-    cross-entropy, zero_grad, backward, SGD with the recipe's parameter groups, the epoch tally)."""
+    """(next_batch, train) for one training step of train.py's Trainer on `device`: next_batch()
+    makes the batch as data.batches does (the recipe's crop + flip and GCN + ZCA; made-up images
+    and an identity whitening: the launches do not depend on the values), train(xb, yb) runs
+    Trainer._step itself (forward, cross-entropy, zero_grad, backward, SGD with the recipe's
+    parameter groups, the epoch tally)."""
     import types
 
     import ninpy
@@ -251,26 +254,29 @@ def make_trainer_step(dataset="cifar10", batch_size=128, device="emulated", seed
 
     stream = batches()
 
-    def step():
-        COUNTER.phase = "batch"
-        xb, yb = next(stream)
-        COUNTER.phase = "step"
+    def next_batch():
+        return next(stream)
+
+    def train(xb, yb):
         training.Trainer._step(trainer, 1, [g["lr"] for g in optimizer.param_groups], xb, yb, tally)
 
-    return step
+    return next_batch, train
 
 
 def count_emulated(dataset="cifar10", batch_size=128, warmup_steps=1):
     """{phase: Counter of rows} for one training step on the emulated device, after `warmup_steps`
     uncounted ones (the first step makes the momentum buffers)."""
     with counting():
-        step = make_trainer_step(dataset, batch_size, "emulated")
+        next_batch, train = make_trainer_step(dataset, batch_size, "emulated")
         for _ in range(warmup_steps):
-            step()
+            train(*next_batch())
         COUNTER.counts.clear()
         COUNTER.enabled = True
         try:
-            step()
+            COUNTER.phase = "batch"
+            xb, yb = next_batch()
+            COUNTER.phase = "step"
+            train(xb, yb)
         finally:
             COUNTER.enabled = False
         return {phase: collections.Counter({row: n for (p, row), n in COUNTER.counts.items() if p == phase})
@@ -285,26 +291,27 @@ def print_table(counts, title):
     print(f"  {'total':<{width}}  {sum(counts.values()):4d}")
 
 
-def run_on_gpu(dataset, batch_size, steps):
-    """Warm-up steps, then `steps` steps between cudaProfilerStart and Stop, for a profiler to count.
-    Nsight Systems counts the launches of that range:
-        nsys profile --capture-range=cudaProfilerApi --stats=true \\
-            python benchmarks/count_launches.py --device gpu
-    (its CUDA API summary counts cudaLaunchKernel / cuLaunchKernel, cudaMemcpyAsync, cudaMemsetAsync;
-    its GPU kernel summary names each kernel)."""
+def count_on_gpu(dataset="cifar10", batch_size=128):
+    """{node type: count} of the CUDA graph captured from one training step on the GPU (the batch
+    made before the capture; warm-up steps on the same stream first, so kernels are compiled and
+    CuPy's pool has memory for that stream). A graph node is what a launch queues: the GPU's own
+    account, with cuBLAS's and CuPy's kernels as they really run."""
     import cupy
+    from bench_gpu import _graph_node_counts
 
-    step = make_trainer_step(dataset, batch_size)
-    for _ in range(2):        # compile the kernels, fill CuPy's memory pool
-        step()
-    cupy.cuda.get_current_stream().synchronize()
-    cupy.cuda.profiler.start()
-    for _ in range(steps):
-        step()
-    cupy.cuda.get_current_stream().synchronize()
-    cupy.cuda.profiler.stop()
-    print(f"ran {steps} NIN {dataset} training step(s), batch {batch_size}, between "
-          "cudaProfilerStart and cudaProfilerStop: the profiler's summary counts their launches")
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        next_batch, train = make_trainer_step(dataset, batch_size, "gpu")
+        for _ in range(2):
+            train(*next_batch())
+        xb, yb = next_batch()
+        stream.synchronize()
+        stream.begin_capture()
+        try:
+            train(xb, yb)
+        finally:
+            graph = stream.end_capture()
+    return _graph_node_counts(graph.graph)
 
 
 def main(argv=None):
@@ -312,11 +319,12 @@ def main(argv=None):
     parser.add_argument("--dataset", default="cifar10", choices=sorted(PRESETS))
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", choices=["emulated", "gpu"], default="emulated")
-    parser.add_argument("--steps", type=int, default=1, help="--device gpu: profiled steps")
     args = parser.parse_args(argv)
     if args.device == "gpu":
         backend.require_gpu()
-        run_on_gpu(args.dataset, args.batch_size, args.steps)
+        nodes = count_on_gpu(args.dataset, args.batch_size)
+        print_table(nodes, f"CUDA graph nodes of one NIN {args.dataset} training step (forward, loss, "
+                           f"backward, SGD, tally), batch {args.batch_size}:")
         return
     counts = count_emulated(args.dataset, args.batch_size)
     for phase in PHASES:
