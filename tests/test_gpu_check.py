@@ -49,8 +49,8 @@ def test_a_step_past_its_limit_is_stopped_with_ctrl_c():
     step = gpu_check.Step("sleep", [sys.executable, "-c", "import time\ntry:\n time.sleep(60)\n"
                                     "except KeyboardInterrupt:\n print('saved')"], 1)
     result = gpu_check.run_step(step, 1)
+    # "saved" shows that Ctrl-C reached the step: a sleep left to finish (or killed) prints nothing
     assert result["status"] == "stopped after its 1 s" and result["tail"] == ["saved"]
-    assert result["seconds"] < 30
 
 
 def test_pytest_counts():
