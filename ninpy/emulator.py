@@ -326,7 +326,6 @@ class Kernel:
         launches.append(self.expression)
         self.function(ctypes.c_uint(int(grid[0])), ctypes.c_uint(int(block[0])), array)
 
-
     def _struct(self, i, arg, base):
         """A struct passed by value, as CuPy passes one: a 1-element NumPy record array (host
         memory) whose dtype has the struct's fields and size; a pointer to a copy of its bytes."""
