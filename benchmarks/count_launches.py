@@ -217,33 +217,34 @@ class _Phase:
 
 
 def make_trainer_step(dataset="cifar10", batch_size=128, device="emulated", seed=0):
-    """(next_batch, train) for one training step of train.py's Trainer on `device`: next_batch()
-    makes the batch as data.batches does (the recipe's crop + flip and GCN + ZCA; made-up images
-    and an identity whitening: the launches do not depend on the values), train(xb, yb) runs
-    Trainer._step itself (forward, cross-entropy, zero_grad, backward, SGD with the recipe's
-    parameter groups, the epoch tally)."""
+    """(next_batch, train) for one training step of train.py's Trainer on `device`, with the
+    dataset's recipe (training.Config.for_dataset): next_batch() makes the batch as data.batches
+    does (crop + flip, GCN + ZCA or standardisation; made-up images and an identity whitening: the
+    launches do not depend on the values), train(xb, yb) runs Trainer._step itself (forward,
+    cross-entropy, zero_grad, backward, SGD with the recipe's parameter groups, the epoch tally)."""
     import types
 
     import ninpy
     from ninpy import data, models, optim, recipes, training
 
+    config = training.Config.for_dataset(dataset, batch_size=batch_size, device=device)
     ninpy.random.manual_seed(seed)
     preset = models.PRESETS[dataset]
-    recipe = recipes.RECIPES[dataset]
     channels, side = preset["in_channels"], 28 if preset["in_channels"] == 1 else 32
     rng = np.random.default_rng(seed)
     images = backend.to_device(rng.integers(0, 256, (2 * batch_size, channels, side, side), np.uint8),
                                device)
     labels = rng.integers(0, preset["num_classes"], 2 * batch_size)
     features = channels * side * side
-    transform = (data.GcnZca(np.zeros(features), np.eye(features)) if recipe.preprocess == "gcn-zca"
+    transform = (data.GcnZca(np.zeros(features), np.eye(features)) if config.preprocess == "gcn-zca"
                  else data.Standardize(np.zeros(channels), np.ones(channels)))
-    crop, flip = recipes.parse_augment(recipe.augment)
-    augment = data.RandomCropFlip(recipe.crop_pad if crop else 0, flip) if crop or flip else None
-    model = models.nin_for(dataset).to(device)
-    optimizer = optim.SGD(recipes.param_groups(model, recipe.lr, recipe.weight_decay), lr=recipe.lr,
-                          momentum=recipe.momentum)
-    trainer = types.SimpleNamespace(model=model.train(), optimizer=optimizer,
+    crop, flip = recipes.parse_augment(config.augment)
+    augment = data.RandomCropFlip(config.crop_pad if crop else 0, flip) if crop or flip else None
+    model = models.nin_for(dataset, dropout=config.dropout).to(device)
+    optimizer = optim.SGD(recipes.param_groups(model, config.lr, config.weight_decay,
+                                               config.bias_lr_mult, config.last_lr_mult),
+                          lr=config.lr, momentum=config.momentum)
+    trainer = types.SimpleNamespace(config=config, model=model.train(), optimizer=optimizer,
                                     warmup=recipes.WarmupSchedule(optimizer, 0))
     tally = _Phase(training._EpochTally.start(backend.module_of_device(device), {}, 0), "tally")
 

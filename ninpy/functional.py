@@ -9,7 +9,7 @@ Shapes follow PyTorch: images NCHW, conv weights (C_out, C_in, kh, kw).
 
 Two paths. By default ("fast") the operators are this module's Functions on the Numba and CUDA
 kernels, with the convolution channels first and its big arrays from ninpy.memory's pool
-(docs/design.md, "Layouts"). `use_kernels("reference")` (or NINPY_KERNELS=reference) makes every
+(docs/design.md, "Array layouts"). `use_kernels("reference")` (or NINPY_KERNELS=reference) makes every
 public function here apply the plain NumPy Function of the same name in `reference` instead: the
 whole network in one readable file, in the public layout, on the CPU.
 """
@@ -80,7 +80,7 @@ def _plain(x):
 
 def working_layout():
     """The layout NIN keeps between its layers: "CNHW" (channels first) on the fast path, where
-    it saves the convolutions' layout copies; "NCHW" on the plain path (docs/design.md, "Layouts")."""
+    it saves the convolutions' layout copies; "NCHW" on the plain path (docs/design.md, "Array layouts")."""
     return "NCHW" if _kernel_set == "reference" else "CNHW"
 
 
@@ -108,7 +108,7 @@ LAYOUTS = ("NCHW", "CNHW")
 
 def _swapped(array):
     """(N, C, H, W) <-> (C, N, H, W): the batch and channel axes exchanged, as a C-ordered copy."""
-    out = memory.empty_for(array, (array.shape[1], array.shape[0]) + array.shape[2:])
+    out = memory.pooled_empty_for(array, (array.shape[1], array.shape[0]) + array.shape[2:])
     out[...] = array.transpose(1, 0, 2, 3)
     return out
 
@@ -141,9 +141,9 @@ class Conv2d(Function):
       y = W2 @ x;  dW = dy2 @ x^T, dx = W2^T @ dy2.
     models.NIN keeps its activations channels first between layers (layout="CNHW"). An (N, C, H, W)
     input, the public layout, is copied to channels first on the way in and the result copied
-    back: two copies, the price of a standalone call.
-    col is recomputed in backward rather than kept: keeping it saved about 3% of a NIN step and
-    took about 25% more memory (docs/why-fast.md).
+    back: two copies, the price of a standalone call (docs/design.md, "Array layouts").
+    col is recomputed in backward rather than kept: keeping it costs far more memory than the time
+    it saves (docs/why-fast.md). reference.Conv2d is the same convolution without any of this.
     """
 
     def forward(self, x, w, b, stride, padding, relu, layout):
@@ -341,10 +341,10 @@ class Dropout(Function):
 
     def forward(self, x, mask):
         self.mask = mask
-        return backend.array_module(x).multiply(x, self.mask, out=memory.empty_for(x, x.shape))
+        return backend.array_module(x).multiply(x, self.mask, out=memory.pooled_empty_for(x, x.shape))
 
     def backward(self, grad):
-        return (backend.array_module(grad).multiply(grad, self.mask, out=memory.empty_for(grad, grad.shape)),)
+        return (backend.array_module(grad).multiply(grad, self.mask, out=memory.pooled_empty_for(grad, grad.shape)),)
 
 
 def _dropout_mask(x, p):
@@ -371,24 +371,30 @@ def dropout(x, p=0.5, training=True):
 # ---- loss ---------------------------------------------------------------------------------------
 
 class CrossEntropy(Function):
-    """loss = mean_n (logsumexp(z_n) - z_n[label_n]);  dz = (softmax(z) - onehot(label)) / N."""
+    """loss = mean_n (logsumexp(z_n) - (1 - eps) z_n[label_n] - eps mean_k z_n[k]);
+    dz = (softmax(z) - (1 - eps) onehot(label) - eps / K) / N.  eps = label_smoothing (0: plain)."""
 
-    def forward(self, logits, labels):
+    def forward(self, logits, labels, label_smoothing):
         self.kernels = kernels_for(logits)
-        self.logits, self.labels = logits, labels
+        self.logits, self.labels, self.label_smoothing = logits, labels, label_smoothing
         if logits.shape[0] == 0:   # the mean of no losses is NaN, as in PyTorch (without a warning)
             return backend.array_module(logits).full((), np.nan, dtype=logits.dtype)
-        return self.kernels.cross_entropy_forward(logits, labels).mean()
+        return self.kernels.cross_entropy_forward(logits, labels, label_smoothing).mean()
 
     def backward(self, grad):
         scale = grad / max(self.logits.shape[0], 1)   # an empty batch has an empty gradient
-        return self.kernels.cross_entropy_backward(self.logits, self.labels, scale), None
+        return self.kernels.cross_entropy_backward(self.logits, self.labels, scale,
+                                                   self.label_smoothing), None
 
 
-def cross_entropy(logits, labels):
-    """Softmax cross-entropy of logits (N, K) against integer labels (N,), averaged over the batch."""
+def cross_entropy(logits, labels, *, label_smoothing=0.0):
+    """Softmax cross-entropy of logits (N, K) against integer labels (N,), averaged over the batch.
+
+    label_smoothing (PyTorch's): eps in [0, 1]; the target becomes (1 - eps) onehot + eps / K, so the
+    loss is (1 - eps) * the plain loss + eps * the mean over the K classes of -log softmax(z)."""
     if logits.ndim != 2:
         raise ValueError(f"cross_entropy: logits must be (N, K), got shape {logits.shape}")
+    label_smoothing = _label_smoothing(label_smoothing)
     label_array = labels.data if isinstance(labels, Tensor) else labels
     xp = backend.array_module(logits.data)
     label_array = backend.to_device(label_array, logits.device)
@@ -401,4 +407,17 @@ def cross_entropy(logits, labels):
         raise ValueError(f"cross_entropy: labels must lie in [0, {logits.shape[1]}), got "
                          f"[{label_array.min()}, {label_array.max()}]")
     loss = reference.CrossEntropy if _plain(logits) else CrossEntropy
-    return loss.apply(logits, Tensor(xp.ascontiguousarray(label_array)))
+    return loss.apply(logits, Tensor(xp.ascontiguousarray(label_array)), label_smoothing=label_smoothing)
+
+
+def _label_smoothing(value):
+    """label_smoothing as a float in [0, 1]. PyTorch refuses values above 1 and silently reads a
+    negative or NaN one as 0; here those are refused too, since they are mistakes."""
+    try:
+        eps = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"cross_entropy: label_smoothing must be a number in [0, 1], got "
+                        f"{value!r}") from None
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"cross_entropy: label_smoothing must be between 0.0 and 1.0, got {value!r}")
+    return eps

@@ -71,8 +71,8 @@ def test_reductions_reshape_matmul_pow_gradients():
     rng = np.random.default_rng(1)
     a = leaf(rng.standard_normal((3, 4)))
     b = leaf(rng.standard_normal((4, 2)))
-    assert ninpy.gradcheck(lambda a: a.sum(axis=1), [a])
-    assert ninpy.gradcheck(lambda a: a.mean(axis=0, keepdims=True), [a])
+    assert ninpy.gradcheck(lambda a: a.sum(dim=1), [a])
+    assert ninpy.gradcheck(lambda a: a.mean(dim=0, keepdim=True), [a])
     assert ninpy.gradcheck(lambda a: a.mean(), [a])
     assert ninpy.gradcheck(lambda a: a.reshape(2, 6) * 2.0, [a])
     assert ninpy.gradcheck(lambda a, b: a @ b, [a, b])
@@ -247,7 +247,7 @@ def test_gradcheck_perturbs_inputs_of_any_layout(layout, seed):
     """Finite differences must perturb the input itself, not a reshaped copy of it."""
     values = random_array(seed, (3, 4, 2))
     x = Tensor(in_layout(values, layout), requires_grad=True)
-    assert ninpy.gradcheck(lambda a: a * a * 0.5 + a.sum(axis=0, keepdims=True), [x])
+    assert ninpy.gradcheck(lambda a: a * a * 0.5 + a.sum(dim=0, keepdim=True), [x])
     np.testing.assert_array_equal(x.data, values)   # and put every element back
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import GPU_PATHS_AND_TF32, tf32, use_device
+import ninpy
 from ninpy import Tensor, backend, cam, checkpoint, datasets, models, no_grad, plot, recipes
 from ninpy.optim import SGD
 from ninpy.training import Config
@@ -77,13 +79,17 @@ def test_maps_need_a_gap_model():
         cam.class_activation_maps(object(), np.zeros((1, 3, 8, 8)))
 
 
-@pytest.mark.gpu
-def test_maps_on_the_gpu_match_the_cpu():
+@pytest.mark.parametrize("device", GPU_PATHS_AND_TF32)
+def test_maps_on_the_gpu_match_the_cpu(device, monkeypatch):
+    device = use_device(device, monkeypatch)
     model = tiny_nin()
     x = np.random.default_rng(3).standard_normal((2, 3, 16, 16)).astype(np.float32)
     cpu_maps, cpu_logits = cam.class_activation_maps(model, x)
-    gpu_maps, gpu_logits = cam.class_activation_maps(model.to("gpu"), x)  # x moved to the GPU
-    np.testing.assert_allclose(gpu_maps, cpu_maps, rtol=1e-4, atol=1e-5)
+    gpu_maps, gpu_logits = cam.class_activation_maps(model.to(device), x)  # x moved to the device
+    # TF32 (CUPY_TF32=1) keeps 10 mantissa bits of each product's inputs: ~1e-3 relative through
+    # the network's convolutions, against float32's ~1e-6
+    rtol, atol = (1e-2, 1e-3) if tf32() else (1e-4, 1e-5)
+    np.testing.assert_allclose(gpu_maps, cpu_maps, rtol=rtol, atol=atol)
     np.testing.assert_allclose(gpu_maps.mean(axis=(2, 3)), gpu_logits, rtol=1e-5, atol=1e-6)
 
 
@@ -271,15 +277,18 @@ def test_plot_empty_metrics_and_no_matplotlib(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
-# The reading guide: every python block runs, in order, in one namespace
+# The reading guide: every python block runs, in order, in one namespace; what it prints is held to
+# the ```text block after it, where there is one, and to the values its comments state
 
 def guide_blocks():
-    return re.findall(r"^```python\n(.*?)^```", GUIDE.read_text(), re.S | re.M)
+    """[(python source, the text block right after it, or "")] in the guide's order."""
+    pattern = r"^```python\n(.*?)^```\n(?:\n```text\n(.*?^)```\n)?"
+    return re.findall(pattern, GUIDE.read_text(), re.S | re.M)
 
 
 def test_reading_guide_snippets_run(capsys):
     blocks = guide_blocks()
-    assert len(blocks) >= 8
+    assert len(blocks) >= 8 and sum(1 for _, shown in blocks if shown) >= 8
     text = GUIDE.read_text()
     for name in ("ninpy/autograd.py", "ninpy/functional.py", "ninpy/reference.py", "ninpy/optim.py",
                  "kernels/im2col.cu", "ninpy/gpu_kernels.py", "train.py"):
@@ -296,19 +305,26 @@ def test_reading_guide_snippets_run(capsys):
         assert hasattr(getattr(importlib.import_module(f"ninpy.{owner}"), cls), name), f"{cls}.{name}"
     namespace = {"__name__": "reading_guide"}
     stated = 0
-    for index, block in enumerate(blocks):
-        where = f"{GUIDE.name}, python block {index + 1}"
-        lines = block.splitlines()
-        for statement in ast.parse(block).body:      # one at a time, to see what each prints
-            printed = io.StringIO()
-            try:
-                with contextlib.redirect_stdout(printed):
-                    exec(compile(ast.Module([statement], []), where, "exec"), namespace)
-            except Exception as error:
-                pytest.fail(f"python block {index + 1} of {GUIDE} failed: {type(error).__name__}: "
-                            f"{error}\n{block}")
-            for line in lines[statement.lineno - 1:statement.end_lineno]:
-                stated += check_stated_output(line, printed.getvalue(), namespace, where)
+    try:
+        for index, (block, shown) in enumerate(blocks):
+            where = f"{GUIDE.name}, python block {index + 1}"
+            lines, block_printed = block.splitlines(), ""
+            for statement in ast.parse(block).body:      # one at a time, to see what each prints
+                printed = io.StringIO()
+                try:
+                    with contextlib.redirect_stdout(printed):
+                        exec(compile(ast.Module([statement], []), where, "exec"), namespace)
+                except Exception as error:
+                    pytest.fail(f"python block {index + 1} of {GUIDE} failed: "
+                                f"{type(error).__name__}: {error}\n{block}")
+                block_printed += printed.getvalue()
+                for line in lines[statement.lineno - 1:statement.end_lineno]:
+                    stated += check_stated_output(line, printed.getvalue(), namespace, where)
+            if shown:
+                assert block_printed == shown, f"{where} printed\n{block_printed}\nthe guide shows\n{shown}"
+                stated += 1
+    finally:
+        ninpy.use_kernels("fast")   # the guide switches to the plain path and back; make sure
     assert stated >= 10, f"only {stated} stated outputs were found in the guide"
 
 
