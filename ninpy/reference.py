@@ -227,6 +227,14 @@ def sgd_update_(param, grad, buf, lr, momentum, weight_decay, nesterov):
     return param
 
 
+def sgd_update_many_(params, grads, bufs, settings):
+    """sgd_update_(params[t], grads[t], bufs[t], *settings[t]) for every t, settings[t] =
+    (lr, momentum, weight_decay, nesterov). Returns params."""
+    for param, grad, buf, (lr, momentum, weight_decay, nesterov) in zip(params, grads, bufs, settings):
+        sgd_update_(param, grad, buf, lr, momentum, weight_decay, nesterov)
+    return params
+
+
 # =================================================================================================
 # The plain path: every operator NIN uses, forward and backward, in plain NumPy.
 #
