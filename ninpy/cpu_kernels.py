@@ -408,7 +408,7 @@ def bias_relu_(out, bias):
 
 
 def add_bias_(out, bias):
-    """out = out + bias[c], in place; returns out."""
+    """out = out + bias[c], in place; returns out. out (N, C, ...), or channels first as (1, C, L)."""
     _bias_kernel(_planes(out, bias, "add_bias_"), bias.astype(out.dtype, copy=False), False)
     return out
 
@@ -451,7 +451,8 @@ def _relu_bias_backward_kernel(dy, y, dx, db):
 
 
 def relu_bias_backward(dy, y):
-    """dx = relu_backward(dy, y) and db[c] = sum of dx[:, c] (the bias gradient of y = relu(z + b[c]))."""
+    """dx = relu_backward(dy, y) and db[c] = sum of dx[:, c] (the bias gradient of y = relu(z + b[c])).
+    dy, y (N, C, ...); a channels-first (C, N*H*W) gradient is passed as (1, C, N*H*W)."""
     _expect_shape("relu_bias_backward", "dy", dy.shape, y.shape, " (the shape of y)")
     if dy.ndim < 2:
         raise ValueError(f"relu_bias_backward: dy must be (N, C, ...), got shape {dy.shape}")
