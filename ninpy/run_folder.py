@@ -19,9 +19,13 @@ may simply be started again. (The other order -- metrics line first, checkpoint 
 folder with metrics but no checkpoint when a run dies in epoch 1's save: neither resumable nor,
 without deleting files by hand, restartable.)
 
-Lock: `fcntl.flock` on `.lock`, held from open() until release() or the end of the process. The OS
-drops it when the process dies however it dies, so a killed run never leaves a stale lock, and a
-second run on the same folder is refused at once with the holder's pid (written into the file).
+Lock: `fcntl.flock` on the folder itself, held from open() until release() or the end of the
+process. The OS drops it when the process dies however it dies, so a killed run never leaves a
+stale lock, and a second run on the same folder is refused at once. The lock is on the folder, not
+on a file in it, so deleting a file cannot let a second run in; the folder's inode is checked
+after the lock is taken and at every commit, so a folder replaced under the path is noticed. The
+holder's pid is written into `.lock` for the refusal message; a `.lock` that is a symbolic link or
+not a regular file is refused, never followed (its target would be overwritten).
 `--eval-only` takes no lock: it only reads the checkpoint and writes `eval.json` atomically.
 
 Stop signals (StopSignals): Ctrl-C (SIGINT), SIGTERM (`kill`, `timeout`, batch schedulers) and
@@ -35,6 +39,7 @@ import fcntl
 import json
 import os
 import signal
+import stat
 from pathlib import Path
 
 from . import checkpoint
@@ -63,9 +68,9 @@ def exit_status(signum):
 class RunFolder:
     """A locked run folder; see the module docstring for what it holds and why in that order."""
 
-    def __init__(self, path, lock_file=None, created=False):
+    def __init__(self, path, lock_fd=None, created=False):
         self.path = Path(path)
-        self._lock_file = lock_file
+        self._lock_fd = lock_fd      # the folder, opened and flock()ed
         self._created = created
 
     @classmethod
@@ -88,11 +93,11 @@ class RunFolder:
         created = not path.exists()
         try:
             path.mkdir(parents=True, exist_ok=True)
-            lock_file = open(path / LOCK, "a+")
+            lock_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as error:
             raise RunFolderError(f"--out {path} is not writable ({error.strerror or error}); choose "
                                  "another directory") from None
-        folder = cls(path, lock_file, created)
+        folder = cls(path, lock_fd, created)
         try:
             folder._lock()
             folder._check_holds_no_other_run(state, log)
@@ -104,22 +109,53 @@ class RunFolder:
 
     def _lock(self):
         try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
             if error.errno not in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
-                raise RunFolderError(f"--out {self.path}: cannot lock {LOCK} "
+                raise RunFolderError(f"--out {self.path}: cannot lock the folder "
                                      f"({error.strerror or error}); choose another --out") from None
-            self._lock_file.seek(0)
-            holder = self._lock_file.read(32).strip()
-            self._lock_file.close()
-            self._lock_file = None
-            who = f"process {holder}" if holder.isdigit() else "another process"
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            holder = _read_pid(self.path / LOCK)
+            who = f"process {holder}" if holder else "another process"
             raise RunFolderError(f"--out {self.path} is in use by {who} (another train.py run); wait "
                                  "for it to end, or choose another --out (nothing was changed)") from None
-        self._lock_file.seek(0)
-        self._lock_file.truncate()
-        self._lock_file.write(f"{os.getpid()}\n")
-        self._lock_file.flush()
+        self.check_still_locked()
+        self._write_pid()
+
+    def check_still_locked(self):
+        """Raise RunFolderError unless the folder at the path is still the one this run locked
+        (renamed or deleted and made again, it would be another folder that another run may hold)."""
+        try:
+            here, held = os.stat(self.path), os.fstat(self._lock_fd)
+            same = (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
+        except OSError:
+            same = False
+        if not same:
+            raise RunFolderError(f"--out {self.path} was moved, deleted or replaced while this run "
+                                 "held it; stopping without writing into whatever is there now")
+
+    def _write_pid(self):
+        """Our pid into .lock, which must be a regular file: a symbolic link is not followed."""
+        try:
+            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                         | os.O_CLOEXEC, 0o666)
+        except OSError as error:
+            kind = ("a symbolic link" if error.errno == errno.ELOOP else "a folder"
+                    if error.errno == errno.EISDIR else None)
+            if kind is None:
+                raise RunFolderError(f"--out {self.path} is not writable: cannot write {LOCK} "
+                                     f"({error.strerror or error}); choose another --out") from None
+            raise _not_a_lock_file(self.path, kind) from None
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise _not_a_lock_file(self.path, "a FIFO" if stat.S_ISFIFO(mode)
+                                       else "not a regular file")
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        finally:
+            os.close(fd)
 
     def _check_holds_no_other_run(self, state, log):
         existing = self.path / checkpoint.FILENAME
@@ -147,12 +183,13 @@ class RunFolder:
     def release(self, abandon=False):
         """Drop the lock. abandon: also remove the folder if open() created it and nothing was
         written there (a start that failed leaves no empty folder behind)."""
-        if self._lock_file is not None:
-            self._lock_file.close()  # closing the only descriptor drops the flock
-            self._lock_file = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the only descriptor drops the flock
+            self._lock_fd = None
         if abandon and self._created:
             try:
-                (self.path / LOCK).unlink()
+                if (self.path / LOCK).is_file() and not (self.path / LOCK).is_symlink():
+                    (self.path / LOCK).unlink()
                 self.path.rmdir()
             except OSError:
                 pass
@@ -174,6 +211,7 @@ class RunFolder:
     # ---- commit ----------------------------------------------------------------------------
     def commit(self, save_checkpoint, records, final):
         """Commit an epoch: save_checkpoint() (which stores `records`) first, then the views."""
+        self.check_still_locked()
         save_checkpoint()
         self.write_metrics(records)
         self.write_final(final)
@@ -190,6 +228,25 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         text = json.dumps(record, indent=1) + "\n"
         write_atomically(self.path / EVAL, lambda file: file.write(text.encode()))
+
+
+def _not_a_lock_file(path, kind):
+    return RunFolderError(f"--out {path}: {LOCK} is {kind}, not the regular file a run writes its "
+                          f"pid into; remove it (nothing was changed)")
+
+
+def _read_pid(path):
+    """The pid in a .lock file, or None (missing, unreadable, a link or not a regular file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        text = os.read(fd, 32).decode("ascii", "replace").strip() \
+            if stat.S_ISREG(os.fstat(fd).st_mode) else ""
+    finally:
+        os.close(fd)
+    return text if text.isdigit() else None
 
 
 def _same_file(a, b):

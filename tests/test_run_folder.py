@@ -14,13 +14,15 @@ import subprocess
 import sys
 import time
 import tracemalloc
+import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from ninpy import checkpoint, data, datasets, plot, training
+from ninpy import checkpoint, data, datasets, plot, run_folder, training
 from ninpy.checkpoint import CheckpointError
 from ninpy.training import Trainer
 from test_training import (QUIET, _config, arrays, env, metrics, one_line_error,  # noqa: F401
@@ -174,6 +176,9 @@ def test_a_second_run_on_a_held_folder_is_refused(env, tmp_path):
         one_line_error(second, "in use", f"process {first.pid}")
         again = train(env, "--resume", str(out), "--epochs", "50", data=False)
         one_line_error(again, "in use", f"process {first.pid}")
+        (out / ".lock").unlink()                # the lock is the folder's: this frees nothing
+        third = train(env, "--resume", str(out), "--epochs", "50", data=False)
+        one_line_error(third, "in use")
         assert metrics(out)[:len(before)] == before
     finally:
         first.send_signal(signal.SIGTERM)
@@ -181,6 +186,56 @@ def test_a_second_run_on_a_held_folder_is_refused(env, tmp_path):
     assert first.returncode == 143
     records = metrics(out)
     assert [r["epoch"] for r in records] == list(range(1, len(records) + 1))  # no interleaving
+
+
+def test_deleting_the_lock_file_does_not_let_a_second_run_in(tmp_path):
+    # flock conflicts between two open file descriptions even in one process: the second
+    # RunFolder.open stands in for a second train.py (the test above runs real ones).
+    held = run_folder.RunFolder.open(tmp_path / "run")
+    try:
+        (tmp_path / "run" / ".lock").unlink()
+        with pytest.raises(run_folder.RunFolderError, match="in use by another process"):
+            run_folder.RunFolder.open(tmp_path / "run")
+    finally:
+        held.release()
+    run_folder.RunFolder.open(tmp_path / "run").release()   # free again once released
+
+
+@pytest.mark.parametrize("kind", ["symlink", "dangling symlink", "folder", "fifo"])
+def test_a_lock_file_that_is_not_a_regular_file_is_refused_and_never_followed(tmp_path, kind):
+    out = tmp_path / "run"
+    out.mkdir()
+    victim = tmp_path / "thesis.tex"
+    if kind == "symlink":
+        victim.write_text("a user's precious file\n")
+        (out / ".lock").symlink_to(victim)
+    elif kind == "dangling symlink":
+        (out / ".lock").symlink_to(victim)
+    elif kind == "folder":
+        (out / ".lock").mkdir()
+    else:
+        os.mkfifo(out / ".lock")
+    with pytest.raises(run_folder.RunFolderError, match=r"\.lock is .*remove it") as info:
+        run_folder.RunFolder.open(out)
+    assert "\n" not in str(info.value)
+    if kind == "symlink":
+        assert victim.read_text() == "a user's precious file\n"
+    else:
+        assert not victim.exists()
+    assert sorted(os.listdir(out)) == [".lock"]
+
+
+def test_a_folder_replaced_under_a_run_is_noticed_before_the_next_commit(tmp_path):
+    folder = run_folder.RunFolder.open(tmp_path / "run")
+    try:
+        (tmp_path / "run").rename(tmp_path / "moved")
+        (tmp_path / "run").mkdir()              # another run could now lock this one
+        saved = []
+        with pytest.raises(run_folder.RunFolderError, match="moved, deleted or replaced"):
+            folder.commit(lambda: saved.append(1), [], {})
+        assert saved == [] and os.listdir(tmp_path / "run") == []
+    finally:
+        folder.release()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -448,6 +503,56 @@ def test_a_huge_bad_checkpoint_gives_a_short_line(saved):
     with pytest.raises(CheckpointError) as info:
         checkpoint.load(path).restore(models.nin_for("mnist"))
     assert len(str(info.value)) < 600
+
+
+def test_a_cache_with_an_empty_split_is_rebuilt(cache):
+    """A consistent cache (arrays, CRCs, manifest) of 0 training images: a run would divide by 0."""
+    data_dir, folder, reference = cache
+    manifest = json.loads((folder / "ninpy-cache.json").read_text())
+    for part, array in (("x", np.zeros((0, 1, 28, 28), np.uint8)), ("y", np.zeros(0, np.int64))):
+        np.save(folder / f"{part}_train.npy", array)
+        manifest["splits"]["train"][part].update(shape=list(array.shape), crc32=zlib.crc32(array))
+    (folder / "ninpy-cache.json").write_text(json.dumps(manifest))
+    same_dataset(reload(data_dir, "holds 0 images"), reference)
+
+
+def test_a_cache_of_part_of_a_published_dataset_is_not_used(tmp_path, monkeypatch):
+    """A consistent cache of 5 Fashion-MNIST images under the published files' digests would train
+    on 5 images silently: it is refused, and rebuilding it needs the raw files."""
+    monkeypatch.setattr(datasets, "SYSTEM_DIRS", {})   # not Debian's copy: that would rebuild it
+    folder = tmp_path / "fashion-mnist"
+    folder.mkdir()
+    splits = {}
+    for split in ("train", "test"):
+        entry = {}
+        for part, array in (("x", np.zeros((5, 1, 28, 28), np.uint8)), ("y", np.zeros(5, np.int64))):
+            np.save(folder / f"{part}_{split}.npy", array)
+            entry[part] = {"shape": list(array.shape), "dtype": str(array.dtype),
+                           "crc32": zlib.crc32(array)}
+        splits[split] = entry
+    sources = {source.filename: source.digest for source in datasets.SOURCES["fashion-mnist"]}
+    (folder / "ninpy-cache.json").write_text(json.dumps({
+        "format": 1, "sources": sources, "classes": list(map(str, range(10))), "splits": splits}))
+    with pytest.warns(UserWarning, match="holds 5 images, the dataset's has 60,000"), \
+            pytest.raises(datasets.DataError, match="missing"):
+        datasets.load_dataset("fashion-mnist", tmp_path, download=False, progress=False)
+
+
+def test_a_cache_warning_is_one_line(cache, monkeypatch):
+    data_dir, folder, reference = cache
+    (folder / "ninpy-cache.json").unlink()
+
+    def disk_full(path, array):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(datasets, "_atomic_save", disk_full)
+    with pytest.warns(UserWarning, match="cannot write the dataset cache") as caught:
+        same_dataset(datasets.load_dataset("mnist", data_dir, download=False, progress=False),
+                     reference)
+    (warning,) = caught
+    text = warnings.formatwarning(warning.message, warning.category, warning.filename,
+                                  warning.lineno, warning.line)
+    assert text.startswith("warning: cannot write the dataset cache") and text.count("\n") == 1
 
 
 def test_a_malformed_cache_manifest_is_rebuilt(cache):
