@@ -66,8 +66,9 @@ def build_parser():
     p = _Parser(description="Train Network In Network (Lin, Chen, Yan 2014) with ninpy.",
                 epilog="Recipe defaults per dataset: docs/recipes.md.")
     p.add_argument("--dataset", choices=DATASETS, help="required unless --resume")
-    p.add_argument("--device", choices=("auto", "cpu", "gpu"), default=None,
-                   help="auto: the GPU when usable, else the CPU (default auto)")
+    p.add_argument("--device", choices=("auto", "cpu", "gpu", "emulated"), default=None,
+                   help="auto: the GPU when usable, else the CPU (default auto); emulated: the GPU "
+                        "code path on the CPU, slowly (docs/emulator.md)")
     p.add_argument("--epochs", type=POSITIVE_INT, help="total epochs to train (recipe)")
     p.add_argument("--batch-size", type=POSITIVE_INT, help="(recipe: 128)")
     p.add_argument("--lr", type=POSITIVE, help="base learning rate of the weights (recipe)")

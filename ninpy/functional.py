@@ -16,7 +16,8 @@ from .shapes import conv_output_size, pair, pool_output_size
 
 
 def kernels_for(array):
-    """The kernel module for an array's device: gpu_kernels for CuPy arrays, else cpu_kernels."""
+    """The kernel module for an array's device: gpu_kernels for CuPy (and emulated) arrays, else
+    cpu_kernels."""
     if backend.is_gpu_array(array):
         from . import gpu_kernels  # imported on first GPU use: the CPU path never needs CuPy
         return gpu_kernels
@@ -261,7 +262,7 @@ def _dropout_mask(x, p):
         return backend.array_module(x).zeros_like(x)
     if backend.is_gpu_array(x):
         seed, offset = random.next_gpu_stream(x.size)
-        return kernels_for(x).dropout_mask(x.shape, p, seed, offset, x.dtype)
+        return kernels_for(x).dropout_mask(x.shape, p, seed, offset, x.dtype, backend.device_of(x))
     keep = random.cpu_generator().random(x.shape, dtype=np.float32) >= p
     return keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - p))
 
