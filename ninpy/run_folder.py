@@ -46,7 +46,7 @@ from . import checkpoint
 from .files import is_temporary_of, require_regular_file, write_atomically
 
 __all__ = ["RunFolder", "RunFolderError", "StopSignals", "METRICS", "FINAL", "EVAL", "LOCK",
-           "STOP_SIGNALS", "exit_status", "signal_name"]
+           "STOP_SIGNALS", "exit_status", "signal_name", "parse_metrics", "is_intact_record"]
 
 METRICS = "metrics.jsonl"
 FINAL = "final.json"
@@ -200,9 +200,10 @@ class RunFolder:
 
         Checkpoints carry their records; one written before they did falls back on the
         metrics.jsonl beside it, read leniently (a line that is not UTF-8 or JSON, or whose epoch
-        is not a whole number within the checkpoint's, is dropped)."""
+        is not a whole number within the checkpoint's, is dropped). Either way a record whose
+        metrics are not numbers in their range is dropped as damaged (is_intact_record)."""
         if state.metrics is not None:
-            records = list(state.metrics)
+            records = [record for record in state.metrics if is_intact_record(record)]
         else:
             records = _read_records(state.path.parent / METRICS, state.epoch)
         self.write_metrics(records)
@@ -269,7 +270,8 @@ def parse_metrics(lines, up_to_epoch=None):
     """The epoch records in metrics.jsonl's lines (bytes), in epoch order.
 
     A line that is not a UTF-8 JSON object whose epoch is a whole number >= 1 (a torn or damaged
-    line, an epoch of NaN, "1", true or 2.5) is skipped; when an epoch appears twice, its last line
+    line, an epoch of NaN, "1", true or 2.5), or whose metrics are not numbers in their range (a
+    test_acc of "0.9", null, [1] or 1e308), is skipped; when an epoch appears twice, its last line
     wins; epochs past up_to_epoch are left out.
     """
     by_epoch = {}
@@ -278,10 +280,35 @@ def parse_metrics(lines, up_to_epoch=None):
             record = json.loads(line.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError):
             continue
-        epoch = record.get("epoch") if isinstance(record, dict) else None
-        if type(epoch) is int and 1 <= epoch and (up_to_epoch is None or epoch <= up_to_epoch):
-            by_epoch[epoch] = record
+        if is_intact_record(record) and (up_to_epoch is None or record["epoch"] <= up_to_epoch):
+            by_epoch[record["epoch"]] = record
     return [by_epoch[epoch] for epoch in sorted(by_epoch)]
+
+
+# The metrics of an epoch record and the range of each: what a resume reports and train.py prints
+# (a test_acc of 1e308 would print as "inf%", a string would crash the print).
+_FRACTIONS = ("train_acc", "test_acc", "val_acc")
+_AMOUNTS = ("train_loss", "test_loss", "val_loss", "lr", "seconds", "images_per_s")
+
+
+def is_intact_record(record):
+    """Whether `record` is an epoch record as the trainer writes it: a JSON object whose epoch is a
+    whole number >= 1, whose accuracies are numbers in [0, 1] and whose losses, lr, seconds and
+    speed are numbers >= 0 (images_per_s may be null: an epoch that took no measurable time)."""
+    if not isinstance(record, dict):
+        return False
+    epoch = record.get("epoch")
+    if type(epoch) is not int or epoch < 1:
+        return False
+    for key in _FRACTIONS + _AMOUNTS:
+        if key not in record or (key == "images_per_s" and record[key] is None):
+            continue
+        value = record[key]
+        if type(value) not in (int, float) or not value >= 0:   # NaN fails value >= 0
+            return False
+        if key in _FRACTIONS and value > 1:
+            return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,7 +317,8 @@ def parse_metrics(lines, up_to_epoch=None):
 class StopSignals:
     """While active, the first SIGINT, SIGTERM or SIGHUP only sets `requested` to its number
     (checked between steps); a second one raises KeyboardInterrupt(signum) at once. Installed only
-    from the main thread (elsewhere signals are left alone)."""
+    from the main thread (elsewhere signals are left alone), and not for a signal that is ignored
+    (SIG_IGN, as nohup leaves SIGHUP): the process was started not to stop on it."""
 
     def __init__(self):
         self.requested = None
@@ -299,7 +327,8 @@ class StopSignals:
     def __enter__(self):
         self.requested = None
         try:
-            self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS
+                              if signal.getsignal(signum) != signal.SIG_IGN}
         except ValueError:  # not the main thread
             self._previous = {}
         return self

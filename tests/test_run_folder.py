@@ -374,6 +374,12 @@ def test_a_cache_array_that_is_a_fifo_is_rebuilt_without_hanging(cache):
 
 def run_main(argv, capsys):
     """train.py's main in-process; returns (exit status, stderr)."""
+    status, _, err = run_main_with_output(argv, capsys)
+    return status, err
+
+
+def run_main_with_output(argv, capsys):
+    """train.py's main in-process; returns (exit status, stdout, stderr)."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("train_cli", REPO / "train.py")
     cli = importlib.util.module_from_spec(spec)
@@ -384,7 +390,8 @@ def run_main(argv, capsys):
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
-    return status, capsys.readouterr().err
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
 
 
 @pytest.mark.parametrize("pad", ["28", "30000", "1000000000"])
@@ -395,6 +402,105 @@ def test_a_crop_pad_beyond_the_image_is_one_clear_line(patched_sources, tmp_path
     assert status == 1 and err.count("\n") == 1 and f"--crop-pad {pad}" in err, err
     assert "memory" not in err and "below the image side, 28" in err
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Smaller lies: what a message or a record says is what the file holds.
+
+def test_eval_only_of_a_mid_epoch_checkpoint_names_the_epoch_its_weights_are_in(saved,
+                                                                              patched_sources):
+    path, entries = saved
+    meta = meta_of(entries)        # saved after epoch 1; now: after batch 2 of epoch 2
+    meta.update(batch=2, progress={"loss_sum": 4.0, "correct": 5, "seen": 32})
+    rewrite(path, with_meta(entries, meta))
+    record = Trainer(_config(patched_sources, None, epochs=2), resume=path, eval_only=True,
+                     **QUIET).evaluate_only()
+    assert (record["epoch"], record["batch"], record["batches"]) == (2, 2, 3)
+    assert json.loads((path.parent / "eval.json").read_text())["epoch"] == 2
+
+
+@pytest.mark.parametrize("test_acc", ["0.9", None, [1], 1e308, -0.5, float("nan")])
+def test_a_damaged_metrics_record_in_the_checkpoint_is_dropped_not_a_crash(
+        saved, patched_sources, capsys, test_acc):
+    path, entries = saved
+    meta = meta_of(entries)
+    meta["metrics"][0]["test_acc"] = test_acc
+    rewrite(path, with_meta(entries, meta))
+    status, out, err = run_main_with_output(["--resume", str(path), "--epochs", "1", "--device",
+                                             "cpu", "--data-dir", str(patched_sources)], capsys)
+    assert status == 0 and err == "", err
+    assert "nothing to do" in out and "inf%" not in out and "nan%" not in out
+    assert metrics(path.parent) == []           # the damaged record is not shown as a measurement
+
+
+def test_an_epoch_with_a_non_finite_test_loss_is_not_committed(patched_sources, tmp_path,
+                                                              monkeypatch):
+    out = tmp_path / "run"
+    Trainer(_config(patched_sources, out, epochs=1), **QUIET).fit()
+    overflowed = training.Evaluation(float("inf"), 0.1)
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, x, y, guard=None: overflowed)
+    with pytest.raises(training.TrainingError, match="test loss of epoch 2 is inf") as info:
+        Trainer(_config(patched_sources, None, epochs=2), resume=out, **QUIET).fit()
+    message = str(info.value)
+    assert "not committed" in message and "good" not in message and "(epoch 1: test loss" in message
+    assert checkpoint.load(out).epoch == 1 and [r["epoch"] for r in metrics(out)] == [1]
+
+
+def test_metrics_lines_whose_metrics_are_not_numbers_in_range_are_skipped():
+    lines = [b'{"epoch": 1, "test_acc": 0.5, "images_per_s": null}', b'{"epoch": 2, "test_acc": "0.9"}',
+             b'{"epoch": 3, "test_acc": null}', b'{"epoch": 4, "train_loss": [1]}',
+             b'{"epoch": 5, "val_acc": 1e308}', b'{"epoch": 6, "lr": true}']
+    assert [r["epoch"] for r in run_folder.parse_metrics(lines)] == [1]
+
+
+@pytest.mark.parametrize("saved_on, says", [
+    ("cpu", "bit for bit, as an uninterrupted run on the same device, machine and BLAS build with "
+            "the same BLAS thread count"),
+    ("gpu", "trained on the gpu, this run continues on the cpu"),
+])
+def test_a_resume_says_exactly_what_it_reproduces(saved, patched_sources, capsys, saved_on, says):
+    path, entries = saved
+    meta = meta_of(entries)
+    meta["flags"]["device"] = saved_on
+    rewrite(path, with_meta(entries, meta))
+    status, out, err = run_main_with_output(["--resume", str(path), "--epochs", "1", "--device",
+                                             "cpu", "--data-dir", str(patched_sources)], capsys)
+    assert status == 0, err
+    assert says in " ".join(out.split())
+
+
+def test_a_huge_finite_loss_prints_as_a_number_not_thirty_digits():
+    assert training.format_loss(7.6e29) == "7.6e+29" and training.format_loss(2.30258) == "2.3026"
+
+
+SIGINT_IGNORED = """
+import os, runpy, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)   # as a shell without job control starts a job
+class Interrupt:  # Ctrl-C while train.py imports ninpy.training
+    def find_spec(self, name, path, target=None):
+        if name == "ninpy.training":
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+sys.meta_path.insert(0, Interrupt())
+sys.argv = [{launcher!r}, *sys.argv[1:]]
+runpy.run_path({launcher!r}, run_name="__main__")
+"""
+
+
+def test_an_inherited_ignored_sigint_stays_ignored_in_import_and_training(env, tmp_path):
+    script = tmp_path / "ignoring.py"
+    script.write_text(SIGINT_IGNORED.format(launcher=str(env["launcher"])))
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, str(script), "--dataset", "mnist", "--device", "cpu", "--batch-size", "16",
+         "--epochs", "2", "--out", str(out), *AS_GIVEN], cwd=env["root"],
+        env={**env["env"], "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    wait_for_first_epoch(process)
+    process.send_signal(signal.SIGINT)          # in training: ignored as well
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert [r["epoch"] for r in metrics(out)] == [1, 2]
 
 
 # ---------------------------------------------------------------------------------------------
