@@ -20,12 +20,14 @@ never half of one.
 
 `load` trusts nothing in the file. Why `.npz` and not safetensors: an `.npz` is a zip of `.npy`
 files, and each `.npy` starts with a small header giving its dtype and shape, so the headers can be
-read and bounded (`_check_headers`) before a byte of data is allocated -- the one property
+read and bounded (`_read_entries`) before a byte of data is allocated -- the one property
 safetensors was made for -- without a new dependency, and the file stays readable with `np.load`
-alone. Every array must be float32/float64 and the whole archive may hold at most the elements of
-the largest NIN preset twice (weights + momentum); then every metadata field is checked for type
-and range (`_check_meta`), and every weight for NaN/inf. Every failure to read a checkpoint is a
-CheckpointError with a one-line message of bounded length.
+alone. Every array must be float32/float64 with no negative dimension, and the whole archive may
+hold at most the elements of the largest NIN preset twice (weights + momentum). Each entry must
+appear once, stored or deflated, be exactly as long as its header says, and is read to its end so
+that its CRC-32 is checked (`np.load` stops at the end of the data and never checks it). Then
+every metadata field is checked for type and range (`_check_meta`), and every weight for NaN/inf.
+Every failure to read a checkpoint is a CheckpointError with a one-line message of bounded length.
 """
 import json
 import math
