@@ -126,6 +126,8 @@ class RunFolder:
     def check_still_locked(self):
         """Raise RunFolderError unless the folder at the path is still the one this run locked
         (renamed or deleted and made again, it would be another folder that another run may hold)."""
+        if self._lock_fd is None:  # --eval-only, or released: nothing is held
+            return
         try:
             here, held = os.stat(self.path), os.fstat(self._lock_fd)
             same = (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)

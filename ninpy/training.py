@@ -14,18 +14,18 @@ draws of epoch e are a pure function of (seed, e) (ninpy.data), dropout draws co
 ninpy.random whose state is in the checkpoint, and the learning rate is a function of the epoch
 and step. So `Trainer(config, resume=...)` continues with the same numbers an uninterrupted run
 would have produced: bit for bit on the same device, machine and BLAS build with the same BLAS
-thread count (docs/design.md, Determinism). A checkpoint written on Ctrl-C in the middle of an epoch records how many
-batches were done and the epoch's running sums; the resumed run replays the epoch's batch stream
-(skipping the batches already trained on) so the remaining batches and draws are identical.
+thread count (docs/design.md, Determinism). A checkpoint written on Ctrl-C in the middle of an
+epoch records how many batches were done and the epoch's running sums; the resumed run replays the
+epoch's batch stream (skipping the batches already trained on) so the remaining batches and draws
+are identical.
 
 Faults. A NaN/inf loss stops the run with the step named (TrainingError) and nothing is written:
 the last checkpoint stays as it was. So does an epoch whose mean training, test or validation loss
 is not finite: it is never committed, and so every checkpoint a run writes holds finite metrics.
 A finite but huge loss (7.6e29 after --lr 1e4) is a measurement, committed like any other; the
 messages that name the last checkpoint give its epoch and test loss rather than calling it good.
-Once the lr has reached its peak (not during the warm-up,
-when a net that has not learnt yet is no sign of anything), a training loss that sits at ln(C) for a
-whole epoch gets a warning (the class maps died), and so do class maps that are zero on every test
+Once the lr has reached its peak (not during the warm-up, when a net that has not learnt yet is no
+sign of anything), a training loss that sits at ln(C) for a whole epoch gets a warning (the class maps died), and so do class maps that are zero on every test
 image while the others live (those classes can no longer be predicted). Ctrl-C, SIGTERM or SIGHUP
 finishes the current step, saves a resumable checkpoint and raises Interrupted; a second one stops at
 once without saving. A checkpoint whose state this run cannot continue (a batch count beyond the
