@@ -85,6 +85,9 @@ def build_parser():
                         "fashion-mnist 1000; 0 = none)")
     p.add_argument("--dropout", type=_number(float, 0, True, 1),
                    help="dropout probability after blocks 1 and 2 (recipe: 0.5; fashion-mnist 0)")
+    p.add_argument("--label-smoothing", type=FRACTION,
+                   help="of the training loss, as PyTorch's cross_entropy: the target is (1 - eps) "
+                        "onehot + eps / classes (recipe: 0)")
     p.add_argument("--augment", choices=("none", "crop", "flip", "crop+flip"),
                    help="crop: random translation by up to --crop-pad pixels (recipe)")
     p.add_argument("--crop-pad", type=COUNT, help="padding of the random crop (recipe)")
@@ -102,6 +105,9 @@ def build_parser():
     p.add_argument("--val-split", type=COUNT,
                    help="hold out N training images as a validation set (reported as val_*)")
     p.add_argument("--svhn-extra", action="store_true", help="SVHN: add the 531k extra images")
+    p.add_argument("--kernels", choices=("fast", "reference"), default=None,
+                   help="fast: Numba / CUDA (default, or $NINPY_KERNELS); reference: the plain "
+                        "NumPy path of ninpy/reference.py, CPU only, to read and step through")
     p.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
                    help="progress bar on stderr (auto: when it is a terminal)")
     return p
@@ -111,7 +117,7 @@ def build_parser():
 _FIELDS = {"dataset": "dataset", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
            "momentum": "momentum", "weight_decay": "weight_decay", "bias_lr_mult": "bias_lr_mult",
            "last_lr_mult": "last_lr_mult", "schedule": "schedule", "warmup_steps": "warmup_steps",
-           "dropout": "dropout",
+           "dropout": "dropout", "label_smoothing": "label_smoothing",
            "augment": "augment", "crop_pad": "crop_pad", "preprocess": "preprocess", "seed": "seed",
            "data_dir": "data_dir", "out": "out", "limit": "limit", "val_split": "val_split"}
 
@@ -193,6 +199,7 @@ def _signal_exit(stop):
 
 def _main(args):
     # Imported after parsing, so --help and flag errors are instant.
+    import ninpy
     from ninpy import backend, checkpoint
     from ninpy.backend import DeviceError
     from ninpy.gpu_kernels import KERNEL_DIR, KernelCompileError
@@ -209,6 +216,8 @@ def _main(args):
         if args.eval_only and state is None:
             raise TrainingError("--eval-only needs --resume DIR_OR_FILE: the checkpoint to evaluate")
         config = make_config(args, state.flags if state is not None else None)
+        if args.kernels is not None:
+            ninpy.use_kernels(args.kernels)
         config.device = choose_device(config.device)
         trainer = Trainer(config, resume=state, eval_only=args.eval_only, progress=progress)
         print(f"NIN for {config.dataset}: {trainer.num_parameters():,} parameters, device "
@@ -227,7 +236,8 @@ def _main(args):
               f"x{config.last_lr_mult}), momentum {config.momentum}, weight decay "
               f"{config.weight_decay}, batch {config.batch_size}, {config.epochs} epochs, schedule "
               f"{config.schedule}, warm-up {config.warmup_steps} of {config.epochs * trainer.steps_per_epoch} "
-              f"steps, dropout {config.dropout}, augment {config.augment}, "
+              f"steps, dropout {config.dropout}, label smoothing {config.label_smoothing}, "
+              f"augment {config.augment}, "
               f"preprocess {config.preprocess}; writing to {trainer.out}", flush=True)
         final = trainer.fit()
         if "test_acc" in final:
@@ -238,11 +248,7 @@ def _main(args):
         sys.stderr.write(f"train.py: error: {_one_line(error)}\n")
         return EXIT_ERROR
     except MemoryError as error:
-        batch = f" (now {config.batch_size})" if config is not None else ""
-        where = "the GPU" if backend.is_cuda_error(error) else "the machine"
-        sys.stderr.write(f"train.py: error: {where} ran out of memory ({_one_line(error)}); lower "
-                         f"--batch-size{batch}\n")
-        return EXIT_ERROR
+        return _out_of_memory(error, config)
     except KernelCompileError as error:  # names kernels/FILE.cu:LINE
         sys.stderr.write(f"train.py: error: {_one_line(error).replace(kernel_root, '')}\n")
         return EXIT_ERROR
@@ -258,6 +264,8 @@ def _main(args):
                          "any, is intact)\n")
         return _signal_exit(stop)
     except Exception as error:
+        if backend.is_out_of_memory(error):  # cuBLAS's or the CUDA runtime's way of saying it
+            return _out_of_memory(error, config)
         line = backend.cuda_error_line(error)  # CUDA, cuBLAS, NVRTC: one line naming the operation
         if line is None:
             raise
@@ -279,10 +287,26 @@ def resume_note(state, device):
             "docs/design.md, Determinism)")
 
 
-def choose_device(device):
-    """"cpu" or "gpu" for --device; "auto" falls back to the CPU with one line saying why."""
+def _out_of_memory(error, config):
+    """One line for running out of GPU or host memory, naming the setting to lower."""
     from ninpy import backend
 
+    batch = f" (now {config.batch_size})" if config is not None else ""
+    where = "the GPU" if backend.is_cuda_error(error) else "the machine"
+    sys.stderr.write(f"train.py: error: {where} ran out of memory ({_one_line(error)}); lower "
+                     f"--batch-size{batch}\n")
+    return EXIT_ERROR
+
+
+def choose_device(device):
+    """"cpu" or "gpu" for --device; "auto" falls back to the CPU with one line saying why."""
+    from ninpy import backend, kernel_set
+
+    if kernel_set() == "reference":
+        if device == "gpu":
+            raise backend.DeviceError("--kernels reference runs on the CPU only; drop --device gpu "
+                                      "(or pass --device cpu)")
+        return "cpu"
     if device != "auto":
         return device
     problem = backend.gpu_problem()

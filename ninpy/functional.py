@@ -6,22 +6,94 @@ which share one contract with the readable NumPy versions in `reference` (docs/d
 kernel contract").
 
 Shapes follow PyTorch: images NCHW, conv weights (C_out, C_in, kh, kw).
+
+Two paths. By default ("fast") the operators are this module's Functions on the Numba and CUDA
+kernels, with the convolution channels first and its big arrays from ninpy.memory's pool
+(docs/design.md, "Layouts"). `use_kernels("reference")` (or NINPY_KERNELS=reference) makes every
+public function here apply the plain NumPy Function of the same name in `reference` instead: the
+whole network in one readable file, in the public layout, on the CPU.
 """
+import os
+import warnings
+
 import numpy as np
 
-from . import backend, cpu_kernels, memory, random
+from . import backend, cpu_kernels, memory, random, reference
 from .gemm import matmul
 from .autograd import Function, Tensor
-from .shapes import conv_output_size, pair, pool_output_size
+from .shapes import batch_and_channels, conv_output_size, pair, pool_output_size
+
+# ---- which kernels: the fast path or the plain path ---------------------------------------------
+
+KERNEL_SETS = ("fast", "reference")
+
+
+def _kernel_set_from_environment():
+    name = os.environ.get("NINPY_KERNELS", "").strip() or "fast"
+    if name not in KERNEL_SETS:
+        warnings.warn(f"NINPY_KERNELS={name!r} is not one of {KERNEL_SETS}; using 'fast'",
+                      stacklevel=2)
+        return "fast"
+    return name
+
+
+_kernel_set = _kernel_set_from_environment()
+
+
+class use_kernels:
+    """Choose the kernels every operator runs from now on: "fast" (Numba on the CPU, CUDA on the
+    GPU; the default) or "reference" (reference.py's plain NumPy, CPU only). Also a with-block,
+    which puts the previous choice back at its end:
+
+        ninpy.use_kernels("reference")              # from here on
+        with ninpy.use_kernels("reference"): ...     # inside the block only
+    """
+
+    def __init__(self, name):
+        global _kernel_set
+        if name not in KERNEL_SETS:
+            raise ValueError(f"use_kernels: {name!r} is not one of {KERNEL_SETS}")
+        self.previous, _kernel_set = _kernel_set, name
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *error):
+        global _kernel_set
+        _kernel_set = self.previous
+
+
+def kernel_set():
+    """"fast" or "reference": what use_kernels (or NINPY_KERNELS) chose."""
+    return _kernel_set
+
+
+def _plain(x):
+    """True when x's operator runs on the plain path (reference.py); the GPU has no plain path."""
+    if _kernel_set != "reference":
+        return False
+    if backend.is_gpu_array(x.data):
+        raise backend.DeviceError("the reference kernels run on the CPU only; move the tensors to "
+                                  "'cpu', or use_kernels('fast') for the GPU")
+    return True
+
+
+def working_layout():
+    """The layout NIN keeps between its layers: "CNHW" (channels first) on the fast path, where
+    it saves the convolutions' layout copies; "NCHW" on the plain path (docs/design.md, "Layouts")."""
+    return "NCHW" if _kernel_set == "reference" else "CNHW"
 
 
 def kernels_for(array):
-    """The kernel module for an array's device: gpu_kernels for CuPy (and emulated) arrays, else
-    cpu_kernels."""
+    """The kernel module for an array: gpu_kernels for CuPy (and emulated) arrays, else
+    cpu_kernels; reference under use_kernels("reference") (CPU arrays only)."""
     if backend.is_gpu_array(array):
+        if _kernel_set == "reference":
+            raise backend.DeviceError("the reference kernels run on the CPU only; move the tensors "
+                                      "to 'cpu', or use_kernels('fast') for the GPU")
         from . import gpu_kernels  # imported on first GPU use: the CPU path never needs CuPy
         return gpu_kernels
-    return cpu_kernels
+    return reference if _kernel_set == "reference" else cpu_kernels
 
 
 def _require_4d(x, op):
@@ -75,24 +147,16 @@ class Conv2d(Function):
     """
 
     def forward(self, x, w, b, stride, padding, relu, layout):
-        _require_4d(x, "conv2d")
-        if layout not in LAYOUTS:
-            raise ValueError(f"conv2d: layout must be one of {LAYOUTS}, got {layout!r}")
+        _check_conv_inputs(x, w, b, layout)
         self.batch_first = layout == "NCHW"
-        c_in = x.shape[1] if self.batch_first else x.shape[0]
-        if w.ndim != 4 or w.shape[1] != c_in:
-            raise ValueError(f"conv2d: weight of shape {w.shape} does not fit input of shape "
-                             f"{x.shape} ({layout}); expected (C_out, {c_in}, kh, kw)")
-        if b is not None and b.shape != (w.shape[0],):
-            raise ValueError(f"conv2d: bias of shape {b.shape}, expected ({w.shape[0]},)")
-        x = _swapped(x) if self.batch_first else x            # now (C, N, H, W)
-        self.kernels = kernels_for(x)
-        self.x, self.w, self.has_bias, self.relu = x, w, b is not None, relu
         self.stride, self.padding = pair(stride, "stride"), pair(padding, "padding")
-        _, n, h, width = x.shape
+        (n, _), (h, width) = batch_and_channels(x.shape, layout), x.shape[2:]
         c_out, _, kh, kw = w.shape
         self.out_shape = (c_out, n, conv_output_size(h, kh, self.stride[0], self.padding[0]),
                           conv_output_size(width, kw, self.stride[1], self.padding[1]))
+        x = _swapped(x) if self.batch_first else x            # now (C, N, H, W)
+        self.kernels = kernels_for(x)
+        self.x, self.w, self.has_bias, self.relu = x, w, b is not None, relu
         self.pointwise = (kh, kw) == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
         y2 = matmul(w.reshape(c_out, -1), self._columns())     # (C_out, N*oh*ow)
         if relu and b is not None:
@@ -141,14 +205,40 @@ class Conv2d(Function):
                                    layout="CNHW")
 
 
+def _check_conv_inputs(x, w, b, layout):
+    _require_4d(x, "conv2d")
+    if layout not in LAYOUTS:
+        raise ValueError(f"conv2d: layout must be one of {LAYOUTS}, got {layout!r}")
+    c_in = x.shape[1] if layout == "NCHW" else x.shape[0]
+    if w.ndim != 4 or w.shape[1] != c_in:
+        raise ValueError(f"conv2d: weight of shape {w.shape} does not fit input of shape "
+                         f"{x.shape} ({layout}); expected (C_out, {c_in}, kh, kw)")
+    if b is not None and b.shape != (w.shape[0],):
+        raise ValueError(f"conv2d: bias of shape {b.shape}, expected ({w.shape[0]},)")
+
+
+def _plain_conv2d(x, weight, bias, stride, padding, layout):
+    """reference.Conv2d, which works on (N, C, H, W): a channels-first x is exchanged around it."""
+    _check_conv_inputs(x, weight, bias, layout)
+    if layout == "CNHW":
+        x = swap_batch_and_channels(x)
+    y = reference.Conv2d.apply(x, weight, bias, stride=stride, padding=padding)
+    return swap_batch_and_channels(y) if layout == "CNHW" else y
+
+
 def conv2d(x, weight, bias=None, stride=1, padding=0, layout="NCHW"):
     """2-D convolution (cross-correlation) of x (N, C, H, W) with weight (C_out, C, kh, kw).
     layout="CNHW": x and the result are channels first, (C, N, H, W)."""
+    if _plain(x):
+        return _plain_conv2d(x, weight, bias, stride, padding, layout)
     return Conv2d.apply(x, weight, bias, stride=stride, padding=padding, relu=False, layout=layout)
 
 
 def conv2d_relu(x, weight, bias=None, stride=1, padding=0, layout="NCHW"):
-    """relu(conv2d(x, weight, bias, stride, padding, layout)) in one Function: bias and ReLU in one pass."""
+    """relu(conv2d(x, weight, bias, stride, padding, layout)) in one Function: bias and ReLU in one
+    pass (the plain path runs the two operators one after the other)."""
+    if _plain(x):
+        return relu(_plain_conv2d(x, weight, bias, stride, padding, layout))
     return Conv2d.apply(x, weight, bias, stride=stride, padding=padding, relu=True, layout=layout)
 
 
@@ -166,12 +256,13 @@ class ReLU(Function):
 
 
 def relu(x):
-    return ReLU.apply(x)
+    return (reference.ReLU if _plain(x) else ReLU).apply(x)
 
 
 # ---- pooling ------------------------------------------------------------------------------------
 
 def _pool_geometry(x, kernel_size, stride, padding, ceil_mode, op):
+    """The window (kh, kw, sh, sw, ph, pw) and the output size (oh, ow) of a pooling of x."""
     _require_4d(x, op)
     kh, kw = pair(kernel_size, "kernel_size")
     sh, sw = pair(kernel_size if stride is None else stride, "stride")
@@ -184,9 +275,8 @@ def _pool_geometry(x, kernel_size, stride, padding, ceil_mode, op):
 class MaxPool2d(Function):
     """y = max over each window (padding counts as -inf, a NaN wins);  dx: dy goes to the window's argmax."""
 
-    def forward(self, x, kernel_size, stride, padding, ceil_mode):
-        self.geometry, out_hw = _pool_geometry(x, kernel_size, stride, padding, ceil_mode,
-                                               "max_pool2d")
+    def forward(self, x, window, out_hw):
+        self.geometry = window
         self.kernels, self.x_shape = kernels_for(x), x.shape
         y, self.argmax = self.kernels.max_pool_forward(x, *self.geometry, *out_hw)
         return y
@@ -196,8 +286,8 @@ class MaxPool2d(Function):
 
 
 def max_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False):
-    return MaxPool2d.apply(x, kernel_size=kernel_size, stride=stride, padding=padding,
-                           ceil_mode=ceil_mode)
+    window, out_hw = _pool_geometry(x, kernel_size, stride, padding, ceil_mode, "max_pool2d")
+    return (reference.MaxPool2d if _plain(x) else MaxPool2d).apply(x, window=window, out_hw=out_hw)
 
 
 class AvgPool2d(Function):
@@ -208,11 +298,10 @@ class AvgPool2d(Function):
     (shapes.avg_pool_divisor).
     """
 
-    def forward(self, x, kernel_size, stride, padding, ceil_mode, count_include_pad):
-        self.geometry, out_hw = _pool_geometry(x, kernel_size, stride, padding, ceil_mode,
-                                               "avg_pool2d")
+    def forward(self, x, window, out_hw, count_include_pad):
+        self.geometry = window
         self.kernels, self.x_shape = kernels_for(x), x.shape
-        self.count_include_pad = bool(count_include_pad)
+        self.count_include_pad = count_include_pad
         return self.kernels.avg_pool_forward(x, *self.geometry, *out_hw, self.count_include_pad)
 
     def backward(self, grad):
@@ -221,15 +310,15 @@ class AvgPool2d(Function):
 
 
 def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
-    return AvgPool2d.apply(x, kernel_size=kernel_size, stride=stride, padding=padding,
-                           ceil_mode=ceil_mode, count_include_pad=count_include_pad)
+    window, out_hw = _pool_geometry(x, kernel_size, stride, padding, ceil_mode, "avg_pool2d")
+    return (reference.AvgPool2d if _plain(x) else AvgPool2d).apply(
+        x, window=window, out_hw=out_hw, count_include_pad=bool(count_include_pad))
 
 
 class GlobalAvgPool2d(Function):
     """y[n, c] = mean of x[n, c] over H and W;  dx = dy / (H*W) at every position."""
 
     def forward(self, x):
-        _require_4d(x, "global_avg_pool2d")
         self.x_shape = x.shape
         return x.mean(axis=(2, 3))
 
@@ -240,16 +329,18 @@ class GlobalAvgPool2d(Function):
 
 
 def global_avg_pool2d(x):
-    return GlobalAvgPool2d.apply(x)
+    _require_4d(x, "global_avg_pool2d")
+    return (reference.GlobalAvgPool2d if _plain(x) else GlobalAvgPool2d).apply(x)
 
 
 # ---- regularisation -----------------------------------------------------------------------------
 
 class Dropout(Function):
-    """y = x * mask / (1 - p), mask ~ Bernoulli(1 - p) (inverted dropout);  dx = dy * mask / (1 - p)."""
+    """y = x * mask, mask = Bernoulli(1 - p) / (1 - p) (inverted dropout);  dx = dy * mask.
+    The mask is drawn by `dropout`, so both paths draw the same numbers."""
 
-    def forward(self, x, p):
-        self.mask = _dropout_mask(x, p)
+    def forward(self, x, mask):
+        self.mask = mask
         return backend.array_module(x).multiply(x, self.mask, out=memory.empty_for(x, x.shape))
 
     def backward(self, grad):
@@ -273,30 +364,37 @@ def dropout(x, p=0.5, training=True):
         raise ValueError(f"dropout: p must be in [0, 1], got {p}")
     if not training or p == 0.0:
         return x
-    return Dropout.apply(x, p=float(p))
+    mask = _dropout_mask(x.data, float(p))
+    return (reference.Dropout if _plain(x) else Dropout).apply(x, mask=mask)
 
 
 # ---- loss ---------------------------------------------------------------------------------------
 
 class CrossEntropy(Function):
-    """loss = mean_n (logsumexp(z_n) - z_n[label_n]);  dz = (softmax(z) - onehot(label)) / N."""
+    """loss = mean_n (logsumexp(z_n) - (1 - eps) z_n[label_n] - eps mean_k z_n[k]);
+    dz = (softmax(z) - (1 - eps) onehot(label) - eps / K) / N.  eps = label_smoothing (0: plain)."""
 
-    def forward(self, logits, labels):
+    def forward(self, logits, labels, label_smoothing):
         self.kernels = kernels_for(logits)
-        self.logits, self.labels = logits, labels
+        self.logits, self.labels, self.label_smoothing = logits, labels, label_smoothing
         if logits.shape[0] == 0:   # the mean of no losses is NaN, as in PyTorch (without a warning)
             return backend.array_module(logits).full((), np.nan, dtype=logits.dtype)
-        return self.kernels.cross_entropy_forward(logits, labels).mean()
+        return self.kernels.cross_entropy_forward(logits, labels, label_smoothing).mean()
 
     def backward(self, grad):
         scale = grad / max(self.logits.shape[0], 1)   # an empty batch has an empty gradient
-        return self.kernels.cross_entropy_backward(self.logits, self.labels, scale), None
+        return self.kernels.cross_entropy_backward(self.logits, self.labels, scale,
+                                                   self.label_smoothing), None
 
 
-def cross_entropy(logits, labels):
-    """Softmax cross-entropy of logits (N, K) against integer labels (N,), averaged over the batch."""
+def cross_entropy(logits, labels, *, label_smoothing=0.0):
+    """Softmax cross-entropy of logits (N, K) against integer labels (N,), averaged over the batch.
+
+    label_smoothing (PyTorch's): eps in [0, 1]; the target becomes (1 - eps) onehot + eps / K, so the
+    loss is (1 - eps) * the plain loss + eps * the mean over the K classes of -log softmax(z)."""
     if logits.ndim != 2:
         raise ValueError(f"cross_entropy: logits must be (N, K), got shape {logits.shape}")
+    label_smoothing = _label_smoothing(label_smoothing)
     label_array = labels.data if isinstance(labels, Tensor) else labels
     xp = backend.array_module(logits.data)
     label_array = backend.to_device(label_array, logits.device)
@@ -308,4 +406,18 @@ def cross_entropy(logits, labels):
     if xp is np and label_array.size and not 0 <= label_array.min() <= label_array.max() < logits.shape[1]:
         raise ValueError(f"cross_entropy: labels must lie in [0, {logits.shape[1]}), got "
                          f"[{label_array.min()}, {label_array.max()}]")
-    return CrossEntropy.apply(logits, Tensor(xp.ascontiguousarray(label_array)))
+    loss = reference.CrossEntropy if _plain(logits) else CrossEntropy
+    return loss.apply(logits, Tensor(xp.ascontiguousarray(label_array)), label_smoothing=label_smoothing)
+
+
+def _label_smoothing(value):
+    """label_smoothing as a float in [0, 1]. PyTorch refuses values above 1 and silently reads a
+    negative or NaN one as 0; here those are refused too, since they are mistakes."""
+    try:
+        eps = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"cross_entropy: label_smoothing must be a number in [0, 1], got "
+                        f"{value!r}") from None
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"cross_entropy: label_smoothing must be between 0.0 and 1.0, got {value!r}")
+    return eps

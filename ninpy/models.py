@@ -16,10 +16,12 @@ CIFAR_WIDTHS = ((192, 160, 96), (192, 192, 192), (192, 192, None))
 class NIN(nn.Module):
     """blocks: mlpconv -> pool -> dropout -> mlpconv -> pool -> dropout -> mlpconv -> GAP.
 
-    Between its layers NIN keeps the activations channels first, (C, N, H, W): every convolution
-    is then one GEMM over the batch with no layout copy (functional.Conv2d). Pooling and dropout
-    work per image plane or per element, so they take either layout as it is. The input and the
-    class maps are (N, C, H, W); `features` works channels first.
+    Between its layers NIN keeps the activations in F.working_layout(): channels first,
+    (C, N, H, W), on the fast path, where every convolution is then one GEMM over the batch with
+    no layout copy (functional.Conv2d); (N, C, H, W) on the plain path (reference.py). Pooling and
+    dropout work per image plane or per element, so they take either layout as it is. The input
+    and the class maps are (N, C, H, W); `features` works in the working layout. The layout
+    story: docs/design.md, "Layouts".
     """
 
     def __init__(self, in_channels, num_classes, widths, kernel_sizes, pools, dropout, init_std,
@@ -28,7 +30,7 @@ class NIN(nn.Module):
         for index, (block_widths, k) in enumerate(zip(widths, kernel_sizes)):
             block_widths = tuple(num_classes if w is None else w for w in block_widths)
             blocks.append(nn.MLPConv(channels, block_widths, k, padding=k // 2, init_std=init_std,
-                                     dtype=dtype, layout="CNHW"))
+                                     dtype=dtype, layout="working"))
             channels = block_widths[-1]
             if index < len(pools):
                 blocks.append(_pool(pools[index]))
@@ -38,6 +40,8 @@ class NIN(nn.Module):
 
     def class_maps(self, x):
         """The last block's output: one (H, W) map per class (the class activation maps), (N, K, H, W)."""
+        if F.working_layout() == "NCHW":
+            return self.features(x)
         return F.swap_batch_and_channels(self.features(F.swap_batch_and_channels(x)))
 
     def forward(self, x):

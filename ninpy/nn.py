@@ -13,7 +13,7 @@ from . import backend
 from . import functional as F
 from . import random
 from .autograd import Tensor
-from .shapes import pair
+from .shapes import check_window, pair
 
 
 class Parameter(Tensor):
@@ -110,6 +110,8 @@ class Conv2d(Module):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
                  init_std=None, dtype=np.float32):
         kh, kw = pair(kernel_size, "kernel_size")
+        for kernel, step, pad in zip((kh, kw), pair(stride, "stride"), pair(padding, "padding")):
+            check_window(kernel, step, pad)   # here, before a kernel of 0 divides He's std by 0
         self.stride, self.padding = stride, padding
         self.weight = Parameter(init_weight((out_channels, in_channels, kh, kw), init_std, dtype))
         self.bias = Parameter(np.zeros(out_channels, dtype=dtype)) if bias else None
@@ -201,7 +203,8 @@ class MLPConv(Module):
 
     The two 1x1 convolutions are a small two-layer perceptron applied at every pixel to the
     features of the k x k window under it. Each conv runs with its ReLU fused (F.conv2d_relu).
-    layout: "NCHW", or "CNHW" for channels-first input and output (what models.NIN passes).
+    layout: "NCHW", "CNHW" for channels-first input and output, or "working": whichever
+    F.working_layout() says, what models.NIN passes (docs/design.md, "Layouts").
     """
 
     def __init__(self, in_channels, widths, kernel_size, padding=0, init_std=None,
@@ -214,6 +217,7 @@ class MLPConv(Module):
         self.cccp2 = Conv2d(c2, c3, 1, init_std=init_std, dtype=dtype)
 
     def forward(self, x):
+        layout = F.working_layout() if self.layout == "working" else self.layout
         for conv in (self.conv, self.cccp1, self.cccp2):
-            x = F.conv2d_relu(x, conv.weight, conv.bias, conv.stride, conv.padding, self.layout)
+            x = F.conv2d_relu(x, conv.weight, conv.bias, conv.stride, conv.padding, layout)
         return x
