@@ -433,14 +433,14 @@ def test_a_damaged_metrics_record_in_the_checkpoint_is_dropped_not_a_crash(
     assert metrics(path.parent) == []           # the damaged record is not shown as a measurement
 
 
-def test_an_epoch_with_a_non_finite_test_loss_is_not_committed(patched_sources, tmp_path,
+def test_an_epoch_with_a_non_finite_test_loss_is_not_committed(saved, patched_sources,
                                                               monkeypatch):
-    out = tmp_path / "run"
-    Trainer(_config(patched_sources, out, epochs=1), **QUIET).fit()
+    path, _ = saved                             # epoch 1 done; epoch 2's test pass overflows
+    out = path.parent
     overflowed = training.Evaluation(float("inf"), 0.1)
     monkeypatch.setattr(Trainer, "evaluate", lambda self, x, y, guard=None: overflowed)
     with pytest.raises(training.TrainingError, match="test loss of epoch 2 is inf") as info:
-        Trainer(_config(patched_sources, None, epochs=2), resume=out, **QUIET).fit()
+        Trainer(_config(patched_sources, None, epochs=2), resume=path, **QUIET).fit()
     message = str(info.value)
     assert "not committed" in message and "good" not in message and "(epoch 1: test loss" in message
     assert checkpoint.load(out).epoch == 1 and [r["epoch"] for r in metrics(out)] == [1]
