@@ -21,7 +21,7 @@ class NIN(nn.Module):
     no layout copy (functional.Conv2d); (N, C, H, W) on the plain path (reference.py). Pooling and
     dropout work per image plane or per element, so they take either layout as it is. The input
     and the class maps are (N, C, H, W); `features` works in the working layout. The layout
-    story: docs/design.md, "Layouts".
+    story: docs/design.md, "Array layouts".
     """
 
     def __init__(self, in_channels, num_classes, widths, kernel_sizes, pools, dropout, init_std,

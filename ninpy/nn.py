@@ -204,7 +204,7 @@ class MLPConv(Module):
     The two 1x1 convolutions are a small two-layer perceptron applied at every pixel to the
     features of the k x k window under it. Each conv runs with its ReLU fused (F.conv2d_relu).
     layout: "NCHW", "CNHW" for channels-first input and output, or "working": whichever
-    F.working_layout() says, what models.NIN passes (docs/design.md, "Layouts").
+    F.working_layout() says, what models.NIN passes (docs/design.md, "Array layouts").
     """
 
     def __init__(self, in_channels, widths, kernel_size, padding=0, init_std=None,

@@ -1,4 +1,10 @@
-"""Plain-NumPy reference kernels: the readable oracle for cpu_kernels.py (Numba) and gpu_kernels.py (CUDA).
+"""The plain path in plain NumPy: the reference kernels, and the network's operators built on them.
+
+Two parts. First the kernels: the readable oracle for cpu_kernels.py (Numba) and gpu_kernels.py
+(CUDA). Then, at the end of the file, every operator NIN uses as an autograd Function (Conv2d, ReLU,
+the poolings, dropout, the loss), which `ninpy.use_kernels("reference")` runs instead of the fast
+path: the whole network in (N, C, H, W), with no memory pool, no fused operators and no layout
+tricks (docs/design.md, "Array layouts", says what the fast path changes and why).
 
 Every function here is written to be read, not to be fast: vectorised over the batch, the channels
 and the output positions with slicing, and a Python loop over the kh*kw offsets of the window.
@@ -51,7 +57,8 @@ def _pad(x, value, kh, kw, sh, sw, ph, pw, oh, ow):
 
 def im2col(x, kh, kw, sh, sw, ph, pw, layout="NCHW"):
     """col[(c*kh + i)*kw + j, (n*oh + y)*ow + x] = x[n, c, y*sh - ph + i, x*sw - pw + j], 0 outside.
-    x is (N, C, H, W), or (C, N, H, W) with layout="CNHW"; col is the same for both."""
+    x is (N, C, H, W), or (C, N, H, W) with layout="CNHW" (docs/design.md, "Array layouts"); col
+    is the same for both."""
     if layout == "CNHW":
         x = x.transpose(1, 0, 2, 3)
     N, C, H, W = x.shape
@@ -67,7 +74,9 @@ def im2col(x, kh, kw, sh, sw, ph, pw, layout="NCHW"):
 
 def col2im(col, x_shape, kh, kw, sh, sw, ph, pw, layout="NCHW"):
     """dx[n, c, h, w] = sum of col[(c*kh + i)*kw + j, (n*oh + y)*ow + x] over y*sh - ph + i = h, x*sw - pw + j = w.
-    x_shape and dx are (N, C, H, W), or (C, N, H, W) with layout="CNHW"."""
+    x_shape and dx are (N, C, H, W), or (C, N, H, W) with layout="CNHW".
+    A scatter, one window offset (i, j) at a time; Numba and CUDA gather (cpu_kernels' docstring:
+    three algorithms)."""
     if layout == "CNHW":
         dx = col2im(col, (x_shape[1], x_shape[0]) + tuple(x_shape[2:]), kh, kw, sh, sw, ph, pw)
         return np.ascontiguousarray(dx.transpose(1, 0, 2, 3))
@@ -83,7 +92,8 @@ def col2im(col, x_shape, kh, kw, sh, sw, ph, pw, layout="NCHW"):
 
 
 def max_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow):
-    """y[n, c, oy, ox] = max of x[n, c, h, w] over the window's real elements (NaN wins); argmax = h*W + w of it."""
+    """y[n, c, oy, ox] = max of x[n, c, h, w] over the window's real elements (NaN wins); argmax = h*W + w of it.
+    x (N, C, H, W) or channels first (C, N, H, W): a stack of (H, W) planes either way."""
     check_pool_output(x.shape, kh, kw, sh, sw, ph, pw, oh, ow)
     N, C, H, W = x.shape
     h0 = np.maximum(np.arange(oh) * sh - ph, 0)[:, None]   # each window's first real element
@@ -103,7 +113,9 @@ def max_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow):
 
 
 def max_pool_backward(dy, argmax, x_shape, kh, kw, sh, sw, ph, pw):
-    """dx[n, c, h, w] = sum of dy[n, c, oy, ox] over the windows whose argmax is h*W + w."""
+    """dx[n, c, h, w] = sum of dy[n, c, oy, ox] over the windows whose argmax is h*W + w.
+    A scatter in one np.add.at; Numba scatters within the plane each iteration owns, and CUDA
+    gathers through the covering windows (cpu_kernels' docstring: three algorithms)."""
     check_pool_output(x_shape, kh, kw, sh, sw, ph, pw, *dy.shape[2:])
     N, C, H, W = x_shape
     windows = dy.shape[2] * dy.shape[3]                   # not -1: an empty batch must reshape too
@@ -121,7 +133,8 @@ def _avg_pool_divisors(H, W, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad):
 
 
 def avg_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad=True):
-    """y[n, c, oy, ox] = (sum of the window's real elements) / divisor(oy, ox) (padding counted if count_include_pad)."""
+    """y[n, c, oy, ox] = (sum of the window's real elements) / divisor(oy, ox) (padding counted if count_include_pad).
+    x (N, C, H, W) or channels first (C, N, H, W): a stack of (H, W) planes either way."""
     check_pool_output(x.shape, kh, kw, sh, sw, ph, pw, oh, ow)
     N, C, H, W = x.shape
     xp = _pad(x, 0, kh, kw, sh, sw, ph, pw, oh, ow)
@@ -134,7 +147,9 @@ def avg_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad=True):
 
 
 def avg_pool_backward(dy, x_shape, kh, kw, sh, sw, ph, pw, count_include_pad=True):
-    """dx[n, c, h, w] = sum of dy[n, c, oy, ox] / divisor(oy, ox) over the windows covering (h, w)."""
+    """dx[n, c, h, w] = sum of dy[n, c, oy, ox] / divisor(oy, ox) over the windows covering (h, w).
+    Planes in either layout. A scatter, one window offset at a time; Numba scatters within the
+    plane an iteration owns, CUDA gathers (cpu_kernels' docstring: three algorithms)."""
     check_pool_output(x_shape, kh, kw, sh, sw, ph, pw, *dy.shape[2:])
     N, C, H, W = x_shape
     oh, ow = dy.shape[2:]
@@ -212,6 +227,14 @@ def sgd_update_(param, grad, buf, lr, momentum, weight_decay, nesterov):
     return param
 
 
+def sgd_update_many_(params, grads, bufs, settings):
+    """sgd_update_(params[t], grads[t], bufs[t], *settings[t]) for every t, settings[t] =
+    (lr, momentum, weight_decay, nesterov). Returns params."""
+    for param, grad, buf, (lr, momentum, weight_decay, nesterov) in zip(params, grads, bufs, settings):
+        sgd_update_(param, grad, buf, lr, momentum, weight_decay, nesterov)
+    return params
+
+
 # =================================================================================================
 # The plain path: every operator NIN uses, forward and backward, in plain NumPy.
 #
@@ -220,7 +243,7 @@ def sgd_update_(param, grad, buf, lr, momentum, weight_decay, nesterov):
 # runs here: in the public (N, C, H, W) layout throughout, every array a fresh NumPy array (no
 # memory pool), every operator on its own (no fused bias and ReLU), on the CPU only. Step through
 # one with a debugger; tests/test_reference_path.py trains NIN on both paths and compares them.
-# The fast path (functional.py) computes the same numbers faster; docs/design.md, "Layouts", says
+# The fast path (functional.py) computes the same numbers faster; docs/design.md, "Array layouts", says
 # what it changes and why.
 # =================================================================================================
 
@@ -320,7 +343,7 @@ class CrossEntropy(Function):
     """loss = mean_n (logsumexp(z_n) - (1 - eps) z_n[label_n] - eps mean_k z_n[k]);
     dz = (softmax(z) - (1 - eps) onehot(label) - eps / K) / N.  eps = label_smoothing (0: plain)."""
 
-    def forward(self, logits, labels, label_smoothing=0.0):
+    def forward(self, logits, labels, label_smoothing):
         self.logits, self.labels, self.label_smoothing = logits, labels, label_smoothing
         if logits.shape[0] == 0:   # the mean of no losses is NaN, as in PyTorch
             return np.full((), np.nan, dtype=logits.dtype)
