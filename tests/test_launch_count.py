@@ -13,7 +13,7 @@ count_launches = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(count_launches)
 
 # Launches of one CIFAR-10 NIN training step (forward, loss, backward, SGD; batch and tally apart),
-# as counted today: 26 GEMMs, 2 x 9 bias + ReLU kernels and the rest (docs/gpu/README.md has the
+# as counted today: 26 GEMMs, 2 x 9 bias + ReLU kernels and the rest (docs/gpu-launches.md has the
 # table). A change that adds one must say why here.
 STEP_BUDGET = 74
 
