@@ -11,8 +11,11 @@ import numpy as np
 
 from . import backend, cpu_kernels, memory, random
 from .gemm import matmul
-from .autograd import Function, Tensor
+from .autograd import Function, Tensor, refuse_unimplemented
 from .shapes import conv_output_size, pair, pool_output_size
+
+# The dtype contract (docs/design.md, "The kernel contract"): what every path computes in.
+KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def kernels_for(array):
@@ -26,6 +29,32 @@ def kernels_for(array):
 def _require_4d(x, op):
     if x.ndim != 4:
         raise ValueError(f"{op}: expected an (N, C, H, W) input, got shape {x.shape}")
+
+
+class KernelFunction(Function):
+    """A Function whose work runs on ninpy's kernels (reference, Numba or CUDA alike).
+
+    The dtype contract is checked here, once, before any kernel sees an array: the inputs at
+    `float_inputs` must be float32 or float64, all of one dtype. Anything else (float16, integers,
+    bool, a float32 input with a float64 weight) is refused with a TypeError that names the cast,
+    on every device, so no path computes in a dtype another path refuses.
+    """
+
+    op = "?"              # the public name, for messages
+    float_inputs = None   # positions of the floating inputs; None: every input given
+
+    @classmethod
+    def apply(cls, *inputs, **params):
+        positions = range(len(inputs)) if cls.float_inputs is None else cls.float_inputs
+        dtypes = [inputs[i].dtype for i in positions if inputs[i] is not None]
+        for dtype in dtypes:
+            if dtype not in KERNEL_DTYPES:
+                raise TypeError(f"{cls.op}: {dtype} input is not supported: ninpy's kernels compute "
+                                f"in float32 or float64; cast it first, e.g. Tensor(a.astype(np.float32))")
+        if len(set(dtypes)) > 1:
+            raise TypeError(f"{cls.op}: inputs of different dtypes ({', '.join(map(str, dtypes))}); "
+                            "cast them to one dtype first (PyTorch refuses this too)")
+        return super().apply(*inputs, **params)
 
 
 # ---- convolution --------------------------------------------------------------------------------
@@ -43,6 +72,8 @@ def _swapped(array):
 class SwapBatchAndChannels(Function):
     """y = x with axes 0 and 1 exchanged ((N, C, H, W) <-> (C, N, H, W));  dx = dy exchanged back."""
 
+    saved_inputs = ()
+
     def forward(self, x):
         _require_4d(x, "swap_batch_and_channels")
         return _swapped(x)
@@ -56,7 +87,7 @@ def swap_batch_and_channels(x):
     return SwapBatchAndChannels.apply(x)
 
 
-class Conv2d(Function):
+class Conv2d(KernelFunction):
     """y = W * x + b (cross-correlation), optionally followed by ReLU in the same pass.
 
     The work is done channels first, on x as (C, N, H, W), where each channel of the whole batch
@@ -72,6 +103,8 @@ class Conv2d(Function):
     col is recomputed in backward rather than kept: keeping it saved about 3% of a NIN step and
     took about 25% more memory (docs/why-fast.md).
     """
+
+    op, float_inputs, saved_inputs = "conv2d", (0, 1, 2), (0, 1)
 
     def forward(self, x, w, b, stride, padding, relu, layout):
         _require_4d(x, "conv2d")
@@ -140,21 +173,47 @@ class Conv2d(Function):
                                    layout="CNHW")
 
 
-def conv2d(x, weight, bias=None, stride=1, padding=0, layout="NCHW"):
-    """2-D convolution (cross-correlation) of x (N, C, H, W) with weight (C_out, C, kh, kw).
-    layout="CNHW": x and the result are channels first, (C, N, H, W)."""
-    return Conv2d.apply(x, weight, bias, stride=stride, padding=padding, relu=False, layout=layout)
+def _conv_padding(padding, weight, stride, dilation, groups, op):
+    """PyTorch's conv options: dilation and groups only at 1; padding a number, a pair, "valid"
+    (none) or "same" (odd kernels at stride 1: k // 2 on each side)."""
+    refuse_unimplemented(op, dilation=(pair(dilation, "dilation"), (1, 1)), groups=(groups, 1))
+    if padding == "valid":
+        return 0
+    if padding == "same":
+        kh, kw = weight.shape[2:]
+        if pair(stride, "stride") != (1, 1) or kh % 2 == 0 or kw % 2 == 0:
+            raise NotImplementedError(f"{op}: padding='same' is implemented for stride 1 and odd "
+                                      f"kernels only, got stride={stride}, kernel ({kh}, {kw})")
+        return kh // 2, kw // 2
+    if isinstance(padding, str):
+        raise ValueError(f"{op}: invalid padding string {padding!r}, should be one of "
+                         "{'valid', 'same'}")
+    return padding
 
 
-def conv2d_relu(x, weight, bias=None, stride=1, padding=0, layout="NCHW"):
-    """relu(conv2d(x, weight, bias, stride, padding, layout)) in one Function: bias and ReLU in one pass."""
-    return Conv2d.apply(x, weight, bias, stride=stride, padding=padding, relu=True, layout=layout)
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, layout="NCHW"):
+    """2-D convolution (cross-correlation) of input (N, C, H, W) with weight (C_out, C, kh, kw),
+    as torch.nn.functional.conv2d (dilation and groups only 1).
+    layout="CNHW" (ninpy's): input and result are channels first, (C, N, H, W)."""
+    padding = _conv_padding(padding, weight, stride, dilation, groups, "conv2d")
+    return Conv2d.apply(input, weight, bias, stride=stride, padding=padding, relu=False,
+                        layout=layout)
+
+
+def conv2d_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
+                layout="NCHW"):
+    """relu(conv2d(input, weight, bias, ...)) in one Function: bias and ReLU in one pass."""
+    padding = _conv_padding(padding, weight, stride, dilation, groups, "conv2d_relu")
+    return Conv2d.apply(input, weight, bias, stride=stride, padding=padding, relu=True,
+                        layout=layout)
 
 
 # ---- activation ---------------------------------------------------------------------------------
 
-class ReLU(Function):
+class ReLU(KernelFunction):
     """y = max(x, 0);  dx = dy where y > 0, else 0."""
+
+    op, saved_inputs = "relu", ()   # backward reads y, which nothing changes in place
 
     def forward(self, x):
         self.y = backend.array_module(x).maximum(x, 0)
@@ -164,8 +223,10 @@ class ReLU(Function):
         return (kernels_for(grad).relu_backward(grad, self.y),)
 
 
-def relu(x):
-    return ReLU.apply(x)
+def relu(input, inplace=False):
+    """max(input, 0), as torch.nn.functional.relu (not in place)."""
+    refuse_unimplemented("relu", inplace=(inplace, False))
+    return ReLU.apply(input)
 
 
 # ---- pooling ------------------------------------------------------------------------------------
@@ -180,8 +241,10 @@ def _pool_geometry(x, kernel_size, stride, padding, ceil_mode, op):
     return (kh, kw, sh, sw, ph, pw), (oh, ow)
 
 
-class MaxPool2d(Function):
+class MaxPool2d(KernelFunction):
     """y = max over each window (padding counts as -inf, a NaN wins);  dx: dy goes to the window's argmax."""
+
+    op = "max_pool2d"
 
     def forward(self, x, kernel_size, stride, padding, ceil_mode):
         self.geometry, out_hw = _pool_geometry(x, kernel_size, stride, padding, ceil_mode,
@@ -190,22 +253,35 @@ class MaxPool2d(Function):
         y, self.argmax = self.kernels.max_pool_forward(x, *self.geometry, *out_hw)
         return y
 
+
     def backward(self, grad):
         return (self.kernels.max_pool_backward(grad, self.argmax, self.x_shape, *self.geometry),)
 
 
-def max_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False):
-    return MaxPool2d.apply(x, kernel_size=kernel_size, stride=stride, padding=padding,
-                           ceil_mode=ceil_mode)
+def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+               return_indices=False):
+    """Max pooling of input (N, C, H, W), as torch.nn.functional.max_pool2d (dilation only 1).
+    return_indices: also the argmax of each window, the flat index h*W + w in its plane (int64)."""
+    refuse_unimplemented("max_pool2d", dilation=(pair(dilation, "dilation"), (1, 1)))
+    y = MaxPool2d.apply(input, kernel_size=kernel_size, stride=stride, padding=padding,
+                        ceil_mode=ceil_mode)
+    if not return_indices:
+        return y
+    geometry, out_hw = _pool_geometry(input.data, kernel_size, stride, padding, ceil_mode,
+                                      "max_pool2d")   # the argmax again: a rare option, kept simple
+    _, argmax = kernels_for(input.data).max_pool_forward(input.data, *geometry, *out_hw)
+    return y, Tensor(argmax.astype(np.int64))
 
 
-class AvgPool2d(Function):
+class AvgPool2d(KernelFunction):
     """y = sum over each window / divisor;  dx: dy / divisor to every real element of the window.
 
     The divisor counts the padding (count_include_pad=True, PyTorch's default and Caffe's rule) or
     only the real elements (False); a ceil-mode overhang past the padding never counts
     (shapes.avg_pool_divisor).
     """
+
+    op, saved_inputs = "avg_pool2d", ()   # backward needs only the shape
 
     def forward(self, x, kernel_size, stride, padding, ceil_mode, count_include_pad):
         self.geometry, out_hw = _pool_geometry(x, kernel_size, stride, padding, ceil_mode,
@@ -219,13 +295,18 @@ class AvgPool2d(Function):
                                                self.count_include_pad),)
 
 
-def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
-    return AvgPool2d.apply(x, kernel_size=kernel_size, stride=stride, padding=padding,
+def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+               divisor_override=None):
+    """Average pooling of input (N, C, H, W), as torch.nn.functional.avg_pool2d (no divisor_override)."""
+    refuse_unimplemented("avg_pool2d", divisor_override=(divisor_override, None))
+    return AvgPool2d.apply(input, kernel_size=kernel_size, stride=stride, padding=padding,
                            ceil_mode=ceil_mode, count_include_pad=count_include_pad)
 
 
-class GlobalAvgPool2d(Function):
+class GlobalAvgPool2d(KernelFunction):
     """y[n, c] = mean of x[n, c] over H and W;  dx = dy / (H*W) at every position."""
+
+    op, saved_inputs = "global_avg_pool2d", ()
 
     def forward(self, x):
         _require_4d(x, "global_avg_pool2d")
@@ -238,14 +319,17 @@ class GlobalAvgPool2d(Function):
         return (xp.broadcast_to((grad / (h * w))[:, :, None, None], self.x_shape).copy(),)
 
 
-def global_avg_pool2d(x):
-    return GlobalAvgPool2d.apply(x)
+def global_avg_pool2d(input):
+    """(N, C, H, W) -> (N, C): torch's adaptive_avg_pool2d(input, 1).flatten(1), NIN's classifier."""
+    return GlobalAvgPool2d.apply(input)
 
 
 # ---- regularisation -----------------------------------------------------------------------------
 
-class Dropout(Function):
+class Dropout(KernelFunction):
     """y = x * mask / (1 - p), mask ~ Bernoulli(1 - p) (inverted dropout);  dx = dy * mask / (1 - p)."""
+
+    op, saved_inputs = "dropout", ()
 
     def forward(self, x, p):
         self.mask = _dropout_mask(x, p)
@@ -266,45 +350,96 @@ def _dropout_mask(x, p):
     return keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - p))
 
 
-def dropout(x, p=0.5, training=True):
-    """Zero each element with probability p while training; identity in evaluation."""
+def dropout(input, p=0.5, training=True, inplace=False):
+    """Zero each element with probability p while training and scale the rest by 1/(1 - p);
+    identity in evaluation (the same tensor, as in PyTorch)."""
+    refuse_unimplemented("dropout", inplace=(inplace, False))
     if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout: p must be in [0, 1], got {p}")
-    if not training or p == 0.0:
-        return x
-    return Dropout.apply(x, p=float(p))
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if not training or p == 0.0:   # p = 0 keeps every element: the values torch returns, no draw
+        return input
+    return Dropout.apply(input, p=float(p))
 
 
 # ---- loss ---------------------------------------------------------------------------------------
 
-class CrossEntropy(Function):
-    """loss = mean_n (logsumexp(z_n) - z_n[label_n]);  dz = (softmax(z) - onehot(label)) / N."""
+class CrossEntropy(KernelFunction):
+    """loss_n = logsumexp(z_n) - z_n[label_n] (0 where label_n is ignore_index), then reduced;
+    dz_n = (softmax(z_n) - onehot(label_n)) * (d loss / d loss_n: 1, or 1/count for the mean)."""
 
-    def forward(self, logits, labels):
-        self.kernels = kernels_for(logits)
-        self.logits, self.labels = logits, labels
-        if logits.shape[0] == 0:   # the mean of no losses is NaN, as in PyTorch (without a warning)
-            return backend.array_module(logits).full((), np.nan, dtype=logits.dtype)
-        return self.kernels.cross_entropy_forward(logits, labels).mean()
+    op, float_inputs, saved_inputs = "cross_entropy", (0,), (0,)
+
+    def forward(self, logits, labels, ignore_index, reduction):
+        xp = backend.array_module(logits)
+        self.kernels, self.logits, self.reduction = kernels_for(logits), logits, reduction
+        self.kept = labels != ignore_index
+        self.labels = xp.where(self.kept, labels, 0)    # an ignored row reads class 0, then counts 0
+        losses = xp.where(self.kept, self.kernels.cross_entropy_forward(logits, self.labels), 0)
+        if reduction == "none":
+            return losses
+        if reduction == "sum":
+            return losses.sum()
+        self.count = self.kept.sum().astype(logits.dtype)
+        with np.errstate(invalid="ignore"):   # no examples (an empty batch, all ignored): NaN, as in torch
+            return losses.sum() / self.count
 
     def backward(self, grad):
-        scale = grad / max(self.logits.shape[0], 1)   # an empty batch has an empty gradient
-        return self.kernels.cross_entropy_backward(self.logits, self.labels, scale), None
+        row_scale = grad * self.kept                          # (N,): d loss / d loss_n
+        if self.reduction == "mean":
+            row_scale = row_scale / self.count
+        one = self.logits.dtype.type(1)
+        dz = self.kernels.cross_entropy_backward(self.logits, self.labels, one)
+        return dz * row_scale[:, None], None
 
 
-def cross_entropy(logits, labels):
-    """Softmax cross-entropy of logits (N, K) against integer labels (N,), averaged over the batch."""
-    if logits.ndim != 2:
-        raise ValueError(f"cross_entropy: logits must be (N, K), got shape {logits.shape}")
-    label_array = labels.data if isinstance(labels, Tensor) else labels
-    xp = backend.array_module(logits.data)
-    label_array = backend.to_device(label_array, logits.device)
-    if label_array.shape != (logits.shape[0],):
-        raise ValueError(f"cross_entropy: labels of shape {label_array.shape} do not match logits "
-                         f"of shape {logits.shape}; expected ({logits.shape[0]},)")
+def _legacy_reduction(size_average, reduce, reduction):
+    """PyTorch's deprecated size_average/reduce, as it reads them: either given overrides reduction."""
+    if size_average is None and reduce is None:
+        return reduction
+    reduce = True if reduce is None else reduce
+    size_average = True if size_average is None else size_average
+    return "none" if not reduce else "mean" if size_average else "sum"
+
+
+def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
+                  reduction="mean", label_smoothing=0.0):
+    """Softmax cross-entropy of logits input (N, K) (or (K,)) against class indices target (N,)
+    (or 0-d), as torch.nn.functional.cross_entropy: rows whose target is ignore_index count
+    nothing; reduction "mean" (over the rows counted), "sum" or "none" (one loss per row)."""
+    refuse_unimplemented("cross_entropy", weight=(weight, None),
+                         label_smoothing=(float(label_smoothing), 0.0))
+    reduction = _legacy_reduction(size_average, reduce, reduction)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    label_array = target.data if isinstance(target, Tensor) else target
+    label_array = backend.to_device(backend.array_module(input.data).asarray(label_array), input.device)
+    if input.ndim == 1:                                   # one example without a batch axis
+        loss = cross_entropy(input.reshape(1, -1), Tensor(label_array.reshape(1)),
+                             ignore_index=ignore_index, reduction=reduction)
+        return loss.reshape(()) if reduction == "none" else loss
+    if input.ndim != 2:
+        raise NotImplementedError(f"cross_entropy: input of shape {input.shape} is not implemented; "
+                                  "ninpy takes logits (N, K) or (K,)")
+    if label_array.dtype.kind == "f" and label_array.shape == input.shape:
+        raise NotImplementedError("cross_entropy: class-probability targets are not implemented; "
+                                  "pass class indices (N,)")
+    if label_array.shape != (input.shape[0],):
+        raise ValueError(f"cross_entropy: target of shape {label_array.shape} does not match input "
+                         f"of shape {input.shape}; expected ({input.shape[0]},)")
     if label_array.dtype.kind not in "iu":
-        raise TypeError(f"cross_entropy: labels must be integers, got dtype {label_array.dtype}")
-    if xp is np and label_array.size and not 0 <= label_array.min() <= label_array.max() < logits.shape[1]:
-        raise ValueError(f"cross_entropy: labels must lie in [0, {logits.shape[1]}), got "
-                         f"[{label_array.min()}, {label_array.max()}]")
-    return CrossEntropy.apply(logits, Tensor(xp.ascontiguousarray(label_array)))
+        raise TypeError(f"cross_entropy: target must hold integer class indices, got dtype "
+                        f"{label_array.dtype}; cast it with .astype(np.int64)")
+    _check_labels(label_array, input.shape[1], ignore_index)
+    return CrossEntropy.apply(input, Tensor(backend.array_module(label_array).ascontiguousarray(label_array)),
+                              ignore_index=ignore_index, reduction=reduction)
+
+
+def _check_labels(labels, classes, ignore_index):
+    """On the CPU: every label in [0, classes) or ignore_index (the GPU kernel writes NaN instead
+    of waiting for the device to check)."""
+    if not isinstance(labels, np.ndarray) or not labels.size:
+        return
+    bad = labels[(labels != ignore_index) & ((labels < 0) | (labels >= classes))]
+    if bad.size:
+        raise ValueError(f"cross_entropy: target {bad[0]} is out of bounds: class indices must lie "
+                         f"in [0, {classes}) or be ignore_index ({ignore_index})")

@@ -18,8 +18,9 @@ class NIN(nn.Module):
 
     Between its layers NIN keeps the activations channels first, (C, N, H, W): every convolution
     is then one GEMM over the batch with no layout copy (functional.Conv2d). Pooling and dropout
-    work per image plane or per element, so they take either layout as it is. The input and the
-    class maps are (N, C, H, W); `features` works channels first.
+    work per image plane or per element, so they take either layout as it is. Every public entry
+    takes (N, C, H, W), `model.features(x)` included; the channels-first path is the modules'
+    private `_forward_channels_first`.
     """
 
     def __init__(self, in_channels, num_classes, widths, kernel_sizes, pools, dropout, init_std,
@@ -28,7 +29,7 @@ class NIN(nn.Module):
         for index, (block_widths, k) in enumerate(zip(widths, kernel_sizes)):
             block_widths = tuple(num_classes if w is None else w for w in block_widths)
             blocks.append(nn.MLPConv(channels, block_widths, k, padding=k // 2, init_std=init_std,
-                                     dtype=dtype, layout="CNHW"))
+                                     dtype=dtype))
             channels = block_widths[-1]
             if index < len(pools):
                 blocks.append(_pool(pools[index]))
@@ -38,7 +39,8 @@ class NIN(nn.Module):
 
     def class_maps(self, x):
         """The last block's output: one (H, W) map per class (the class activation maps), (N, K, H, W)."""
-        return F.swap_batch_and_channels(self.features(F.swap_batch_and_channels(x)))
+        channels_first = F.swap_batch_and_channels(x)
+        return F.swap_batch_and_channels(self.features._forward_channels_first(channels_first))
 
     def forward(self, x):
         return self.gap(self.class_maps(x))

@@ -34,7 +34,7 @@ def test_gradients_accumulate_across_backward_calls_and_zero_grad_clears():
     (x * 2.0).sum().backward()
     (x * 3.0).sum().backward()
     np.testing.assert_allclose(x.grad, [5.0, 5.0])
-    x.zero_grad()
+    x.grad = None   # what torch does to clear a tensor's gradient
     assert x.grad is None
 
 
@@ -70,8 +70,8 @@ def test_reductions_reshape_matmul_pow_gradients():
     rng = np.random.default_rng(1)
     a = leaf(rng.standard_normal((3, 4)))
     b = leaf(rng.standard_normal((4, 2)))
-    assert ninpy.gradcheck(lambda a: a.sum(axis=1), [a])
-    assert ninpy.gradcheck(lambda a: a.mean(axis=0, keepdims=True), [a])
+    assert ninpy.gradcheck(lambda a: a.sum(dim=1), [a])
+    assert ninpy.gradcheck(lambda a: a.mean(dim=0, keepdim=True), [a])
     assert ninpy.gradcheck(lambda a: a.mean(), [a])
     assert ninpy.gradcheck(lambda a: a.reshape(2, 6) * 2.0, [a])
     assert ninpy.gradcheck(lambda a, b: a @ b, [a, b])
@@ -104,7 +104,7 @@ def test_deep_chain_does_not_hit_recursion_limit():
 
 def test_backward_on_non_scalar_without_grad_says_so():
     x = leaf(np.ones((2, 2)))
-    with pytest.raises(RuntimeError, match=r"one-element tensor.*\(2, 2\)"):
+    with pytest.raises(RuntimeError, match=r"scalar outputs.*\(2, 2\)"):
         (x * 2.0).backward()
 
 
@@ -190,7 +190,7 @@ def test_gradcheck_perturbs_inputs_of_any_layout(layout, seed):
     """Finite differences must perturb the input itself, not a reshaped copy of it."""
     values = random_array(seed, (3, 4, 2))
     x = Tensor(in_layout(values, layout), requires_grad=True)
-    assert ninpy.gradcheck(lambda a: a * a * 0.5 + a.sum(axis=0, keepdims=True), [x])
+    assert ninpy.gradcheck(lambda a: a * a * 0.5 + a.sum(dim=0, keepdim=True), [x])
     np.testing.assert_array_equal(x.data, values)   # and put every element back
 
 

@@ -164,9 +164,9 @@ def test_sgd_state_dict_round_trip_continues_identically():
 
 def test_sgd_rejects_bad_settings():
     p = [nn.Parameter(np.zeros(1))]
-    with pytest.raises(ValueError, match="lr"):
+    with pytest.raises(ValueError, match="learning rate"):
         optim.SGD(p, lr=-1.0)
-    with pytest.raises(ValueError, match="nesterov"):
+    with pytest.raises(ValueError, match="Nesterov"):
         optim.SGD(p, lr=0.1, nesterov=True)
 
 
