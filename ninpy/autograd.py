@@ -248,13 +248,13 @@ class Tensor:
             if fn is None:
                 tensor.grad = g.copy() if tensor.grad is None else tensor.grad + g
                 continue
-            for parent, parent_grad in zip(fn.inputs, fn.gradients(g)):
+            for parent, parent_grad in zip(fn.inputs, fn._checked_backward(g)):
                 if parent is None or parent_grad is None or not parent.requires_grad:
                     continue
                 key = id(parent)
                 grads[key] = parent_grad if key not in grads else grads[key] + parent_grad
             if not retain_graph:
-                fn.release()
+                fn._release()
 
     def _initial_grad(self, grad):
         xp = backend.array_module(self.data)
@@ -333,6 +333,9 @@ class Tensor:
         if self.dtype != other.dtype:
             raise RuntimeError(f"expected m1 and m2 to have the same dtype, but got: {self.dtype} "
                                f"!= {other.dtype}")
+        if self.dtype.kind == "b":
+            raise RuntimeError("matmul of bool tensors is not supported (nor in PyTorch); cast "
+                               "them to a number dtype first")
         return MatMul.apply(self, other)
 
     def sum(self, dim=None, keepdim=False, *, dtype=None):
@@ -390,8 +393,10 @@ class Function:
     saved_inputs = None   # None: every input
 
     @classmethod
-    def apply(cls, *inputs, **params):
-        """Run forward on the inputs' arrays; link the result into the graph if gradients are needed."""
+    def apply(cls, *args, **kwargs):
+        """Run forward on the input tensors' arrays (args) with the options (kwargs); link the
+        result into the graph if gradients are needed."""
+        inputs, params = args, kwargs
         fn = cls()
         fn.needs_input_grad = tuple(t is not None and t.requires_grad for t in inputs)
         arrays = [None if t is None else t.data for t in inputs]
@@ -411,7 +416,7 @@ class Function:
     def backward(self, grad):
         raise NotImplementedError
 
-    def gradients(self, grad):
+    def _checked_backward(self, grad):
         """backward(grad), checked as PyTorch checks it: the graph was not freed, no saved input
         changed in place since forward, one gradient per input, each of its input's shape and
         dtype (a float64 gradient reaching a float32 input is cast to float32)."""
@@ -438,7 +443,7 @@ class Function:
         return [None if g is None or t is None else _fit_grad(self, t, g)
                 for t, g in zip(self.inputs, grads)]
 
-    def release(self):
+    def _release(self):
         """Drop the inputs and everything forward saved (its arrays): backward has used them."""
         self.__dict__.clear()
         self.released = True

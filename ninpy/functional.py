@@ -44,7 +44,8 @@ class KernelFunction(Function):
     float_inputs = None   # positions of the floating inputs; None: every input given
 
     @classmethod
-    def apply(cls, *inputs, **params):
+    def apply(cls, *args, **kwargs):
+        inputs = args
         positions = range(len(inputs)) if cls.float_inputs is None else cls.float_inputs
         dtypes = [inputs[i].dtype for i in positions if inputs[i] is not None]
         for dtype in dtypes:
@@ -54,7 +55,7 @@ class KernelFunction(Function):
         if len(set(dtypes)) > 1:
             raise TypeError(f"{cls.op}: inputs of different dtypes ({', '.join(map(str, dtypes))}); "
                             "cast them to one dtype first (PyTorch refuses this too)")
-        return super().apply(*inputs, **params)
+        return super().apply(*args, **kwargs)
 
 
 # ---- convolution --------------------------------------------------------------------------------

@@ -65,33 +65,6 @@ def _gradcheck(fn, inputs, eps, atol, rtol, seed):
             raise TypeError(f"gradcheck: input {position} is {tensor.dtype}; finite differences "
                             "need float64 (build it with dtype=np.float64)")
     out = fn(*inputs)
-    return float((backend.to_device(out.data, "cpu") * v).sum())
-
-
-def numerical_grad(fn, inputs, index, v, eps):
-    """Central differences of <v, fn(*inputs)> with respect to inputs[index], element by element."""
-    tensor = inputs[index]
-    data = tensor.data  # perturbed in place, element by element, whatever its strides
-    grad = np.zeros(tensor.shape, dtype=np.float64)
-    for where in np.ndindex(tensor.shape):
-        original = data[where].item()
-        data[where] = original + eps
-        plus = _projected(fn, inputs, v)
-        data[where] = original - eps
-        minus = _projected(fn, inputs, v)
-        data[where] = original
-        grad[where] = (plus - minus) / (2 * eps)
-    return grad
-
-
-def gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4, seed=0):
-    """Check every requires_grad input's gradient; return True or raise GradcheckError."""
-    inputs = list(inputs)
-    for position, tensor in enumerate(inputs):
-        if isinstance(tensor, Tensor) and tensor.requires_grad and tensor.dtype != np.float64:
-            raise TypeError(f"gradcheck: input {position} is {tensor.dtype}; finite differences "
-                            "need float64 (build it with dtype=np.float64)")
-    out = fn(*inputs)
     v = np.random.default_rng(seed).standard_normal(out.shape)
     for tensor in inputs:
         if isinstance(tensor, Tensor):

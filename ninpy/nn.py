@@ -27,7 +27,7 @@ class Parameter(Tensor):
         return "Parameter" + super().__repr__()[len("Tensor"):]
 
 
-IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
+_IncompatibleKeys = namedtuple("_IncompatibleKeys", ["missing_keys", "unexpected_keys"])
 
 
 class Module:
@@ -40,7 +40,7 @@ class Module:
 
     training = True
 
-    def forward(self, *args):
+    def forward(self, *input):
         raise NotImplementedError
 
     def __call__(self, *args, **kwargs):
@@ -71,8 +71,8 @@ class Module:
             yield from child.named_modules(memo, f"{prefix}.{name}" if prefix else name,
                                            remove_duplicate)
 
-    def modules(self):
-        return (module for _, module in self.named_modules())
+    def modules(self, remove_duplicate=True):
+        return (module for _, module in self.named_modules(remove_duplicate=remove_duplicate))
 
     def named_parameters(self, prefix="", recurse=True, remove_duplicate=True):
         seen = set()
@@ -131,8 +131,8 @@ class Module:
         must match. Returns (missing_keys, unexpected_keys)."""
         refuse_unimplemented("load_state_dict", assign=(assign, False))
         params = dict(self.named_parameters())
-        missing = sorted(set(params) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(params))
+        missing = [name for name in params if name not in state_dict]
+        unexpected = [name for name in state_dict if name not in params]
         if strict and (missing or unexpected):
             raise KeyError(f"load_state_dict: missing {missing}, unexpected {unexpected}; "
                            "was the state saved from a model built with other arguments?")
@@ -145,7 +145,7 @@ class Module:
                                  f"state but {p.shape} in the model")
             p.data = backend.to_device(value, p.device).astype(p.dtype, copy=True)
             p.bump_version()
-        return IncompatibleKeys(missing, unexpected)
+        return _IncompatibleKeys(missing, unexpected)
 
 
 class Conv2d(Module):
