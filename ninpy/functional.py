@@ -221,7 +221,8 @@ class ReLU(KernelFunction):
         return self.y
 
     def backward(self, grad):
-        return (kernels_for(grad).relu_backward(grad, self.y),)
+        dx = kernels_for(grad).relu_backward(grad, self.y)
+        return (dx.reshape(grad.shape),)   # the compiled kernels give a 0-d input back as (1,)
 
 
 def relu(input, inplace=False):

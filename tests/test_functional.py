@@ -447,3 +447,33 @@ class TestAgainstTorch:
         ny.backward(dy)
         np.testing.assert_array_equal(ny.data, ty.detach().numpy())          # NaN == NaN here
         np.testing.assert_allclose(nx.grad, tx.grad.numpy(), rtol=1e-12, atol=1e-14)  # via argmax
+
+
+KERNEL_OPERATORS = {
+    "conv2d": lambda x: F.conv2d(x, Tensor(np.ones((1, 2, 1, 1), x.dtype))),
+    "relu": F.relu,
+    "max_pool2d": lambda x: F.max_pool2d(x, 2),
+    "avg_pool2d": lambda x: F.avg_pool2d(x, 2),
+    "global_avg_pool2d": F.global_avg_pool2d,
+    "dropout": lambda x: F.dropout(x, 0.5),
+    "cross_entropy": lambda x: F.cross_entropy(x.reshape(2, -1), np.zeros(2, np.int64)),
+}
+
+
+@pytest.mark.parametrize("name", list(KERNEL_OPERATORS))
+@pytest.mark.parametrize("dtype", [np.float16, np.int64, np.int32, np.bool_])
+def test_one_dtype_contract_checked_before_any_kernel(name, dtype, monkeypatch):
+    """float32 and float64 only, on every path: the check is the Function's, before
+    kernels_for picks the reference, Numba or CUDA kernels (docs/design.md, "Dtypes")."""
+    def no_kernel(array):
+        raise AssertionError("a kernel was reached")
+    monkeypatch.setattr(F, "kernels_for", no_kernel)
+    x = Tensor(np.ones((2, 2, 2, 2), dtype=dtype))
+    with pytest.raises(TypeError, match=f"{np.dtype(dtype).name} input is not supported.*float32"):
+        KERNEL_OPERATORS[name](x)
+
+
+def test_mixed_dtypes_are_refused_at_the_boundary():
+    x = Tensor(np.ones((1, 2, 3, 3), np.float32))
+    with pytest.raises(TypeError, match="float32, float64"):
+        F.conv2d(x, Tensor(np.ones((1, 2, 1, 1))))

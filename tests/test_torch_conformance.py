@@ -42,7 +42,7 @@ from strategies import conv_geometries, in_layout, layouts, pool_geometries
 torch = pytest.importorskip("torch")
 TF = torch.nn.functional
 NINPY_DIR = os.path.dirname(ninpy.__file__)
-EXAMPLES = settings(max_examples=int(os.environ.get("NINPY_CONFORMANCE_EXAMPLES", 25)))
+EXAMPLES = settings(max_examples=int(os.environ.get("NINPY_CONFORMANCE_EXAMPLES", 15)))
 
 
 # ---- PyTorch's signatures ------------------------------------------------------------------------
@@ -203,7 +203,9 @@ def check_conv2d(data, fn=None):
     stride, padding = (g.sh, g.sw), (g.ph, g.pw)
     args = [x, w] + ([b] if b is not None else [])
     call = fn or (lambda F_: lambda x, w, b=None: F_.conv2d(x, w, b, stride, padding))
-    compare(call(F), args, may_refuse=kernel_may_refuse(x, w), theirs_fn=call(TF))
+    # torch skips its dtype check for an empty batch; ninpy refuses mixed dtypes always
+    mixed_empty = n == 0 and x.dtype != w.dtype
+    compare(call(F), args, may_refuse=kernel_may_refuse(x, w) or mixed_empty, theirs_fn=call(TF))
 
 
 def check_relu(data):
