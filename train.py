@@ -66,8 +66,9 @@ def build_parser():
     p = _Parser(description="Train Network In Network (Lin, Chen, Yan 2014) with ninpy.",
                 epilog="Recipe defaults per dataset: docs/recipes.md.")
     p.add_argument("--dataset", choices=DATASETS, help="required unless --resume")
-    p.add_argument("--device", choices=("auto", "cpu", "gpu"), default=None,
-                   help="auto: the GPU when usable, else the CPU (default auto)")
+    p.add_argument("--device", choices=("auto", "cpu", "gpu", "emulated"), default=None,
+                   help="auto: the GPU when usable, else the CPU (default auto); emulated: the GPU "
+                        "code path on the CPU, slowly (docs/emulator.md)")
     p.add_argument("--epochs", type=POSITIVE_INT, help="total epochs to train (recipe)")
     p.add_argument("--batch-size", type=POSITIVE_INT, help="(recipe: 128)")
     p.add_argument("--lr", type=POSITIVE, help="base learning rate of the weights (recipe)")
@@ -99,6 +100,9 @@ def build_parser():
     p.add_argument("--val-split", type=COUNT,
                    help="hold out N training images as a validation set (reported as val_*)")
     p.add_argument("--svhn-extra", action="store_true", help="SVHN: add the 531k extra images")
+    p.add_argument("--kernels", choices=("fast", "reference"), default=None,
+                   help="fast: Numba / CUDA (default, or $NINPY_KERNELS); reference: the plain "
+                        "NumPy path of ninpy/reference.py, CPU only, to read and step through")
     p.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
                    help="progress bar on stderr (auto: when it is a terminal)")
     return p
@@ -187,6 +191,7 @@ def _signal_exit(stop):
 
 def _main(args):
     # Imported after parsing, so --help and flag errors are instant.
+    import ninpy
     from ninpy import backend, checkpoint
     from ninpy.backend import DeviceError
     from ninpy.gpu_kernels import KERNEL_DIR, KernelCompileError
@@ -203,6 +208,8 @@ def _main(args):
         if args.eval_only and state is None:
             raise TrainingError("--eval-only needs --resume DIR_OR_FILE: the checkpoint to evaluate")
         config = make_config(args, state.flags if state is not None else None)
+        if args.kernels is not None:
+            ninpy.use_kernels(args.kernels)
         config.device = choose_device(config.device)
         trainer = Trainer(config, resume=state, eval_only=args.eval_only, progress=progress)
         print(f"NIN for {config.dataset}: {trainer.num_parameters():,} parameters, device "
@@ -257,8 +264,13 @@ def _main(args):
 
 def choose_device(device):
     """"cpu" or "gpu" for --device; "auto" falls back to the CPU with one line saying why."""
-    from ninpy import backend
+    from ninpy import backend, kernel_set
 
+    if kernel_set() == "reference":
+        if device == "gpu":
+            raise backend.DeviceError("--kernels reference runs on the CPU only; drop --device gpu "
+                                      "(or pass --device cpu)")
+        return "cpu"
     if device != "auto":
         return device
     problem = backend.gpu_problem()

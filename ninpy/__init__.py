@@ -8,9 +8,11 @@ from . import cpu_settings  # noqa: F401  (first: it sets what OpenBLAS reads wh
 from . import backend, functional, models, nn, optim, random
 from .autograd import Function, Tensor, enable_grad, is_grad_enabled, no_grad
 from .backend import DeviceError
+from .functional import kernel_set, use_kernels
 from .gradcheck import GradcheckError, gradcheck
 from .random import manual_seed
 
 __version__ = "0.1.0"
-__all__ = ["Tensor", "Function", "no_grad", "enable_grad", "is_grad_enabled", "gradcheck", "GradcheckError",
-           "manual_seed", "DeviceError", "backend", "functional", "nn", "optim", "models", "random"]
+__all__ = ["Tensor", "Function", "no_grad", "enable_grad", "is_grad_enabled", "gradcheck",
+           "GradcheckError", "manual_seed", "DeviceError", "use_kernels", "kernel_set", "backend",
+           "functional", "nn", "optim", "models", "random"]

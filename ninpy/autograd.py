@@ -213,7 +213,7 @@ class Tensor:
         return backend.to_device(self.data, "cpu").item()
 
     def to(self, device):
-        """This tensor on `device` ("cpu" / "gpu"); gradients flow back to the original."""
+        """This tensor on `device` ("cpu" / "gpu" / "emulated"); gradients flow back to the original."""
         device = backend.resolve_device(device)
         if device == self.device:
             return self

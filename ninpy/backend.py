@@ -1,14 +1,16 @@
 """Devices and array modules: which library holds a tensor's numbers.
 
-A tensor lives on "cpu" (a NumPy array) or on "gpu" (a CuPy array). Everything above this file asks
-`array_module(array)` for the right library instead of importing CuPy itself, so the CPU path never
-needs a GPU, and CuPy is imported only when the GPU is asked for.
+A tensor lives on "cpu" (a NumPy array), on "gpu" (a CuPy array) or on "emulated" (ninpy/emulator.py:
+the GPU code path run on the CPU, NumPy standing in for CuPy and the host C++ compiler for NVRTC).
+Everything above this file asks `array_module(array)` for the right library instead of importing
+CuPy itself, so the CPU path never needs a GPU, and CuPy is imported only when the GPU is asked for.
+"gpu" and "emulated" arrays both go through gpu_kernels (`is_gpu_array` is True for both).
 """
 import sys
 
 import numpy as np
 
-DEVICES = ("cpu", "gpu")
+DEVICES = ("cpu", "gpu", "emulated")
 
 
 class DeviceError(RuntimeError):
@@ -16,6 +18,7 @@ class DeviceError(RuntimeError):
 
 
 _cupy = None  # the imported cupy module, once the GPU has been found usable
+_emulated = None  # the emulator's cupy stand-in, once "emulated" has been asked for
 
 # The CUDA libraries ninpy needs beyond the driver: cuBLAS for the GEMMs of the convolutions, NVRTC
 # to compile kernels/*.cu and CuPy's own element-wise kernels, and the CUDA runtime's headers those
@@ -131,16 +134,35 @@ def require_gpu():
     return _cupy
 
 
+def require_emulator():
+    """Return the emulator's cupy stand-in, or raise DeviceError (no C++ compiler: what to install)."""
+    global _emulated
+    if _emulated is None:
+        from . import emulator, gpu_kernels
+
+        _emulated = emulator.load(gpu_kernels.kernel_sources())
+    return _emulated
+
+
 def resolve_device(device):
-    """Turn "auto" / "cpu" / "gpu" (or "cuda") into "cpu" or "gpu"; check that a GPU is usable."""
+    """Turn "auto" / "cpu" / "gpu" (or "cuda") / "emulated" into a device of DEVICES; check that it
+    is usable. "auto" never picks "emulated": that is for learning and testing, and asked by name."""
     name = "gpu" if device == "cuda" else device
     if name == "auto":  # once a GPU has been found usable, it is not checked again
         return "gpu" if _cupy is not None or gpu_available() else "cpu"
     if name not in DEVICES:
-        raise DeviceError(f"unknown device {device!r}; expected one of 'auto', 'cpu', 'gpu'")
-    if name == "gpu":
-        require_gpu()
+        raise DeviceError(f"unknown device {device!r}; expected one of 'auto', 'cpu', 'gpu', 'emulated'")
+    module_of_device(name)
     return name
+
+
+def module_of_device(device):
+    """The array module of a resolved device: numpy, cupy or the emulator's stand-in."""
+    if device == "gpu":
+        return require_gpu()
+    if device == "emulated":
+        return require_emulator()
+    return np
 
 
 def _loaded_cupy():
@@ -151,35 +173,50 @@ def _loaded_cupy():
     return _cupy if _cupy is not None else sys.modules.get("cupy")
 
 
-def is_gpu_array(array):
-    """True for a CuPy array; never imports CuPy just to answer no."""
+def _is_emulated_array(array):
+    emulator = sys.modules.get("ninpy.emulator")  # no emulated array exists before it is imported
+    return emulator is not None and isinstance(array, emulator.EmulatedArray)
+
+
+def _is_cupy_array(array):
     cupy = _loaded_cupy()
     return cupy is not None and isinstance(array, cupy.ndarray)
 
 
+def is_gpu_array(array):
+    """True for an array of the GPU code path: CuPy's, or the emulator's; never imports CuPy just
+    to answer no."""
+    return _is_cupy_array(array) or _is_emulated_array(array)
+
+
 def array_module(array):
-    """numpy or cupy, whichever holds `array`."""
-    return _loaded_cupy() if is_gpu_array(array) else np
+    """numpy, cupy or the emulator's stand-in, whichever holds `array`."""
+    if _is_emulated_array(array):
+        return require_emulator()
+    return _loaded_cupy() if _is_cupy_array(array) else np
 
 
 def device_of(array):
-    return "gpu" if is_gpu_array(array) else "cpu"
+    """"cpu", "gpu" or "emulated": where `array` lives."""
+    if _is_emulated_array(array):
+        return "emulated"
+    return "gpu" if _is_cupy_array(array) else "cpu"
 
 
 def to_device(array, device):
-    """Copy an array to "cpu" or "gpu" (no copy when it is already there)."""
+    """Copy an array to "cpu", "gpu" or "emulated" (no copy when it is already there)."""
     device = resolve_device(device)
-    if device == "gpu":
-        return require_gpu().asarray(array)
-    if is_gpu_array(array):
-        return array.get()
-    return np.asarray(array)
+    if device == "cpu":
+        return array.get() if is_gpu_array(array) else np.asarray(array)
+    if is_gpu_array(array) and device_of(array) != device:
+        array = array.get()  # from the GPU to the emulator (or back) through the host
+    return module_of_device(device).asarray(array)
 
 
 def synchronize(device):
     """Wait for queued GPU work (a no-op on the CPU); benchmarks call it before reading a clock."""
-    if device == "gpu":
-        require_gpu().cuda.get_current_stream().synchronize()
+    if device in ("gpu", "emulated"):
+        module_of_device(device).cuda.get_current_stream().synchronize()
 
 
 # ---------------------------------------------------------------------------------------------

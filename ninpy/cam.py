@@ -12,7 +12,7 @@ what the network looked at.
     maps, logits = class_activation_maps(model, x)     # (N, C, h, w) and (N, C), NumPy arrays
     heat = upsample(maps[0, logits[0].argmax()], (28, 28))
 
-    python -m ninpy.cam --checkpoint runs/fm --n 16 --out cams.png [--device auto|cpu|gpu]
+    python -m ninpy.cam --checkpoint runs/fm --n 16 --out cams.png [--device auto|cpu|gpu|emulated]
 
 The command rebuilds the model and the preprocessing of the run that wrote the checkpoint (with
 ninpy.training.Trainer, from the flags saved in it), takes the first n test images and draws a
@@ -270,7 +270,7 @@ def build_parser():
     p.add_argument("--dataset", help="the checkpoint's dataset (default: read from the checkpoint)")
     p.add_argument("--n", type=int, default=16, help="how many test images (default 16)")
     p.add_argument("--out", default="cams.png", help="the PNG to write (default cams.png)")
-    p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+    p.add_argument("--device", choices=("auto", "cpu", "gpu", "emulated"), default="auto")
     p.add_argument("--data-dir", help="dataset folder (default: the run's, else $NINPY_DATA or "
                                       "~/.cache/ninpy)")
     p.add_argument("--no-download", action="store_true", help="fail if the dataset is missing")

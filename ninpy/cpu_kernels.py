@@ -1,9 +1,9 @@
 """CPU kernels with Numba: the same functions, names and signatures as `reference.py`, made fast.
 
 Each public function is a thin Python wrapper that allocates the output (memory.empty, from
-ninpy's pool of big arrays; the kernel writes every element) and calls one
-`@njit(parallel=True, cache=True)` kernel whose outer loop is a `prange` over independent work:
-the N*C image planes, or the rows of col for im2col.
+ninpy's pool of big arrays; the kernel writes every element) and calls one Numba kernel,
+`@_compiled(parallel=True)` (njit, cached on disk), whose outer loop is a `prange` over independent
+work: the N*C image planes, or the rows of col for im2col.
 No two iterations write the same element, so there are no races and no atomics. In the backward
 kernels (col2im, pooling) the iteration that owns an image plane computes each of its elements as a
 sum, in a fixed order, of what reaches it, so results are deterministic: col2im gathers one image
@@ -11,19 +11,22 @@ row at a time (the row sums the window rows that cover it, long contiguous inner
 pooling backwards zero the plane and add each window's share in (oy, ox) order, which touches each
 window once instead of testing every window against every row.
 
-Numba compiles one version per dtype (float32 and float64), and `cache=True` keeps the machine code
-on disk (in `__pycache__`) between processes; the first call in a fresh checkout compiles (seconds).
+Numba compiles one version per dtype (float32 and float64) and keeps the machine code on disk (in
+`__pycache__`) between processes, keyed to every source a kernel compiles in (`_compiled` below);
+the first call in a fresh checkout compiles (seconds).
 Index formulas are those of `reference.py` (see its docstring for the im2col layout and the pooling
 windows); the window arithmetic comes from `ninpy/shapes.py`, compiled here by Numba. The comment on
 each kernel says which elements each iteration owns. Inputs may have any strides: each wrapper makes
 them C-contiguous first (a copy only when they are not), because the kernels index flat planes and
 write through reshaped views, as the kernel contract in docs/design.md says.
 """
+import hashlib
 import os
 
 import numba
 import numpy as np
 from numba import njit, prange
+from numba.core.caching import FunctionCache
 
 from ninpy import memory, shapes
 from ninpy.reference import (cross_entropy_backward, cross_entropy_forward,  # noqa: F401 (re-exported)
@@ -44,19 +47,78 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 # sgd_update_: the reference too. It is a handful of whole-array NumPy operations on each parameter
 # (about a million numbers for NIN), a few milliseconds next to a training step's seconds.
 
+
+# ---- compiling ----------------------------------------------------------------------------------
+# Numba's on-disk cache (cache=True) keys a kernel's machine code to the file the kernel is written
+# in (its modification time and size) and to the kernel's own bytecode. But a kernel also compiles
+# in the shapes.py functions it calls, and Numba does not look at shapes.py: after an edit to it (or
+# an upgrade of ninpy that changed only shapes.py) the cached kernels would keep the old
+# arithmetic. So the key here also holds a hash of both files, and whether the code is
+# bounds-checked (the same source, other machine code).
+
+def _digest_of_sources():
+    digest = hashlib.sha256()
+    for source in (shapes.__file__, __file__):
+        with open(source, "rb") as file:
+            digest.update(file.read())
+    digest.update(f"boundscheck={numba.config.BOUNDSCHECK}".encode())
+    return digest.hexdigest()
+
+
+class _SourcesKeyedCache(FunctionCache):
+    """Numba's cache of one function, under Numba's key (signature, CPU, bytecode) plus the digest."""
+    sources = _digest_of_sources()
+
+    def _index_key(self, sig, codegen):
+        return super()._index_key(sig, codegen) + (self.sources,)
+
+
+# Bounds checking (NUMBA_BOUNDSCHECK=1, the memory-safety pass of .ci/run) turns an index past an
+# array into an IndexError instead of a read or write of memory that is not the array's. Numba
+# drops an exception raised inside a parallel loop (its worker threads cannot pass it on), so a
+# bounds-checked build runs the prange loops serially: slower, but every IndexError is raised.
+BOUNDS_CHECKED = bool(numba.config.BOUNDSCHECK)
+
+
+def _compiled(parallel=False, **options):
+    """@njit(parallel=..., cache=True, **options), with the cache keyed as above."""
+    def compile_function(function):
+        dispatcher = njit(parallel=parallel and not BOUNDS_CHECKED, **options)(function)
+        dispatcher._cache = _SourcesKeyedCache(function)   # where cache=True puts Numba's own
+        return dispatcher
+    return compile_function
+
+
 # The window arithmetic of shapes.py, compiled for use inside the kernels below.
-_covering = njit(cache=True)(shapes.covering_windows)
-_divisor = njit(cache=True)(shapes.avg_pool_divisor)
+_covering = _compiled()(shapes.covering_windows)
+_divisor = _compiled()(shapes.avg_pool_divisor)
 _contiguous = np.ascontiguousarray
 
 
-@njit(cache=True)
+# Shapes are checked in the wrappers (an argmax's values, in its kernel): Numba does not test
+# indices, so a kernel handed arrays that do not fit each other reads and writes past them.
+def _expect_shape(op, name, shape, expected, source=""):
+    if tuple(shape) != tuple(expected):
+        raise ValueError(f"{op}: {name} has shape {tuple(shape)}, expected {tuple(expected)}{source}")
+
+
+def _expect_image(op, name, shape):
+    if len(shape) != 4:
+        raise ValueError(f"{op}: {name} must be (N, C, H, W), got shape {tuple(shape)}")
+
+
+def _expect_layout(op, layout):
+    if layout not in ("NCHW", "CNHW"):
+        raise ValueError(f"{op}: layout must be 'NCHW' or 'CNHW', got {layout!r}")
+
+
+@_compiled()
 def _plane(n, c, N, C, channels_first):
     """The index of image (n, c)'s plane among the N*C planes: n*C + c, or c*N + n in (C, N, H, W)."""
     return c * N + n if channels_first else n * C + c
 
 
-@njit(parallel=True, cache=True)
+@_compiled(parallel=True)
 def _im2col_kernel(xp, col, N, C, channels_first, kh, kw, sh, sw, oh, ow):
     # xp (N*C, Hp, Wp) is x's planes zero-padded by ph, pw (so no bounds tests). One iteration = one
     # row (c, i, j) of col, i.e. one weight entry, over the whole batch: for each (n, oy) it copies
@@ -82,6 +144,8 @@ def _im2col_kernel(xp, col, N, C, channels_first, kh, kw, sh, sw, oh, ow):
 def im2col(x, kh, kw, sh, sw, ph, pw, layout="NCHW"):
     """col[(c*kh + i)*kw + j, (n*oh + y)*ow + x] = x[n, c, y*sh - ph + i, x*sw - pw + j], 0 outside.
     x is (N, C, H, W), or (C, N, H, W) with layout="CNHW"; col is the same for both."""
+    _expect_image("im2col", "x", x.shape)
+    _expect_layout("im2col", layout)
     x = _contiguous(x)
     N, C = shapes.batch_and_channels(x.shape, layout)
     H, W = x.shape[2:]
@@ -97,7 +161,7 @@ def im2col(x, kh, kw, sh, sw, ph, pw, layout="NCHW"):
     return col
 
 
-@njit(parallel=True, cache=True)
+@_compiled(parallel=True)
 def _col2im_kernel(col, dx, N, C, channels_first, kh, kw, sh, sw, ph, pw, oh, ow):
     # dx (N*C, H, W): the planes. One iteration = one image plane (n, c) of dx, a gather. For each
     # image row h, each window row oy covering it (shapes.covering_windows) holds h at kernel row i = h + ph - oy*sh, and
@@ -133,17 +197,20 @@ def _col2im_kernel(col, dx, N, C, channels_first, kh, kw, sh, sw, ph, pw, oh, ow
 def col2im(col, x_shape, kh, kw, sh, sw, ph, pw, layout="NCHW"):
     """dx[n, c, h, w] = sum of col[(c*kh + i)*kw + j, (n*oh + y)*ow + x] over y*sh - ph + i = h, x*sw - pw + j = w.
     x_shape and dx are (N, C, H, W), or (C, N, H, W) with layout="CNHW"."""
-    col = _contiguous(col)
+    _expect_image("col2im", "x_shape", x_shape)
+    _expect_layout("col2im", layout)
     N, C = shapes.batch_and_channels(x_shape, layout)
     H, W = x_shape[2:]
     oh, ow = shapes.conv_output_size(H, kh, sh, ph), shapes.conv_output_size(W, kw, sw, pw)
+    _expect_shape("col2im", "col", col.shape, (C * kh * kw, N * oh * ow))
+    col = _contiguous(col)
     dx = memory.empty(tuple(x_shape), dtype=col.dtype)
     _col2im_kernel(col, dx.reshape(N * C, H, W), N, C, layout == "CNHW", kh, kw, sh, sw, ph, pw,
                    oh, ow)
     return dx
 
 
-@njit(parallel=True, cache=True)
+@_compiled(parallel=True)
 def _max_pool_forward_kernel(x, y, argmax, kh, kw, sh, sw, ph, pw):
     # x (P, H, W), y and argmax (P, oh, ow) with P = N*C. One iteration = one image plane; each
     # window starts from its first real element and scans its real elements in row-major order.
@@ -171,6 +238,7 @@ def _max_pool_forward_kernel(x, y, argmax, kh, kw, sh, sw, ph, pw):
 
 def max_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow):
     """y[n, c, oy, ox] = max of x[n, c, h, w] over the window's real elements (NaN wins); argmax = h*W + w of it."""
+    shapes.check_pool_output(x.shape, kh, kw, sh, sw, ph, pw, oh, ow)
     x = _contiguous(x)
     N, C, H, W = x.shape
     y = memory.empty((N, C, oh, ow), dtype=x.dtype)
@@ -180,28 +248,45 @@ def max_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow):
     return y, argmax
 
 
-@njit(parallel=True, cache=True)
-def _max_pool_backward_kernel(dy, argmax, dx):
+@_compiled(parallel=True)
+def _max_pool_backward_kernel(dy, argmax, dx, stray):
     # dy and argmax (P, oh*ow), dx (P, H*W). One iteration = one image plane, which it owns: it
     # zeroes the plane, then each window adds its dy at its argmax, in (oy, ox) order. One thread
     # per plane and a fixed order: no races, and every dx element sums its windows in that order.
+    # An argmax outside the plane (not one max_pool_forward gave) is not followed but marked in
+    # stray[p]: a bound test here costs nothing measurable, a separate pass over argmax would.
     for p in prange(dx.shape[0]):
         dx[p] = 0
         for k in range(dy.shape[1]):
-            dx[p, argmax[p, k]] += dy[p, k]
+            where = argmax[p, k]
+            if 0 <= where < dx.shape[1]:
+                dx[p, where] += dy[p, k]
+            else:
+                stray[p] = True
 
 
 def max_pool_backward(dy, argmax, x_shape, kh, kw, sh, sw, ph, pw):
     """dx[n, c, h, w] = sum of dy[n, c, oy, ox] over the windows whose argmax is h*W + w."""
-    dy, argmax = _contiguous(dy), _contiguous(argmax)
+    _expect_image("max_pool_backward", "dy", dy.shape)
+    shapes.check_pool_output(x_shape, kh, kw, sh, sw, ph, pw, *dy.shape[2:])
     N, C, H, W = x_shape
+    _expect_shape("max_pool_backward", "dy", dy.shape[:2], (N, C))
+    _expect_shape("max_pool_backward", "argmax", argmax.shape, dy.shape, " (the shape of dy)")
+    if argmax.dtype.kind not in "iu":
+        raise ValueError(f"max_pool_backward: argmax must hold integers, got dtype {argmax.dtype}")
+    dy, argmax = _contiguous(dy), _contiguous(argmax)
     P, oh, ow = N * C, dy.shape[2], dy.shape[3]
     dx = memory.empty(x_shape, dtype=dy.dtype)
-    _max_pool_backward_kernel(dy.reshape(P, oh * ow), argmax.reshape(P, oh * ow), dx.reshape(P, H * W))
+    stray = np.zeros(P, dtype=np.bool_)
+    _max_pool_backward_kernel(dy.reshape(P, oh * ow), argmax.reshape(P, oh * ow), dx.reshape(P, H * W),
+                              stray)
+    if stray.any():
+        raise ValueError(f"max_pool_backward: argmax holds positions outside the {H}x{W} plane "
+                         f"(valid: 0 to {H * W - 1}); pass the argmax max_pool_forward returned")
     return dx
 
 
-@njit(parallel=True, cache=True)
+@_compiled(parallel=True)
 def _avg_pool_forward_kernel(x, y, kh, kw, sh, sw, ph, pw, count_include_pad):
     # x (P, H, W), y (P, oh, ow). One iteration = one image plane; each window sums its real
     # elements and divides by shapes.avg_pool_divisor of its rows times that of its columns.
@@ -222,6 +307,7 @@ def _avg_pool_forward_kernel(x, y, kh, kw, sh, sw, ph, pw, count_include_pad):
 
 def avg_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad=True):
     """y[n, c, oy, ox] = (sum of the window's real elements) / divisor(oy, ox) (padding counted if count_include_pad)."""
+    shapes.check_pool_output(x.shape, kh, kw, sh, sw, ph, pw, oh, ow)
     x = _contiguous(x)
     N, C, H, W = x.shape
     y = memory.empty((N, C, oh, ow), dtype=x.dtype)
@@ -230,7 +316,7 @@ def avg_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad=True):
     return y
 
 
-@njit(parallel=True, cache=True)
+@_compiled(parallel=True)
 def _avg_pool_backward_kernel(dy, dx, kh, kw, sh, sw, ph, pw, count_include_pad):
     # dy (P, oh, ow), dx (P, H, W). One iteration = one image plane, which it owns: it zeroes the
     # plane, then each window, in (oy, ox) order, adds dy / divisor to its real elements. One
@@ -251,8 +337,11 @@ def _avg_pool_backward_kernel(dy, dx, kh, kw, sh, sw, ph, pw, count_include_pad)
 
 def avg_pool_backward(dy, x_shape, kh, kw, sh, sw, ph, pw, count_include_pad=True):
     """dx[n, c, h, w] = sum of dy[n, c, oy, ox] / divisor(oy, ox) over the windows covering (h, w)."""
-    dy = _contiguous(dy)
+    _expect_image("avg_pool_backward", "dy", dy.shape)
+    shapes.check_pool_output(x_shape, kh, kw, sh, sw, ph, pw, *dy.shape[2:])
     N, C, H, W = x_shape
+    _expect_shape("avg_pool_backward", "dy", dy.shape[:2], (N, C))
+    dy = _contiguous(dy)
     P, oh, ow = N * C, dy.shape[2], dy.shape[3]
     dx = memory.empty(x_shape, dtype=dy.dtype)
     _avg_pool_backward_kernel(dy.reshape(P, oh, ow), dx.reshape(P, H, W), kh, kw, sh, sw, ph, pw,
@@ -260,7 +349,7 @@ def avg_pool_backward(dy, x_shape, kh, kw, sh, sw, ph, pw, count_include_pad=Tru
     return dx
 
 
-@njit(parallel=True, cache=True)
+@_compiled(parallel=True)
 def _bias_kernel(out, bias, relu):
     # one iteration = one (n, c) plane of out viewed as (N*C, L): one pass over memory, in place
     C = bias.shape[0]
@@ -274,7 +363,10 @@ def _bias_kernel(out, bias, relu):
                 out[p, k] = v
 
 
-def _planes(out):
+def _planes(out, bias, op):
+    if out.ndim < 2:
+        raise ValueError(f"{op}: out must be (N, C, ...), got shape {out.shape}")
+    _expect_shape(op, "bias", bias.shape, out.shape[1:2])
     if not out.flags.c_contiguous:
         raise ValueError("bias_relu_/add_bias_ work in place and need a C-contiguous `out`; "
                          "pass np.ascontiguousarray(out)")
@@ -284,17 +376,17 @@ def _planes(out):
 
 def bias_relu_(out, bias):
     """out = max(out + bias[c], 0), in place; returns out."""
-    _bias_kernel(_planes(out), bias.astype(out.dtype, copy=False), True)
+    _bias_kernel(_planes(out, bias, "bias_relu_"), bias.astype(out.dtype, copy=False), True)
     return out
 
 
 def add_bias_(out, bias):
     """out = out + bias[c], in place; returns out."""
-    _bias_kernel(_planes(out), bias.astype(out.dtype, copy=False), False)
+    _bias_kernel(_planes(out, bias, "add_bias_"), bias.astype(out.dtype, copy=False), False)
     return out
 
 
-@njit(parallel=True, cache=True)
+@_compiled(parallel=True)
 def _relu_backward_kernel(dy, y, dx):
     # one iteration = one element of the flattened arrays
     for k in prange(dx.shape[0]):
@@ -306,13 +398,14 @@ def _relu_backward_kernel(dy, y, dx):
 
 def relu_backward(dy, y):
     """dx = 0 where y <= 0, else dy (a NaN y passes its gradient on, as in PyTorch)."""
+    _expect_shape("relu_backward", "dy", dy.shape, y.shape, " (the shape of y)")
     dy, y = _contiguous(dy), _contiguous(y)
     dx = memory.empty(dy.shape, dtype=dy.dtype)              # C order, so reshape(-1) is a view
     _relu_backward_kernel(dy.reshape(-1), y.reshape(-1), dx.reshape(-1))
     return dx
 
 
-@njit(parallel=True, cache=True, fastmath={"reassoc"})
+@_compiled(parallel=True, fastmath={"reassoc"})
 def _relu_bias_backward_kernel(dy, y, dx, db):
     # dy, y, dx (N, C, L). One iteration = one channel c: it writes dx[:, c] and sums it into db[c]
     # in float64, in the same pass (one read of dy and y instead of two). "reassoc" lets LLVM keep
@@ -332,6 +425,9 @@ def _relu_bias_backward_kernel(dy, y, dx, db):
 
 def relu_bias_backward(dy, y):
     """dx = relu_backward(dy, y) and db[c] = sum of dx[:, c] (the bias gradient of y = relu(z + b[c]))."""
+    _expect_shape("relu_bias_backward", "dy", dy.shape, y.shape, " (the shape of y)")
+    if dy.ndim < 2:
+        raise ValueError(f"relu_bias_backward: dy must be (N, C, ...), got shape {dy.shape}")
     dy, y = _contiguous(dy), _contiguous(y)
     planes = (dy.shape[0], dy.shape[1], int(np.prod(dy.shape[2:])))   # explicit: a batch may be empty
     dx = memory.empty(dy.shape, dtype=dy.dtype)

@@ -6,24 +6,94 @@ which share one contract with the readable NumPy versions in `reference` (docs/d
 kernel contract").
 
 Shapes follow PyTorch: images NCHW, conv weights (C_out, C_in, kh, kw).
+
+Two paths. By default ("fast") the operators are this module's Functions on the Numba and CUDA
+kernels, with the convolution channels first and its big arrays from ninpy.memory's pool
+(docs/design.md, "Layouts"). `use_kernels("reference")` (or NINPY_KERNELS=reference) makes every
+public function here apply the plain NumPy Function of the same name in `reference` instead: the
+whole network in one readable file, in the public layout, on the CPU.
 """
+import os
+import warnings
+
 import numpy as np
 
-from . import backend, cpu_kernels, memory, random
+from . import backend, cpu_kernels, memory, random, reference
 from .gemm import matmul
 from .autograd import Function, Tensor, refuse_unimplemented
-from .shapes import conv_output_size, pair, pool_output_size
+from .shapes import batch_and_channels, conv_output_size, pair, pool_output_size
 
-# The dtype contract (docs/design.md, "The kernel contract"): what every path computes in.
-KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# ---- which kernels: the fast path or the plain path ---------------------------------------------
+
+KERNEL_SETS = ("fast", "reference")
+
+
+def _kernel_set_from_environment():
+    name = os.environ.get("NINPY_KERNELS", "").strip() or "fast"
+    if name not in KERNEL_SETS:
+        warnings.warn(f"NINPY_KERNELS={name!r} is not one of {KERNEL_SETS}; using 'fast'",
+                      stacklevel=2)
+        return "fast"
+    return name
+
+
+_kernel_set = _kernel_set_from_environment()
+
+
+class use_kernels:
+    """Choose the kernels every operator runs from now on: "fast" (Numba on the CPU, CUDA on the
+    GPU; the default) or "reference" (reference.py's plain NumPy, CPU only). Also a with-block,
+    which puts the previous choice back at its end:
+
+        ninpy.use_kernels("reference")              # from here on
+        with ninpy.use_kernels("reference"): ...     # inside the block only
+    """
+
+    def __init__(self, name):
+        global _kernel_set
+        if name not in KERNEL_SETS:
+            raise ValueError(f"use_kernels: {name!r} is not one of {KERNEL_SETS}")
+        self.previous, _kernel_set = _kernel_set, name
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *error):
+        global _kernel_set
+        _kernel_set = self.previous
+
+
+def kernel_set():
+    """"fast" or "reference": what use_kernels (or NINPY_KERNELS) chose."""
+    return _kernel_set
+
+
+def _plain(x):
+    """True when x's operator runs on the plain path (reference.py); the GPU has no plain path."""
+    if _kernel_set != "reference":
+        return False
+    if backend.is_gpu_array(x.data):
+        raise backend.DeviceError("the reference kernels run on the CPU only; move the tensors to "
+                                  "'cpu', or use_kernels('fast') for the GPU")
+    return True
+
+
+def working_layout():
+    """The layout NIN keeps between its layers: "CNHW" (channels first) on the fast path, where
+    it saves the convolutions' layout copies; "NCHW" on the plain path (docs/design.md, "Layouts")."""
+    return "NCHW" if _kernel_set == "reference" else "CNHW"
 
 
 def kernels_for(array):
-    """The kernel module for an array's device: gpu_kernels for CuPy arrays, else cpu_kernels."""
+    """The kernel module for an array: gpu_kernels for CuPy (and emulated) arrays, else
+    cpu_kernels; reference under use_kernels("reference") (CPU arrays only)."""
     if backend.is_gpu_array(array):
+        if _kernel_set == "reference":
+            raise backend.DeviceError("the reference kernels run on the CPU only; move the tensors "
+                                      "to 'cpu', or use_kernels('fast') for the GPU")
         from . import gpu_kernels  # imported on first GPU use: the CPU path never needs CuPy
         return gpu_kernels
-    return cpu_kernels
+    return reference if _kernel_set == "reference" else cpu_kernels
 
 
 def _require_4d(x, op):
@@ -31,31 +101,23 @@ def _require_4d(x, op):
         raise ValueError(f"{op}: expected an (N, C, H, W) input, got shape {x.shape}")
 
 
-class KernelFunction(Function):
-    """A Function whose work runs on ninpy's kernels (reference, Numba or CUDA alike).
+# The dtype contract (docs/design.md, "The kernel contract"): what every path computes in.
+KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
-    The dtype contract is checked here, once, before any kernel sees an array: the inputs at
-    `float_inputs` must be float32 or float64, all of one dtype. Anything else (float16, integers,
-    bool, a float32 input with a float64 weight) is refused with a TypeError that names the cast,
-    on every device, so no path computes in a dtype another path refuses.
-    """
 
-    op = "?"              # the public name, for messages
-    float_inputs = None   # positions of the floating inputs; None: every input given
-
-    @classmethod
-    def apply(cls, *args, **kwargs):
-        inputs = args
-        positions = range(len(inputs)) if cls.float_inputs is None else cls.float_inputs
-        dtypes = [inputs[i].dtype for i in positions if inputs[i] is not None]
-        for dtype in dtypes:
-            if dtype not in KERNEL_DTYPES:
-                raise TypeError(f"{cls.op}: {dtype} input is not supported: ninpy's kernels compute "
-                                f"in float32 or float64; cast it first, e.g. Tensor(a.astype(np.float32))")
-        if len(set(dtypes)) > 1:
-            raise TypeError(f"{cls.op}: inputs of different dtypes ({', '.join(map(str, dtypes))}); "
-                            "cast them to one dtype first (PyTorch refuses this too)")
-        return super().apply(*args, **kwargs)
+def _require_kernel_dtypes(op, *tensors):
+    """The one dtype check of every operator, made by its public function before it picks a path
+    (reference, Numba or CUDA): float32 or float64, all of one dtype. Anything else (float16,
+    integers, bool, a float32 input with a float64 weight) is a TypeError naming the cast, so no
+    path computes in a dtype another refuses."""
+    dtypes = [t.dtype for t in tensors if t is not None]
+    for dtype in dtypes:
+        if dtype not in KERNEL_DTYPES:
+            raise TypeError(f"{op}: {dtype} input is not supported: ninpy's operators compute in "
+                            "float32 or float64; cast it first, e.g. Tensor(a.astype(np.float32))")
+    if len(set(dtypes)) > 1:
+        raise TypeError(f"{op}: inputs of different dtypes ({', '.join(map(str, dtypes))}); cast "
+                        "them to one dtype first (PyTorch refuses this too)")
 
 
 # ---- convolution --------------------------------------------------------------------------------
@@ -88,7 +150,7 @@ def swap_batch_and_channels(x):
     return SwapBatchAndChannels.apply(x)
 
 
-class Conv2d(KernelFunction):
+class Conv2d(Function):
     """y = W * x + b (cross-correlation), optionally followed by ReLU in the same pass.
 
     The work is done channels first, on x as (C, N, H, W), where each channel of the whole batch
@@ -105,27 +167,19 @@ class Conv2d(KernelFunction):
     took about 25% more memory (docs/why-fast.md).
     """
 
-    op, float_inputs, saved_inputs = "conv2d", (0, 1, 2), (0, 1)
+    saved_inputs = (0, 1)   # x and the weight (torch's convolution saves both)
 
     def forward(self, x, w, b, stride, padding, relu, layout):
-        _require_4d(x, "conv2d")
-        if layout not in LAYOUTS:
-            raise ValueError(f"conv2d: layout must be one of {LAYOUTS}, got {layout!r}")
+        _check_conv_inputs(x, w, b, layout)
         self.batch_first = layout == "NCHW"
-        c_in = x.shape[1] if self.batch_first else x.shape[0]
-        if w.ndim != 4 or w.shape[1] != c_in:
-            raise ValueError(f"conv2d: weight of shape {w.shape} does not fit input of shape "
-                             f"{x.shape} ({layout}); expected (C_out, {c_in}, kh, kw)")
-        if b is not None and b.shape != (w.shape[0],):
-            raise ValueError(f"conv2d: bias of shape {b.shape}, expected ({w.shape[0]},)")
-        x = _swapped(x) if self.batch_first else x            # now (C, N, H, W)
-        self.kernels = kernels_for(x)
-        self.x, self.w, self.has_bias, self.relu = x, w, b is not None, relu
         self.stride, self.padding = pair(stride, "stride"), pair(padding, "padding")
-        _, n, h, width = x.shape
+        (n, _), (h, width) = batch_and_channels(x.shape, layout), x.shape[2:]
         c_out, _, kh, kw = w.shape
         self.out_shape = (c_out, n, conv_output_size(h, kh, self.stride[0], self.padding[0]),
                           conv_output_size(width, kw, self.stride[1], self.padding[1]))
+        x = _swapped(x) if self.batch_first else x            # now (C, N, H, W)
+        self.kernels = kernels_for(x)
+        self.x, self.w, self.has_bias, self.relu = x, w, b is not None, relu
         self.pointwise = (kh, kw) == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
         y2 = matmul(w.reshape(c_out, -1), self._columns())     # (C_out, N*oh*ow)
         if relu and b is not None:
@@ -174,6 +228,27 @@ class Conv2d(KernelFunction):
                                    layout="CNHW")
 
 
+def _check_conv_inputs(x, w, b, layout):
+    _require_4d(x, "conv2d")
+    if layout not in LAYOUTS:
+        raise ValueError(f"conv2d: layout must be one of {LAYOUTS}, got {layout!r}")
+    c_in = x.shape[1] if layout == "NCHW" else x.shape[0]
+    if w.ndim != 4 or w.shape[1] != c_in:
+        raise ValueError(f"conv2d: weight of shape {w.shape} does not fit input of shape "
+                         f"{x.shape} ({layout}); expected (C_out, {c_in}, kh, kw)")
+    if b is not None and b.shape != (w.shape[0],):
+        raise ValueError(f"conv2d: bias of shape {b.shape}, expected ({w.shape[0]},)")
+
+
+def _plain_conv2d(x, weight, bias, stride, padding, layout):
+    """reference.Conv2d, which works on (N, C, H, W): a channels-first x is exchanged around it."""
+    _check_conv_inputs(x, weight, bias, layout)
+    if layout == "CNHW":
+        x = swap_batch_and_channels(x)
+    y = reference.Conv2d.apply(x, weight, bias, stride=stride, padding=padding)
+    return swap_batch_and_channels(y) if layout == "CNHW" else y
+
+
 def _conv_padding(padding, weight, stride, dilation, groups, op):
     """PyTorch's conv options: dilation and groups only at 1; padding a number, a pair, "valid"
     (none) or "same" (odd kernels at stride 1: k // 2 on each side)."""
@@ -196,25 +271,32 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     """2-D convolution (cross-correlation) of input (N, C, H, W) with weight (C_out, C, kh, kw),
     as torch.nn.functional.conv2d (dilation and groups only 1).
     layout="CNHW" (ninpy's): input and result are channels first, (C, N, H, W)."""
+    _require_kernel_dtypes("conv2d", input, weight, bias)
     padding = _conv_padding(padding, weight, stride, dilation, groups, "conv2d")
+    if _plain(input):
+        return _plain_conv2d(input, weight, bias, stride, padding, layout)
     return Conv2d.apply(input, weight, bias, stride=stride, padding=padding, relu=False,
                         layout=layout)
 
 
 def conv2d_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
                 layout="NCHW"):
-    """relu(conv2d(input, weight, bias, ...)) in one Function: bias and ReLU in one pass."""
+    """relu(conv2d(input, weight, bias, ...)) in one Function: bias and ReLU in one pass (the
+    plain path runs the two operators one after the other)."""
+    _require_kernel_dtypes("conv2d_relu", input, weight, bias)
     padding = _conv_padding(padding, weight, stride, dilation, groups, "conv2d_relu")
+    if _plain(input):
+        return relu(_plain_conv2d(input, weight, bias, stride, padding, layout))
     return Conv2d.apply(input, weight, bias, stride=stride, padding=padding, relu=True,
                         layout=layout)
 
 
 # ---- activation ---------------------------------------------------------------------------------
 
-class ReLU(KernelFunction):
+class ReLU(Function):
     """y = max(x, 0);  dx = dy where y > 0, else 0."""
 
-    op, saved_inputs = "relu", ()   # backward reads y, which nothing changes in place
+    saved_inputs = ()   # backward reads y, which nothing changes in place
 
     def forward(self, x):
         self.y = backend.array_module(x).maximum(x, 0)
@@ -228,12 +310,14 @@ class ReLU(KernelFunction):
 def relu(input, inplace=False):
     """max(input, 0), as torch.nn.functional.relu (not in place)."""
     refuse_unimplemented("relu", inplace=(inplace, False))
-    return ReLU.apply(input)
+    _require_kernel_dtypes("relu", input)
+    return (reference.ReLU if _plain(input) else ReLU).apply(input)
 
 
 # ---- pooling ------------------------------------------------------------------------------------
 
 def _pool_geometry(x, kernel_size, stride, padding, ceil_mode, op):
+    """The window (kh, kw, sh, sw, ph, pw) and the output size (oh, ow) of a pooling of x."""
     _require_4d(x, op)
     kh, kw = pair(kernel_size, "kernel_size")
     sh, sw = pair(kernel_size if stride is None else stride, "stride")
@@ -243,18 +327,14 @@ def _pool_geometry(x, kernel_size, stride, padding, ceil_mode, op):
     return (kh, kw, sh, sw, ph, pw), (oh, ow)
 
 
-class MaxPool2d(KernelFunction):
+class MaxPool2d(Function):
     """y = max over each window (padding counts as -inf, a NaN wins);  dx: dy goes to the window's argmax."""
 
-    op = "max_pool2d"
-
-    def forward(self, x, kernel_size, stride, padding, ceil_mode):
-        self.geometry, out_hw = _pool_geometry(x, kernel_size, stride, padding, ceil_mode,
-                                               "max_pool2d")
+    def forward(self, x, window, out_hw):
+        self.geometry = window
         self.kernels, self.x_shape = kernels_for(x), x.shape
         y, self.argmax = self.kernels.max_pool_forward(x, *self.geometry, *out_hw)
         return y
-
 
     def backward(self, grad):
         return (self.kernels.max_pool_backward(grad, self.argmax, self.x_shape, *self.geometry),)
@@ -263,19 +343,19 @@ class MaxPool2d(KernelFunction):
 def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
                return_indices=False):
     """Max pooling of input (N, C, H, W), as torch.nn.functional.max_pool2d (dilation only 1).
-    return_indices: also the argmax of each window, the flat index h*W + w in its plane (int64)."""
+    return_indices: also each window's argmax, the flat index h*W + w in its plane (int64)."""
     refuse_unimplemented("max_pool2d", dilation=(pair(dilation, "dilation"), (1, 1)))
-    y = MaxPool2d.apply(input, kernel_size=kernel_size, stride=stride, padding=padding,
-                        ceil_mode=ceil_mode)
+    _require_kernel_dtypes("max_pool2d", input)
+    window, out_hw = _pool_geometry(input, kernel_size, stride, padding, ceil_mode, "max_pool2d")
+    y = (reference.MaxPool2d if _plain(input) else MaxPool2d).apply(input, window=window,
+                                                                    out_hw=out_hw)
     if not return_indices:
         return y
-    geometry, out_hw = _pool_geometry(input.data, kernel_size, stride, padding, ceil_mode,
-                                      "max_pool2d")   # the argmax again: a rare option, kept simple
-    _, argmax = kernels_for(input.data).max_pool_forward(input.data, *geometry, *out_hw)
-    return y, Tensor(argmax.astype(np.int64))
+    _, argmax = kernels_for(input.data).max_pool_forward(input.data, *window, *out_hw)
+    return y, Tensor(argmax.astype(np.int64))   # the argmax again: a rare option, kept simple
 
 
-class AvgPool2d(KernelFunction):
+class AvgPool2d(Function):
     """y = sum over each window / divisor;  dx: dy / divisor to every real element of the window.
 
     The divisor counts the padding (count_include_pad=True, PyTorch's default and Caffe's rule) or
@@ -283,13 +363,12 @@ class AvgPool2d(KernelFunction):
     (shapes.avg_pool_divisor).
     """
 
-    op, saved_inputs = "avg_pool2d", ()   # backward needs only the shape
+    saved_inputs = ()   # backward needs only the shape
 
-    def forward(self, x, kernel_size, stride, padding, ceil_mode, count_include_pad):
-        self.geometry, out_hw = _pool_geometry(x, kernel_size, stride, padding, ceil_mode,
-                                               "avg_pool2d")
+    def forward(self, x, window, out_hw, count_include_pad):
+        self.geometry = window
         self.kernels, self.x_shape = kernels_for(x), x.shape
-        self.count_include_pad = bool(count_include_pad)
+        self.count_include_pad = count_include_pad
         return self.kernels.avg_pool_forward(x, *self.geometry, *out_hw, self.count_include_pad)
 
     def backward(self, grad):
@@ -301,17 +380,18 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, coun
                divisor_override=None):
     """Average pooling of input (N, C, H, W), as torch.nn.functional.avg_pool2d (no divisor_override)."""
     refuse_unimplemented("avg_pool2d", divisor_override=(divisor_override, None))
-    return AvgPool2d.apply(input, kernel_size=kernel_size, stride=stride, padding=padding,
-                           ceil_mode=ceil_mode, count_include_pad=count_include_pad)
+    _require_kernel_dtypes("avg_pool2d", input)
+    window, out_hw = _pool_geometry(input, kernel_size, stride, padding, ceil_mode, "avg_pool2d")
+    return (reference.AvgPool2d if _plain(input) else AvgPool2d).apply(
+        input, window=window, out_hw=out_hw, count_include_pad=bool(count_include_pad))
 
 
-class GlobalAvgPool2d(KernelFunction):
+class GlobalAvgPool2d(Function):
     """y[n, c] = mean of x[n, c] over H and W;  dx = dy / (H*W) at every position."""
 
-    op, saved_inputs = "global_avg_pool2d", ()
+    saved_inputs = ()
 
     def forward(self, x):
-        _require_4d(x, "global_avg_pool2d")
         self.x_shape = x.shape
         return x.mean(axis=(2, 3))
 
@@ -323,18 +403,21 @@ class GlobalAvgPool2d(KernelFunction):
 
 def global_avg_pool2d(input):
     """(N, C, H, W) -> (N, C): torch's adaptive_avg_pool2d(input, 1).flatten(1), NIN's classifier."""
-    return GlobalAvgPool2d.apply(input)
+    _require_kernel_dtypes("global_avg_pool2d", input)
+    _require_4d(input, "global_avg_pool2d")
+    return (reference.GlobalAvgPool2d if _plain(input) else GlobalAvgPool2d).apply(input)
 
 
 # ---- regularisation -----------------------------------------------------------------------------
 
-class Dropout(KernelFunction):
-    """y = x * mask / (1 - p), mask ~ Bernoulli(1 - p) (inverted dropout);  dx = dy * mask / (1 - p)."""
+class Dropout(Function):
+    """y = x * mask, mask = Bernoulli(1 - p) / (1 - p) (inverted dropout);  dx = dy * mask.
+    The mask is drawn by `dropout`, so both paths draw the same numbers."""
 
-    op, saved_inputs = "dropout", ()
+    saved_inputs = ()
 
-    def forward(self, x, p):
-        self.mask = _dropout_mask(x, p)
+    def forward(self, x, mask):
+        self.mask = mask
         return backend.array_module(x).multiply(x, self.mask, out=memory.empty_for(x, x.shape))
 
     def backward(self, grad):
@@ -347,7 +430,7 @@ def _dropout_mask(x, p):
         return backend.array_module(x).zeros_like(x)
     if backend.is_gpu_array(x):
         seed, offset = random.next_gpu_stream(x.size)
-        return kernels_for(x).dropout_mask(x.shape, p, seed, offset, x.dtype)
+        return kernels_for(x).dropout_mask(x.shape, p, seed, offset, x.dtype, backend.device_of(x))
     keep = random.cpu_generator().random(x.shape, dtype=np.float32) >= p
     return keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - p))
 
@@ -360,16 +443,18 @@ def dropout(input, p=0.5, training=True, inplace=False):
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if not training or p == 0.0:   # p = 0 keeps every element: the values torch returns, no draw
         return input
-    return Dropout.apply(input, p=float(p))
+    _require_kernel_dtypes("dropout", input)
+    mask = _dropout_mask(input.data, float(p))
+    return (reference.Dropout if _plain(input) else Dropout).apply(input, mask=mask)
 
 
 # ---- loss ---------------------------------------------------------------------------------------
 
-class CrossEntropy(KernelFunction):
+class CrossEntropy(Function):
     """loss_n = logsumexp(z_n) - z_n[label_n] (0 where label_n is ignore_index), then reduced;
     dz_n = (softmax(z_n) - onehot(label_n)) * (d loss / d loss_n: 1, or 1/count for the mean)."""
 
-    op, float_inputs, saved_inputs = "cross_entropy", (0,), (0,)
+    saved_inputs = (0,)
 
     def forward(self, logits, labels, ignore_index, reduction):
         xp = backend.array_module(logits)
@@ -410,11 +495,13 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     nothing; reduction "mean" (over the rows counted), "sum" or "none" (one loss per row)."""
     refuse_unimplemented("cross_entropy", weight=(weight, None),
                          label_smoothing=(float(label_smoothing), 0.0))
+    _require_kernel_dtypes("cross_entropy", input)
     reduction = _legacy_reduction(size_average, reduce, reduction)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"{reduction} is not a valid value for reduction")
     label_array = target.data if isinstance(target, Tensor) else target
-    label_array = backend.to_device(backend.array_module(input.data).asarray(label_array), input.device)
+    xp = backend.array_module(input.data)
+    label_array = backend.to_device(xp.asarray(label_array), input.device)
     if input.ndim == 1:                                   # one example without a batch axis
         loss = cross_entropy(input.reshape(1, -1), Tensor(label_array.reshape(1)),
                              ignore_index=ignore_index, reduction=reduction)
@@ -432,8 +519,11 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         raise TypeError(f"cross_entropy: target must hold integer class indices, got dtype "
                         f"{label_array.dtype}; cast it with .astype(np.int64)")
     _check_labels(label_array, input.shape[1], ignore_index)
-    return CrossEntropy.apply(input, Tensor(backend.array_module(label_array).ascontiguousarray(label_array)),
-                              ignore_index=ignore_index, reduction=reduction)
+    labels = Tensor(xp.ascontiguousarray(label_array))
+    if _plain(input) and reduction == "mean" and not (label_array == ignore_index).any():
+        return reference.CrossEntropy.apply(input, labels)   # the plain path's loss: the mean
+    # (Under use_kernels("reference") this Function runs reference's loss functions as well.)
+    return CrossEntropy.apply(input, labels, ignore_index=ignore_index, reduction=reduction)
 
 
 def _check_labels(labels, classes, ignore_index):

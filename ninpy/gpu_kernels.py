@@ -46,6 +46,11 @@ def _kernel_dir():
 
 KERNEL_DIR = _kernel_dir()
 OPTIONS = ("-std=c++14",)
+# What cupy.RawModule adds to OPTIONS when it compiles (CuPy 14: cupy/cuda/compiler.py):
+# -ftz=true flushes float32 subnormals to zero (docs/design.md, "Subnormals"), and
+# --device-as-default-execution-space. compile_with_nvrtc adds them too, so that what the compile
+# tests accept is what runs.
+CUPY_RUNTIME_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
 FLOATS = ("float", "double")          # the first template argument, T
 # The second template argument is an integer type, one of these two. For most kernels it is Index,
 # the type of flat indices, chosen per launch by size (`_index`); for cross-entropy it is Label, the
@@ -123,8 +128,9 @@ def format_compile_error(path, log):
     return f"CUDA kernel source {path} failed to compile (NVRTC):\n  " + "\n  ".join(lines)
 
 
-def compile_with_nvrtc(path, source, name_expressions, arch, options=OPTIONS):
-    """Compile `source` with NVRTC for `arch` (e.g. "sm_90") with no GPU; return {expression: lowered name}.
+def compile_with_nvrtc(path, source, name_expressions, arch, options=OPTIONS + CUPY_RUNTIME_OPTIONS):
+    """Compile `source` with NVRTC for `arch` (e.g. "sm_90") with no GPU, with the options CuPy
+    compiles with at run time; return {expression: lowered name}.
 
     Raises KernelCompileError (file and line) on a compile error; ImportError/OSError when NVRTC
     cannot be loaded.
@@ -147,31 +153,36 @@ def compile_with_nvrtc(path, source, name_expressions, arch, options=OPTIONS):
 
 # --- loading and launching ------------------------------------------------------------------------
 
-_modules = {}    # filename -> compiled cupy.RawModule (CuPy caches the binary per device)
-_functions = {}  # (filename, name expression) -> cupy.RawKernel
+_modules = {}    # (array module name, filename) -> compiled RawModule (CuPy caches the binary per device)
+_functions = {}  # (array module name, filename, name expression) -> compiled kernel
 
 
-def _function(filename, kernel, *template_args):
-    """The compiled `kernel<template_args>` of the file `filename` in kernels/ (compiled on first use)."""
+def _function(xp, filename, kernel, *template_args):
+    """The compiled `kernel<template_args>` of the file `filename` in kernels/ (compiled on first use)
+    for the array module `xp`: cupy (NVRTC, for the GPU) or the emulator's (g++, for the CPU)."""
     expression = _expression(kernel, *template_args)
-    key = (filename, expression)
+    key = (xp.__name__, filename, expression)
     function = _functions.get(key)
     if function is None:
-        cupy = backend.require_gpu()
-        from cupy.cuda import compiler
-
-        module = _modules.get(filename)
+        module = _modules.get(key[:2])
         if module is None:
             path, source, expressions = next(entry for entry in kernel_sources()
                                              if entry[0].name == filename)
-            module = cupy.RawModule(code=source, options=OPTIONS, name_expressions=expressions)
-            try:
-                module.compile()
-            except compiler.CompileException as error:
-                raise KernelCompileError(format_compile_error(path, error.get_message())) from None
-            _modules[filename] = module
+            module = xp.RawModule(code=source, options=OPTIONS, name_expressions=expressions)
+            _compile(module, path)
+            _modules[key[:2]] = module
         function = _functions[key] = module.get_function(expression)
     return function
+
+
+def _compile(module, path):
+    """module.compile(), with NVRTC's errors as KernelCompileError naming the .cu file and line."""
+    try:
+        module.compile()
+    except Exception as error:
+        if type(error).__name__ != "CompileException":  # cupy.cuda.compiler's, without importing it
+            raise
+        raise KernelCompileError(format_compile_error(path, error.get_message())) from None
 
 
 def _c_type(dtype):
@@ -194,13 +205,14 @@ def _index(count, args):
 
 
 def _launch(filename, kernel, dtype, count, args):
-    """Launch kernel<dtype, index> over `count` threads (grid-stride); args receive the index type."""
+    """Launch kernel<dtype, index> over `count` threads (grid-stride); args receive the index type.
+    The first argument is a device array: its module (cupy or the emulator's) runs the kernel."""
     c_type = _c_type(dtype)
     if count == 0:
         return
     index_c, index_np = _index(count, args)
     args = tuple(index_np(a.value) if isinstance(a, _Index) else a for a in args)
-    function = _function(filename, kernel, c_type, index_c)
+    function = _function(backend.array_module(args[0]), filename, kernel, c_type, index_c)
     function((_grid(count),), (_BLOCK,), args)
 
 
@@ -213,8 +225,7 @@ class _Index:
 
 
 def _contiguous(array):
-    cupy = backend.require_gpu()
-    return cupy.ascontiguousarray(array)
+    return backend.array_module(array).ascontiguousarray(array)
 
 
 def _require_contiguous(array, name):
@@ -232,7 +243,7 @@ def _i32(*values):
 def im2col(x, kh, kw, sh, sw, ph, pw, layout="NCHW"):
     """col[(c*kh + i)*kw + j, (n*oh + y)*ow + x] = x[n, c, y*sh - ph + i, x*sw - pw + j], 0 outside.
     x is (N, C, H, W), or (C, N, H, W) with layout="CNHW"; col is the same for both."""
-    cupy = backend.require_gpu()
+    cupy = backend.array_module(x)
     x = _contiguous(x)
     N, C = batch_and_channels(x.shape, layout)
     H, W = x.shape[2:]
@@ -246,7 +257,7 @@ def im2col(x, kh, kw, sh, sw, ph, pw, layout="NCHW"):
 def col2im(col, x_shape, kh, kw, sh, sw, ph, pw, layout="NCHW"):
     """dx[n, c, h, w] = sum of the col entries im2col copied from x[n, c, h, w] (a gather).
     x_shape and dx are (N, C, H, W), or (C, N, H, W) with layout="CNHW"."""
-    cupy = backend.require_gpu()
+    cupy = backend.array_module(col)
     col = _contiguous(col)
     N, C = batch_and_channels(x_shape, layout)
     H, W = x_shape[2:]
@@ -264,7 +275,7 @@ def col2im(col, x_shape, kh, kw, sh, sw, ph, pw, layout="NCHW"):
 
 def max_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow):
     """y = max over each window's real elements (NaN wins); argmax (int32) = h*W + w of the winner."""
-    cupy = backend.require_gpu()
+    cupy = backend.array_module(x)
     x = _contiguous(x)
     N, C, H, W = x.shape
     y = cupy.empty((N, C, oh, ow), dtype=x.dtype)
@@ -276,7 +287,7 @@ def max_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow):
 
 def max_pool_backward(dy, argmax, x_shape, kh, kw, sh, sw, ph, pw):
     """dx[n, c, h, w] = sum of dy over the windows whose argmax is h*W + w (a gather)."""
-    cupy = backend.require_gpu()
+    cupy = backend.array_module(dy)
     dy = _contiguous(dy)
     argmax = _contiguous(argmax).astype(np.int32, copy=False)
     N, C, H, W = x_shape
@@ -289,7 +300,7 @@ def max_pool_backward(dy, argmax, x_shape, kh, kw, sh, sw, ph, pw):
 
 def avg_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad=True):
     """y = sum of each window's real elements / divisor (padding counted if count_include_pad)."""
-    cupy = backend.require_gpu()
+    cupy = backend.array_module(x)
     x = _contiguous(x)
     N, C, H, W = x.shape
     y = cupy.empty((N, C, oh, ow), dtype=x.dtype)
@@ -300,7 +311,7 @@ def avg_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad=True):
 
 def avg_pool_backward(dy, x_shape, kh, kw, sh, sw, ph, pw, count_include_pad=True):
     """dx[n, c, h, w] = sum over the windows covering (h, w) of dy / divisor (a gather)."""
-    cupy = backend.require_gpu()
+    cupy = backend.array_module(dy)
     dy = _contiguous(dy)
     N, C, H, W = x_shape
     oh, ow = dy.shape[2:]
@@ -333,13 +344,14 @@ def _row_launch(kernel, logits, labels, args):
     warps_per_block = _BLOCK // _WARP
     grid = min((N + warps_per_block - 1) // warps_per_block, _MAX_BLOCKS)
     label_type = "int" if labels.dtype == np.int32 else "long long"
-    function = _function("cross_entropy.cu", kernel, _c_type(logits.dtype), label_type)
+    function = _function(backend.array_module(logits), "cross_entropy.cu", kernel,
+                         _c_type(logits.dtype), label_type)
     function((grid,), (_BLOCK,), args + _i32(N, K))
 
 
 def cross_entropy_forward(logits, labels):
     """losses[n] = logsumexp(logits[n]) - logits[n, labels[n]] (row max subtracted); NaN for a bad label."""
-    cupy = backend.require_gpu()
+    cupy = backend.array_module(logits)
     logits = _contiguous(logits)
     labels = _labels(labels)
     losses = cupy.empty((logits.shape[0],), dtype=logits.dtype)
@@ -349,7 +361,7 @@ def cross_entropy_forward(logits, labels):
 
 def cross_entropy_backward(logits, labels, scale):
     """dlogits[n, k] = scale * (softmax(logits[n])[k] - (k == labels[n])); scale: 0-d array or float."""
-    cupy = backend.require_gpu()
+    cupy = backend.array_module(logits)
     logits = _contiguous(logits)
     labels = _labels(labels)
     if isinstance(scale, cupy.ndarray):
@@ -388,7 +400,7 @@ def add_bias_(out, bias):
 
 def relu_backward(dy, y):
     """dx = 0 where y <= 0, else dy (a NaN y passes its gradient on, as in PyTorch)."""
-    cupy = backend.require_gpu()
+    cupy = backend.array_module(dy)
     dy = _contiguous(dy)
     y = _contiguous(y)
     if dy.shape != y.shape or dy.dtype != y.dtype:
@@ -405,11 +417,12 @@ def relu_bias_backward(dy, y):
     return dx, dx.sum(axis=(0,) + tuple(range(2, dx.ndim)))
 
 
-def dropout_mask(shape, p, seed, offset, dtype):
-    """mask of 0 or 1/(1-p): element i keeps when the counter-based uniform u(seed, offset + i) >= p."""
+def dropout_mask(shape, p, seed, offset, dtype, device="gpu"):
+    """mask of 0 or 1/(1-p): element i keeps when the counter-based uniform u(seed, offset + i) >= p.
+    device: "gpu", or "emulated" for the same kernel on the CPU."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability p={p} must be in [0, 1]")
-    cupy = backend.require_gpu()
+    cupy = backend.module_of_device(device)
     dtype = np.dtype(dtype)
     scalar = dtype.type
     scale = 0.0 if p == 1.0 else 1.0 / (1.0 - p)

@@ -16,11 +16,12 @@ CIFAR_WIDTHS = ((192, 160, 96), (192, 192, 192), (192, 192, None))
 class NIN(nn.Module):
     """blocks: mlpconv -> pool -> dropout -> mlpconv -> pool -> dropout -> mlpconv -> GAP.
 
-    Between its layers NIN keeps the activations channels first, (C, N, H, W): every convolution
-    is then one GEMM over the batch with no layout copy (functional.Conv2d). Pooling and dropout
-    work per image plane or per element, so they take either layout as it is. Every public entry
-    takes (N, C, H, W), `model.features(x)` included; the channels-first path is the modules'
-    private `_forward_channels_first`.
+    Between its layers NIN keeps the activations in F.working_layout(): channels first,
+    (C, N, H, W), on the fast path, where every convolution is then one GEMM over the batch with
+    no layout copy (functional.Conv2d); (N, C, H, W) on the plain path (reference.py). Pooling and
+    dropout work per image plane or per element, so they take either layout as it is. Every
+    public entry takes (N, C, H, W), `model.features(x)` included; the working layout is the
+    modules' private `_forward_working`. The layout story: docs/design.md, "Layouts".
     """
 
     def __init__(self, in_channels, num_classes, widths, kernel_sizes, pools, dropout, init_std,
@@ -39,8 +40,10 @@ class NIN(nn.Module):
 
     def class_maps(self, x):
         """The last block's output: one (H, W) map per class (the class activation maps), (N, K, H, W)."""
+        if F.working_layout() == "NCHW":
+            return self.features._forward_working(x)
         channels_first = F.swap_batch_and_channels(x)
-        return F.swap_batch_and_channels(self.features._forward_channels_first(channels_first))
+        return F.swap_batch_and_channels(self.features._forward_working(channels_first))
 
     def forward(self, x):
         return self.gap(self.class_maps(x))

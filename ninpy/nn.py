@@ -13,7 +13,7 @@ from . import backend
 from . import functional as F
 from . import random
 from .autograd import Tensor, refuse_unimplemented
-from .shapes import pair
+from .shapes import check_window, pair
 
 
 class Parameter(Tensor):
@@ -34,8 +34,8 @@ class Module:
     """Base class: subclasses set Parameters and Modules as attributes and define forward().
 
     Every public method takes and returns images as (N, C, H, W), as in torch.nn. NIN keeps its
-    activations channels first, (C, N, H, W), between layers (models.NIN); `_forward_channels_first`
-    is forward in that layout, an internal detail.
+    activations in F.working_layout() between layers (channels first, (C, N, H, W), on the fast
+    path; models.NIN); `_forward_working` is forward in that layout, an internal detail.
     """
 
     training = True
@@ -46,9 +46,12 @@ class Module:
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
 
-    def _forward_channels_first(self, x):
-        """forward on a (C, N, H, W) input, giving (C, N, H, W): here by swapping in and out;
-        layers that work per image plane or per element take either layout as it is."""
+    def _forward_working(self, x):
+        """forward on an input in F.working_layout(), giving that layout: here by swapping in and
+        out of (N, C, H, W) when it is channels first; layers that work per image plane or per
+        element take either layout as it is."""
+        if F.working_layout() == "NCHW":
+            return self.forward(x)
         return F.swap_batch_and_channels(self.forward(F.swap_batch_and_channels(x)))
 
     # ---- walking the tree -------------------------------------------------------------------
@@ -163,6 +166,8 @@ class Conv2d(Module):
                              groups=(groups, 1), padding_mode=(padding_mode, "zeros"))
         dtype = np.float32 if dtype is None else dtype
         kh, kw = pair(kernel_size, "kernel_size")
+        for kernel, step, pad in zip((kh, kw), pair(stride, "stride"), pair(padding, "padding")):
+            check_window(kernel, step, pad)   # here, before a kernel of 0 divides He's std by 0
         self.stride, self.padding = stride, padding
         self.weight = Parameter(init_weight((out_channels, in_channels, kh, kw), init_std, dtype),
                                 device=device)
@@ -171,8 +176,9 @@ class Conv2d(Module):
     def forward(self, input):
         return F.conv2d(input, self.weight, self.bias, self.stride, self.padding)
 
-    def _forward_channels_first(self, x):
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, layout="CNHW")
+    def _forward_working(self, x):
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding,
+                        layout=F.working_layout())
 
     def __repr__(self):
         c_out, c_in, kh, kw = self.weight.shape
@@ -201,7 +207,7 @@ class ReLU(Module):
     def forward(self, input):
         return F.relu(input)
 
-    def _forward_channels_first(self, x):   # elementwise: any layout
+    def _forward_working(self, x):   # elementwise: any layout
         return self.forward(x)
 
 
@@ -219,7 +225,7 @@ class MaxPool2d(Module):
         return F.max_pool2d(input, self.kernel_size, self.stride, self.padding,
                             ceil_mode=self.ceil_mode, return_indices=self.return_indices)
 
-    def _forward_channels_first(self, x):   # per image plane: any layout
+    def _forward_working(self, x):   # per image plane: any layout
         return self.forward(x)
 
 
@@ -235,7 +241,7 @@ class AvgPool2d(Module):
         return F.avg_pool2d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
                             self.count_include_pad)
 
-    def _forward_channels_first(self, x):   # per image plane: any layout
+    def _forward_working(self, x):   # per image plane: any layout
         return self.forward(x)
 
 
@@ -256,7 +262,7 @@ class Dropout(Module):
     def forward(self, input):
         return F.dropout(input, self.p, self.training)
 
-    def _forward_channels_first(self, x):   # elementwise: any layout
+    def _forward_working(self, x):   # elementwise: any layout
         return self.forward(x)
 
 
@@ -281,9 +287,9 @@ class Sequential(Module):
             input = module(input)
         return input
 
-    def _forward_channels_first(self, x):
+    def _forward_working(self, x):
         for module in self:
-            x = module._forward_channels_first(x)
+            x = module._forward_working(x)
         return x
 
 
@@ -305,8 +311,8 @@ class MLPConv(Module):
     def forward(self, input):
         return self._convs(input, "NCHW")
 
-    def _forward_channels_first(self, x):
-        return self._convs(x, "CNHW")
+    def _forward_working(self, x):
+        return self._convs(x, F.working_layout())
 
     def _convs(self, x, layout):
         for conv in (self.conv, self.cccp1, self.cccp2):

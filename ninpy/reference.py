@@ -32,7 +32,8 @@ implementations.
 """
 import numpy as np
 
-from .shapes import avg_pool_divisor, conv_output_size
+from .autograd import Function
+from .shapes import avg_pool_divisor, check_pool_output, conv_output_size, pair
 
 
 def _window_rows(start, stride, count):
@@ -83,6 +84,7 @@ def col2im(col, x_shape, kh, kw, sh, sw, ph, pw, layout="NCHW"):
 
 def max_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow):
     """y[n, c, oy, ox] = max of x[n, c, h, w] over the window's real elements (NaN wins); argmax = h*W + w of it."""
+    check_pool_output(x.shape, kh, kw, sh, sw, ph, pw, oh, ow)
     N, C, H, W = x.shape
     h0 = np.maximum(np.arange(oh) * sh - ph, 0)[:, None]   # each window's first real element
     w0 = np.maximum(np.arange(ow) * sw - pw, 0)[None, :]
@@ -102,6 +104,7 @@ def max_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow):
 
 def max_pool_backward(dy, argmax, x_shape, kh, kw, sh, sw, ph, pw):
     """dx[n, c, h, w] = sum of dy[n, c, oy, ox] over the windows whose argmax is h*W + w."""
+    check_pool_output(x_shape, kh, kw, sh, sw, ph, pw, *dy.shape[2:])
     N, C, H, W = x_shape
     windows = dy.shape[2] * dy.shape[3]                   # not -1: an empty batch must reshape too
     dx = np.zeros((N * C, H * W), dtype=dy.dtype)
@@ -119,6 +122,7 @@ def _avg_pool_divisors(H, W, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad):
 
 def avg_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad=True):
     """y[n, c, oy, ox] = (sum of the window's real elements) / divisor(oy, ox) (padding counted if count_include_pad)."""
+    check_pool_output(x.shape, kh, kw, sh, sw, ph, pw, oh, ow)
     N, C, H, W = x.shape
     xp = _pad(x, 0, kh, kw, sh, sw, ph, pw, oh, ow)
     total = np.zeros((N, C, oh, ow), dtype=x.dtype)
@@ -131,6 +135,7 @@ def avg_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad=True):
 
 def avg_pool_backward(dy, x_shape, kh, kw, sh, sw, ph, pw, count_include_pad=True):
     """dx[n, c, h, w] = sum of dy[n, c, oy, ox] / divisor(oy, ox) over the windows covering (h, w)."""
+    check_pool_output(x_shape, kh, kw, sh, sw, ph, pw, *dy.shape[2:])
     N, C, H, W = x_shape
     oh, ow = dy.shape[2:]
     divisors = _avg_pool_divisors(H, W, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad)
@@ -198,3 +203,121 @@ def sgd_update_(param, grad, buf, lr, momentum, weight_decay, nesterov):
     step = g + t(momentum) * buf if nesterov else buf
     param -= t(lr) * step
     return param
+
+
+# =================================================================================================
+# The plain path: every operator NIN uses, forward and backward, in plain NumPy.
+#
+# `ninpy.use_kernels("reference")` (or NINPY_KERNELS=reference, or train.py --kernels reference)
+# makes ninpy.functional apply these Functions instead of its fast ones, so a whole training step
+# runs here: in the public (N, C, H, W) layout throughout, every array a fresh NumPy array (no
+# memory pool), every operator on its own (no fused bias and ReLU), on the CPU only. Step through
+# one with a debugger; tests/test_reference_path.py trains NIN on both paths and compares them.
+# The fast path (functional.py) computes the same numbers faster; docs/design.md, "Layouts", says
+# what it changes and why.
+# =================================================================================================
+
+class Conv2d(Function):
+    """y = w * x + b (cross-correlation);  dw = dy2 @ col^T, db = sum of dy, dx = col2im(w2^T @ dy2).
+
+    x (N, C, H, W), w (F, C, kh, kw), b (F,) or None; y (N, F, oh, ow). col = im2col(x) holds every
+    window as a column, so the convolution is ONE matrix product w2 @ col with w2 = w as
+    (F, C*kh*kw); its result is (F, N*oh*ow), i.e. y with the batch and channel axes exchanged,
+    which is why forward ends, and backward begins, with a transpose. dy2 is dy in that shape.
+    """
+
+    def forward(self, x, w, b, stride, padding):
+        (sh, sw), (ph, pw) = pair(stride, "stride"), pair(padding, "padding")
+        n, _, h, width = x.shape
+        f, _, kh, kw = w.shape
+        oh, ow = conv_output_size(h, kh, sh, ph), conv_output_size(width, kw, sw, pw)
+        self.col = im2col(x, kh, kw, sh, sw, ph, pw)                 # (C*kh*kw, N*oh*ow)
+        self.x_shape, self.w, self.window = x.shape, w, (kh, kw, sh, sw, ph, pw)
+        y2 = w.reshape(f, -1) @ self.col                             # (F, N*oh*ow)
+        if b is not None:
+            y2 = y2 + b[:, None]
+        return y2.reshape(f, n, oh, ow).transpose(1, 0, 2, 3).copy()   # (N, F, oh, ow)
+
+    def backward(self, dy):
+        f = self.w.shape[0]
+        dy2 = dy.transpose(1, 0, 2, 3).reshape(f, -1)                # (F, N*oh*ow)
+        dw = (dy2 @ self.col.T).reshape(self.w.shape)
+        db = dy2.sum(axis=1) if self.needs_input_grad[2] else None
+        dx = None
+        if self.needs_input_grad[0]:                                 # not for the input images
+            dx = col2im(self.w.reshape(f, -1).T @ dy2, self.x_shape, *self.window)
+        return dx, dw, db
+
+
+class ReLU(Function):
+    """y = max(x, 0);  dx = dy where y > 0, else 0."""
+
+    def forward(self, x):
+        self.y = np.maximum(x, 0)
+        return self.y
+
+    def backward(self, dy):
+        return (relu_backward(dy, self.y),)
+
+
+class MaxPool2d(Function):
+    """y = max over each window (padding never wins, a NaN does);  dx: each dy goes to its window's argmax.
+
+    window = (kh, kw, sh, sw, ph, pw) and out_hw = (oh, ow), from functional.max_pool2d."""
+
+    def forward(self, x, window, out_hw):
+        self.x_shape, self.window = x.shape, window
+        y, self.argmax = max_pool_forward(x, *window, *out_hw)
+        return y
+
+    def backward(self, dy):
+        return (max_pool_backward(dy, self.argmax, self.x_shape, *self.window),)
+
+
+class AvgPool2d(Function):
+    """y = sum over each window / divisor;  dx: dy / divisor to every real element of the window."""
+
+    def forward(self, x, window, out_hw, count_include_pad):
+        self.x_shape, self.window, self.count_include_pad = x.shape, window, count_include_pad
+        return avg_pool_forward(x, *window, *out_hw, count_include_pad)
+
+    def backward(self, dy):
+        return (avg_pool_backward(dy, self.x_shape, *self.window, self.count_include_pad),)
+
+
+class GlobalAvgPool2d(Function):
+    """y[n, c] = mean of x[n, c] over H and W;  dx = dy / (H*W) at every position."""
+
+    def forward(self, x):
+        self.x_shape = x.shape
+        return x.mean(axis=(2, 3))
+
+    def backward(self, dy):
+        h, w = self.x_shape[2:]
+        return (np.broadcast_to((dy / (h * w))[:, :, None, None], self.x_shape).copy(),)
+
+
+class Dropout(Function):
+    """y = x * mask;  dx = dy * mask. mask (0 or 1/(1-p)) is drawn by functional.dropout, so both
+    paths draw the same numbers."""
+
+    def forward(self, x, mask):
+        self.mask = mask
+        return x * mask
+
+    def backward(self, dy):
+        return (dy * self.mask,)
+
+
+class CrossEntropy(Function):
+    """loss = mean_n (logsumexp(z_n) - z_n[label_n]);  dz = (softmax(z) - onehot(label)) / N."""
+
+    def forward(self, logits, labels):
+        self.logits, self.labels = logits, labels
+        if logits.shape[0] == 0:   # the mean of no losses is NaN, as in PyTorch
+            return np.full((), np.nan, dtype=logits.dtype)
+        return cross_entropy_forward(logits, labels).mean()
+
+    def backward(self, dloss):
+        scale = dloss / max(self.logits.shape[0], 1)
+        return cross_entropy_backward(self.logits, self.labels, scale), None

@@ -6,7 +6,9 @@ sides, and output index o looks at the `kernel` input positions
     start(o) = o * stride - padding,  ...,  start(o) + kernel - 1            (image coordinates)
 
 Everything else follows from that one line:
-- how many outputs there are (`conv_output_size`, `pool_output_size`);
+- which windows are allowed at all (`check_window`: what PyTorch refuses is refused here, once,
+  before any kernel sees it) and how many outputs there are (`conv_output_size`,
+  `pool_output_size`, and `check_pool_output` for a kernel handed its output size);
 - which outputs look at a given input position (`covering_windows`), which every backward pass
   that is written as a gather needs (col2im, max and average pooling backward);
 - how many elements an average divides by (`avg_pool_divisor`).
@@ -27,15 +29,36 @@ def pair(value, name="value"):
     return int(value), int(value)
 
 
+def check_window(kernel, stride, padding):
+    """Refuse, along one axis, a window PyTorch refuses: kernel >= 1, stride >= 1, padding >= 0.
+
+    Every output size below starts here, so no kernel (reference, Numba or CUDA) is ever handed a
+    window that would make it index outside its arrays (a kernel of 0 reads before the first
+    element, a stride of 0 divides by zero, a negative padding starts windows past the edge).
+    """
+    if kernel < 1:
+        raise RuntimeError(f"kernel size should be greater than zero, but got {kernel}")
+    if stride < 1:
+        raise RuntimeError(f"stride should be greater than zero, but got {stride}")
+    if padding < 0:
+        raise RuntimeError(f"padding must be non-negative, but got {padding}")
+
+
+def _too_small(size, kernel, padding):
+    return RuntimeError(f"output size is too small: input size {size} padded by {padding} on each "
+                        f"side is smaller than kernel {kernel}")
+
+
 def conv_output_size(size, kernel, stride, padding):
     """floor((size + 2*padding - kernel) / stride) + 1, as in PyTorch and Caffe.
 
     The last window must end inside the padded input: start(o) + kernel <= size + padding, i.e.
     o * stride <= size + 2*padding - kernel; count the o >= 0 that satisfy it.
     """
+    check_window(kernel, stride, padding)
     out = (size + 2 * padding - kernel) // stride + 1
     if out < 1:
-        raise ValueError(f"input size {size} with padding {padding} is smaller than kernel {kernel}")
+        raise _too_small(size, kernel, padding)
     return out
 
 
@@ -44,17 +67,37 @@ def pool_output_size(size, kernel, stride, padding, ceil_mode):
 
     Without ceil_mode this is conv_output_size. ceil_mode rounds the window count up, so the last
     window may hang past the padded edge; that window is dropped when it would start inside the
-    right padding (start(o) >= size), so every window holds at least one real element.
+    right padding (start(o) >= size), so every window holds at least one real element. PyTorch
+    also limits the padding to half the kernel, so that every window holds a real element.
     """
-    if padding > kernel // 2:
-        raise ValueError(f"pool padding {padding} must be at most half the kernel size {kernel}")
+    check_window(kernel, stride, padding)
+    if 2 * padding > kernel:
+        raise RuntimeError(f"pad should be at most half of kernel size, but got pad={padding}, "
+                           f"kernel_size={kernel}")
     span = size + 2 * padding - kernel
-    if span < 0:
-        raise ValueError(f"input size {size} with padding {padding} is smaller than kernel {kernel}")
+    if span < 0 or size < 1:
+        raise _too_small(size, kernel, padding)
     out = (math.ceil(span / stride) if ceil_mode else span // stride) + 1
     if ceil_mode and (out - 1) * stride >= size + padding:
         out -= 1
     return out
+
+
+def check_pool_output(x_shape, kh, kw, sh, sw, ph, pw, oh, ow):
+    """Refuse an (oh, ow) that pool_output_size gives for neither ceil_mode, for an (N, C, H, W) input.
+
+    The pooling kernels take the output size from their caller (ceil_mode is the caller's choice);
+    one that does not fit the window would make them read or write past the input.
+    """
+    if len(x_shape) != 4:
+        raise ValueError(f"pooling: expected an (N, C, H, W) input, got shape {tuple(x_shape)}")
+    for axis, size, kernel, stride, padding, out in (("rows", x_shape[2], kh, sh, ph, oh),
+                                                     ("columns", x_shape[3], kw, sw, pw, ow)):
+        fits = {pool_output_size(size, kernel, stride, padding, ceil) for ceil in (False, True)}
+        if out not in fits:
+            raise ValueError(f"pooling: {out} output {axis} do not fit input size {size}, kernel "
+                             f"{kernel}, stride {stride}, padding {padding}; expected one of "
+                             f"{sorted(fits)} (shapes.pool_output_size)")
 
 
 def covering_windows(position, kernel, stride, padding, out):

@@ -1,4 +1,4 @@
-"""Shared test set-up: hypothesis profiles and the `gpu` marker's skip rule."""
+"""Shared test set-up: hypothesis profiles, the `gpu` marker's skip rule, and the emulated device."""
 import os
 
 import pytest
@@ -14,6 +14,9 @@ settings.register_profile("ci", parent=settings.get_profile("dev"), derandomize=
 settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 GPU_PROBLEM = backend.gpu_problem()
+# In CI the emulator is the only evidence about the GPU path there is: there, a missing compiler
+# fails the emulated tests instead of skipping them (.ci/run installs g++).
+IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -21,5 +24,30 @@ def pytest_collection_modifyitems(config, items):
         return
     skip_gpu = pytest.mark.skip(reason=f"no usable GPU: {GPU_PROBLEM}")
     for item in items:
-        if "gpu" in item.keywords:
+        # the marker itself: item.keywords also holds folder names, and a checkout in a folder
+        # called "gpu" would skip every test
+        if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip_gpu)
+
+
+def require_device(device):
+    """Make sure `device` ("gpu" or "emulated") can run, else skip; an emulator that cannot run
+    (no C++ compiler) fails under CI."""
+    try:
+        backend.resolve_device(device)
+    except backend.DeviceError as error:
+        if device == "emulated" and IN_CI:
+            pytest.fail(f"the emulated device cannot run in CI: {error}")
+        pytest.skip(str(error))
+    return device
+
+
+def tf32():
+    """True when CuPy runs float32 matmuls in TF32 (CUPY_TF32=1): 10 mantissa bits, ~5e-4
+    relative rounding of every product's inputs (the emulator rounds them the same way)."""
+    return os.environ.get("CUPY_TF32", "0") not in ("", "0")
+
+
+# A device parameter for the tests that run ninpy's GPU code path: the real GPU (skipped without
+# one) and the emulator (everywhere g++ is).
+GPU_PATHS = [pytest.param("gpu", marks=pytest.mark.gpu), "emulated"]

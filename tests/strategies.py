@@ -99,14 +99,15 @@ def make_geometry(n, c, h, w, kernel, stride, padding, ceil_mode=None):
 
 @st.composite
 def _geometry(draw, pooling, max_batch, max_channels, max_size, max_kernel, max_stride):
-    n = draw(st.integers(1, max_batch))
+    # The degenerate geometries are drawn on purpose, since that is where an index runs past an
+    # array: an empty batch (the size-0 dimension PyTorch allows), size-1 dimensions, a kernel as
+    # large as the padded input (one window), and strides larger than the kernel (gaps).
+    n = draw(st.integers(0, max_batch))
     c = draw(st.integers(1, max_channels))
     kh, kw = draw(st.integers(1, max_kernel)), draw(st.integers(1, max_kernel))
     sh, sw = draw(st.integers(1, max_stride)), draw(st.integers(1, max_stride))
     ph, pw = draw(st.integers(0, kh // 2)), draw(st.integers(0, kw // 2))
-    # sizes at least the kernel minus both paddings, so at least one window fits
-    h = draw(st.integers(max(1, kh - 2 * ph), max(max_size, kh)))
-    w = draw(st.integers(max(1, kw - 2 * pw), max(max_size, kw)))
+    h, w = draw(_image_size(kh, ph, max_size)), draw(_image_size(kw, pw, max_size))
     ceil_mode = draw(st.booleans()) if pooling else False
     if pooling:
         oh = pool_output_size(h, kh, sh, ph, ceil_mode)
@@ -116,13 +117,21 @@ def _geometry(draw, pooling, max_batch, max_channels, max_size, max_kernel, max_
     return Geometry(n, c, h, w, kh, kw, sh, sw, ph, pw, oh, ow, ceil_mode)
 
 
-def pool_geometries(max_batch=3, max_channels=3, max_size=9, max_kernel=4, max_stride=3):
+def _image_size(kernel, padding, max_size):
+    """At least one element, and at least the kernel minus both paddings (so one window fits);
+    that smallest size, where the kernel covers the whole padded input, is drawn half the time."""
+    smallest = max(1, kernel - 2 * padding)
+    return st.one_of(st.just(smallest), st.integers(smallest, max(max_size, kernel)))
+
+
+def pool_geometries(max_batch=3, max_channels=3, max_size=9, max_kernel=4, max_stride=5):
     """Pooling windows (padding <= kernel // 2, ceil_mode on or off): overlapping (stride < kernel),
-    gapped (stride > kernel), and windows that hang past the edge or do not tile the input."""
+    gapped (stride > kernel), windows that hang past the edge or do not tile the input, one window
+    over the whole padded input, and empty batches."""
     return _geometry(True, max_batch, max_channels, max_size, max_kernel, max_stride)
 
 
-def conv_geometries(max_batch=3, max_channels=3, max_size=9, max_kernel=4, max_stride=3):
+def conv_geometries(max_batch=3, max_channels=3, max_size=9, max_kernel=4, max_stride=5):
     """Convolution (im2col) windows with the same ranges; ceil_mode is always False."""
     return _geometry(False, max_batch, max_channels, max_size, max_kernel, max_stride)
 

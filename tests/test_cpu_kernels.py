@@ -5,8 +5,10 @@ Exact where the computation is a copy or a comparison (im2col, max pooling value
 where sums may be taken in another order or precision (col2im, pooling backward, average pooling).
 """
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -221,7 +223,8 @@ print(numba.threading_layer())
 def test_threading_layer_is_workqueue_unless_the_user_chose_one(chosen, expected):
     """Numba's OpenMP pool and OpenBLAS's spin against each other (cpu_kernels explains), so ninpy
     picks the workqueue layer; a NUMBA_THREADING_LAYER the user set wins."""
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    env = {k: v for k, v in os.environ.items()    # a bounds-checked build has no parallel loops
+           if k not in ("NUMBA_THREADING_LAYER", "NUMBA_BOUNDSCHECK")}
     if chosen:
         env["NUMBA_THREADING_LAYER"] = chosen
     out = subprocess.run([sys.executable, "-c", _LAYER_PROBE], env=env, capture_output=True,
@@ -251,3 +254,121 @@ def test_every_kernel_takes_an_empty_batch(module):
     assert module.relu_backward(out, out).shape == out.shape
     dx, db = module.relu_bias_backward(out, out)
     assert dx.shape == out.shape and db.shape == (3,) and not db.any()
+
+
+# Calls with arrays that do not fit each other or their geometry. Numba does not test indices, so
+# before the wrappers checked, each of these read or wrote past an array (relu_backward read 5
+# elements past y; max_pool_backward with an argmax past the plane wrote into another array).
+def _ones(*shape):
+    return np.ones(shape)
+
+
+INCONSISTENT_CALLS = {   # (the call on a kernel module, what the message names)
+    "relu_backward 10 vs 5 elements": (lambda m: m.relu_backward(_ones(10), _ones(5)),
+                                       r"dy has shape \(10,\), expected \(5,\)"),
+    "relu_bias_backward (2, 3, 4) vs (2, 3, 2)": (
+        lambda m: m.relu_bias_backward(_ones(2, 3, 4), _ones(2, 3, 2)), "dy has shape"),
+    "bias_relu_ with 5 biases for 3 channels": (
+        lambda m: m.bias_relu_(_ones(2, 3, 4), _ones(5)), r"bias has shape \(5,\), expected \(3,\)"),
+    "add_bias_ with no biases": (lambda m: m.add_bias_(_ones(2, 3, 4), _ones(0)), "bias has shape"),
+    "im2col of a 3-d x": (lambda m: m.im2col(_ones(1, 4, 4), 2, 2, 1, 1, 0, 0), r"\(N, C, H, W\)"),
+    "im2col kernel 0": (lambda m: m.im2col(_ones(1, 1, 4, 4), 0, 0, 1, 1, 0, 0), "kernel size"),
+    "im2col stride 0": (lambda m: m.im2col(_ones(1, 1, 4, 4), 2, 2, 0, 0, 0, 0), "stride"),
+    "col2im with a col of the wrong shape": (
+        lambda m: m.col2im(_ones(3, 3), (1, 1, 4, 4), 2, 2, 1, 1, 0, 0),
+        r"col has shape \(3, 3\), expected \(4, 9\)"),
+    "col2im padding -1": (lambda m: m.col2im(_ones(4, 25), (1, 1, 4, 4), 2, 2, 1, 1, -1, -1),
+                          "non-negative"),
+    "max_pool_forward kernel 0": (
+        lambda m: m.max_pool_forward(_ones(1, 1, 2, 2), 0, 0, 1, 1, 0, 0, 3, 3), "kernel size"),
+    "max_pool_forward oh past the input": (
+        lambda m: m.max_pool_forward(_ones(1, 1, 4, 4), 2, 2, 2, 2, 0, 0, 5, 2),
+        "5 output rows do not fit"),
+    "max_pool_backward argmax past the plane": (
+        lambda m: m.max_pool_backward(_ones(1, 1, 1, 1), np.full((1, 1, 1, 1), 9, np.int32),
+                                      (1, 1, 2, 2), 2, 2, 2, 2, 0, 0), "outside the 2x2 plane"),
+    "max_pool_backward negative argmax": (
+        lambda m: m.max_pool_backward(_ones(1, 2, 1, 1), np.array([0, -1], np.int32).reshape(1, 2, 1, 1),
+                                      (1, 2, 2, 2), 2, 2, 2, 2, 0, 0), "outside the 2x2 plane"),
+    "max_pool_backward argmax of another shape": (
+        lambda m: m.max_pool_backward(_ones(1, 1, 2, 2), np.zeros((1, 1, 1, 1), np.int32),
+                                      (1, 1, 4, 4), 2, 2, 2, 2, 0, 0), "argmax has shape"),
+    "max_pool_backward dy for more planes": (
+        lambda m: m.max_pool_backward(_ones(2, 1, 2, 2), np.zeros((2, 1, 2, 2), np.int32),
+                                      (1, 1, 4, 4), 2, 2, 2, 2, 0, 0), "dy has shape"),
+    "avg_pool_forward stride 0": (
+        lambda m: m.avg_pool_forward(_ones(1, 1, 4, 4), 2, 2, 0, 0, 0, 0, 2, 2), "stride"),
+    "avg_pool_backward dy larger than the windows": (
+        lambda m: m.avg_pool_backward(_ones(1, 1, 3, 3), (1, 1, 4, 4), 2, 2, 2, 2, 0, 0),
+        "3 output rows do not fit"),
+}
+
+
+@pytest.mark.parametrize("case", INCONSISTENT_CALLS)
+def test_a_kernel_refuses_arrays_that_do_not_fit(case):
+    """One line naming what does not fit (PyTorch's RuntimeError for a refused window, ValueError
+    for arrays that do not fit each other), raised before the kernel runs."""
+    call, message = INCONSISTENT_CALLS[case]
+    with pytest.raises((ValueError, RuntimeError), match=message) as caught:
+        call(K)
+    assert "\n" not in str(caught.value)
+
+
+def _run_probe(probe, env, cwd=None):
+    return subprocess.run([sys.executable, "-c", probe], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+_OUT_OF_BOUNDS_PROBE = """
+import numpy as np
+from ninpy import cpu_kernels
+dx = np.empty(10)
+cpu_kernels._relu_backward_kernel(np.ones(10), np.ones({y_size}), dx)   # the wrapper's check bypassed
+print("ran")
+"""
+
+
+def test_bounds_checking_turns_an_index_past_an_array_into_an_index_error(tmp_path):
+    """What the memory-safety pass of .ci/run relies on: with NUMBA_BOUNDSCHECK=1 a kernel that
+    reads past an array raises IndexError, even when the disk cache already holds the unchecked
+    kernel for the same arguments (here: y of 5 elements where the kernel reads 10)."""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_BOUNDSCHECK"}
+    env["NUMBA_CACHE_DIR"] = str(tmp_path)
+    filled = _run_probe(_OUT_OF_BOUNDS_PROBE.format(y_size=10), env)
+    assert filled.returncode == 0, filled.stderr
+    checked = _run_probe(_OUT_OF_BOUNDS_PROBE.format(y_size=5), {**env, "NUMBA_BOUNDSCHECK": "1"})
+    assert checked.returncode != 0 and "IndexError" in checked.stderr, checked.stdout + checked.stderr
+
+
+_AVERAGE_PROBE = """
+import numpy as np
+from ninpy import cpu_kernels
+assert cpu_kernels.__file__.startswith({package!r}), cpu_kernels.__file__
+x = np.arange(16.0).reshape(1, 1, 4, 4)
+print(cpu_kernels.avg_pool_forward(x, 2, 2, 2, 2, 0, 0, 2, 2).ravel().tolist())
+"""
+
+
+def test_cached_kernels_follow_an_edit_to_shapes_py(tmp_path):
+    """The kernels compile in shapes.py's functions, so their disk cache must not outlive an edit
+    to shapes.py: in a copy of the package, fill the cache, double avg_pool_divisor, and see the
+    averages halve in a fresh process."""
+    package = tmp_path / "ninpy"
+    shutil.copytree(Path(K.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "PYTHONPATH")}
+    probe = _AVERAGE_PROBE.format(package=str(package))
+
+    def averages():
+        result = _run_probe(probe, env, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        return eval(result.stdout)
+
+    assert averages() == [2.5, 4.5, 10.5, 12.5]
+    assert list(package.glob("__pycache__/cpu_kernels._avg_pool_forward_kernel*.nbi"))   # cached
+    shapes = package / "shapes.py"
+    source = shapes.read_text()
+    doubled = source.replace("return min(end, size + padding) - start",
+                             "return 2 * (min(end, size + padding) - start)")
+    assert doubled != source
+    shapes.write_text(doubled)
+    assert averages() == [0.625, 1.125, 2.625, 3.125]   # the divisor of rows and of columns doubled

@@ -31,8 +31,37 @@ def test_openblas_threads_sleep_unless_the_user_chose():
     assert probe(OPENBLAS_THREAD_TIMEOUT="20") == "[] 20"
 
 
-def test_nothing_is_set_once_numpy_has_loaded_its_blas():
-    assert probe(before="import numpy") == "[] None"
+def test_numpy_imported_first_gets_the_setting_too():
+    assert probe(before="import numpy") == (
+        "['OPENBLAS_THREAD_TIMEOUT=4 (OpenBLAS already loaded: threads restarted)'] 4")
+    assert probe(before="import numpy", OPENBLAS_THREAD_TIMEOUT="20") == "[] 20"
+
+
+_SPIN = """
+import time
+{first}
+import ninpy
+import numpy as np
+a = np.ones((400, 400), np.float32)
+burnt = []
+for _ in range(3):
+    a @ a                                  # wakes OpenBLAS's threads
+    start = time.process_time()
+    time.sleep(0.2)                        # a spinning worker burns CPU time through this sleep
+    burnt.append(time.process_time() - start)
+print(min(burnt))
+"""
+
+
+@pytest.mark.parametrize("first", ["import numpy", ""], ids=["numpy_first", "ninpy_first"])
+def test_blas_threads_sleep_after_a_product_whatever_was_imported_first(first):
+    """OpenBLAS's workers spin about 0.1 s after a product unless OPENBLAS_THREAD_TIMEOUT is small:
+    the CPU time the process burns while the main thread sleeps shows which one they run with."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    env.update(PYTHONPATH=ROOT, OPENBLAS_NUM_THREADS="2")
+    out = subprocess.run([sys.executable, "-c", _SPIN.format(first=first)], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    assert float(out) < 0.03, f"OpenBLAS's threads spun for {float(out):.3f} s of CPU time"
 
 
 def test_blas_report_warns_when_the_kernel_set_is_pinned(monkeypatch):

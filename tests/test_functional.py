@@ -71,7 +71,7 @@ def test_channels_first_conv2d_gradients_and_values(g, c_out, seed, with_bias, r
     y_cf = op(x_cf, w, b, stride, pad, layout="CNHW")
     np.testing.assert_allclose(y_cf.data, op(x, w, b, stride, pad).data.transpose(1, 0, 2, 3),
                                rtol=1e-12, atol=1e-12)
-    if relu and np.abs(F.conv2d(x, w, b, stride, pad).data).min() < 1e-3:
+    if relu and np.abs(F.conv2d(x, w, b, stride, pad).data).min(initial=1) < 1e-3:
         return                                   # finite differences across ReLU's kink are meaningless
     leaf_cf = leaf(x_cf.data, layout)
     inputs = [leaf_cf, w] + ([b] if with_bias else [])
@@ -100,7 +100,7 @@ def test_conv2d_relu_is_relu_of_conv_and_has_right_gradients(g, c_out, seed, lay
     plain = F.relu(F.conv2d(x, w, b, stride, pad))
     np.testing.assert_allclose(fused.data, plain.data, rtol=1e-12, atol=1e-12)
     pre = F.conv2d(x, w, b, stride, pad).data
-    if np.abs(pre).min() > 1e-3:  # finite differences across ReLU's kink are meaningless
+    if np.abs(pre).min(initial=1) > 1e-3:  # finite differences across ReLU's kink are meaningless
         assert ninpy.gradcheck(lambda x, w, b: F.conv2d_relu(x, w, b, stride, pad), [x, w, b])
 
 
@@ -196,8 +196,87 @@ def test_shape_errors_are_clear():
         F.conv2d(x, Tensor(np.zeros((8, 2, 3, 3))))
     with pytest.raises(ValueError, match=r"\(N, C, H, W\).*\(3, 5, 5\)"):
         F.max_pool2d(Tensor(np.zeros((3, 5, 5))), 2)
-    with pytest.raises(ValueError, match="smaller than kernel"):
+    with pytest.raises(RuntimeError, match="smaller than kernel"):
         F.conv2d(x, Tensor(np.zeros((1, 3, 7, 7))))
+
+
+# Geometries PyTorch refuses, each of which once reached a Numba kernel and read or wrote out of
+# bounds (a kernel of 0 returned 9 values from a 2x2 input and its backward crashed the
+# interpreter) or failed inside NumPy. Each case is (what torch.nn.functional or ninpy.functional
+# is called with, the message): `f` is the functional module, `t` makes a tensor of it.
+def _image(t, h=4, w=4):
+    return t(np.ones((1, 1, h, w), np.float32))
+
+
+def _weight(t, kh, kw):
+    return t(np.ones((1, 1, kh, kw), np.float32))
+
+
+HOSTILE_GEOMETRIES = {
+    "max_pool2d kernel 0": (lambda f, t: f.max_pool2d(_image(t, 2, 2), 0, 1), "kernel size"),
+    "max_pool2d kernel -1 padding -1": (lambda f, t: f.max_pool2d(_image(t, 2, 2), -1, 1, -1),
+                                        "kernel size"),
+    "max_pool2d kernel (2, 0)": (lambda f, t: f.max_pool2d(_image(t), (2, 0), 1), "kernel size"),
+    "max_pool2d stride 0": (lambda f, t: f.max_pool2d(_image(t), 2, 0), "stride"),
+    "max_pool2d stride -1": (lambda f, t: f.max_pool2d(_image(t), 2, -1), "stride"),
+    "max_pool2d padding -1": (lambda f, t: f.max_pool2d(_image(t), 2, 1, -1), "non-negative"),
+    "max_pool2d padding over half the kernel": (lambda f, t: f.max_pool2d(_image(t), 2, 1, 2),
+                                                "half of kernel"),
+    "max_pool2d kernel over the input": (lambda f, t: f.max_pool2d(_image(t, 2, 2), 5, 1), "too small"),
+    "max_pool2d empty image": (lambda f, t: f.max_pool2d(_image(t, 0, 4), 1), "too small"),
+    "avg_pool2d kernel 0": (lambda f, t: f.avg_pool2d(_image(t, 2, 2), 0, 1), "kernel size"),
+    "avg_pool2d stride 0": (lambda f, t: f.avg_pool2d(_image(t), 2, 0), "stride"),
+    "avg_pool2d padding -1": (lambda f, t: f.avg_pool2d(_image(t), 2, 1, -1), "non-negative"),
+    "avg_pool2d padding over half the kernel": (lambda f, t: f.avg_pool2d(_image(t), 3, 1, 2),
+                                                "half of kernel"),
+    "conv2d weight (1, 1, 0, 0)": (lambda f, t: f.conv2d(_image(t), _weight(t, 0, 0)), "kernel size"),
+    "conv2d stride -1": (lambda f, t: f.conv2d(_image(t), _weight(t, 2, 2), stride=-1), "stride"),
+    "conv2d stride 0": (lambda f, t: f.conv2d(_image(t), _weight(t, 2, 2), stride=0), "stride"),
+    "conv2d stride (1, 0)": (lambda f, t: f.conv2d(_image(t), _weight(t, 2, 2), stride=(1, 0)),
+                             "stride"),
+    "conv2d padding -1": (lambda f, t: f.conv2d(_image(t), _weight(t, 2, 2), padding=-1),
+                          "non-negative"),
+    "conv2d kernel over the input": (lambda f, t: f.conv2d(_image(t), _weight(t, 5, 5)), "too small"),
+    "conv2d empty image": (lambda f, t: f.conv2d(_image(t, 0, 4), _weight(t, 1, 1)), "too small"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_GEOMETRIES)
+def test_a_geometry_pytorch_refuses_is_refused_before_any_kernel(case, monkeypatch):
+    call, message = HOSTILE_GEOMETRIES[case]
+    monkeypatch.setattr(F, "kernels_for", lambda array: pytest.fail("a kernel was reached"))
+    with pytest.raises(RuntimeError, match=message):
+        call(F, Tensor)
+
+
+@pytest.mark.parametrize("case", HOSTILE_GEOMETRIES)
+def test_pytorch_refuses_the_same_geometries_with_the_same_kind_of_error(case):
+    torch = pytest.importorskip("torch")
+    call, _ = HOSTILE_GEOMETRIES[case]
+    with pytest.raises(RuntimeError):
+        call(torch.nn.functional, torch.tensor)
+
+
+HOSTILE_LAYERS = {
+    "MaxPool2d(0)": lambda nn: nn.MaxPool2d(0),
+    "MaxPool2d(2, stride=0)": lambda nn: nn.MaxPool2d(2, stride=0),
+    "AvgPool2d(2, padding=-1)": lambda nn: nn.AvgPool2d(2, padding=-1),
+    "Conv2d(1, 1, 0)": lambda nn: nn.Conv2d(1, 1, 0),
+    "Conv2d(1, 1, 2, stride=0)": lambda nn: nn.Conv2d(1, 1, 2, stride=0),
+    "Conv2d(1, 1, 2, padding=-1)": lambda nn: nn.Conv2d(1, 1, 2, padding=-1),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_LAYERS)
+def test_a_layer_with_a_refused_geometry_is_refused(case):
+    """ninpy refuses when the layer is built or called (a Conv2d when built: its He initialisation
+    would divide by a kernel of 0); PyTorch, when called. Both with a RuntimeError."""
+    from ninpy import nn
+    with pytest.raises(RuntimeError):
+        HOSTILE_LAYERS[case](nn)(_image(Tensor))
+    torch = pytest.importorskip("torch")
+    with pytest.raises(RuntimeError):
+        HOSTILE_LAYERS[case](torch.nn)(_image(torch.tensor))
 
 
 def test_output_sizes_follow_caffe_for_nin():

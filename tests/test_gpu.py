@@ -1,70 +1,54 @@
 """GPU kernels (ninpy.gpu_kernels, kernels/*.cu) against the NumPy reference, and a whole NIN training
 step on the GPU against the CPU.
 
-Kernel tests run on two backends:
-- "cuda": the real thing, marked `gpu` (skipped by conftest.py without a usable GPU);
-- "emulated": the same .cu sources compiled by g++ and run on the CPU through
-  tests/cuda_host_emulator.py, with gpu_kernels' launches checked argument by argument against the
-  kernels' C signatures. It runs everywhere g++ (C++20) is found, so index formulas and launch
-  arguments are tested even on machines without a GPU. It cannot show GPU rounding, speed or cuBLAS.
+Every test runs on two devices of ninpy's GPU code path:
+- "gpu": the real thing, marked `gpu` (skipped by conftest.py without a usable GPU);
+- "emulated": the same .cu sources compiled by g++ and run on the CPU through ninpy/emulator.py,
+  with gpu_kernels' launches checked argument by argument against the kernels' C signatures. It runs
+  everywhere g++ (C++20) is found (in CI it must), so index formulas and launch arguments are
+  tested even on machines without a GPU. It cannot show GPU rounding, races, speed or cuBLAS.
 """
 import contextlib
 import ctypes
-import functools
 import math
 import os
-import warnings
+import types
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ninpy import backend, gpu_kernels
+from conftest import GPU_PATHS, IN_CI, require_device, tf32
+from ninpy import backend, emulator, gpu_kernels
 from ninpy import reference as R
 from strategies import (conv_geometries, dtypes, in_layout, layouts, pool_geometries, random_array,
                         random_labels, seeds)
 from test_reference import edge_values
 
-BACKENDS = [pytest.param("cuda", marks=pytest.mark.gpu), "emulated"]
+BACKENDS = GPU_PATHS
 DTYPES = [np.float32, np.float64]
 EXAMPLES = settings(max_examples=25, deadline=None)
-
-
-@functools.lru_cache(maxsize=None)
-def _emulated_cupy():
-    import cuda_host_emulator
-    try:
-        return cuda_host_emulator.emulated_cupy(gpu_kernels.kernel_sources()), None
-    except cuda_host_emulator.EmulatorUnavailable as error:
-        return None, str(error)
 
 
 class Device:
     """put: NumPy -> device array (in a memory layout of strategies.LAYOUTS); get: device -> NumPy."""
 
-    def __init__(self, name, xp, put, get):
-        self.name, self.xp, self.get = name, xp, get
-        self._put = put
+    def __init__(self, name):
+        self.name, self.xp = name, backend.module_of_device(name)
 
     def put(self, array, layout="c_order"):
-        return in_layout(self._put(array), layout, self.xp)
+        return in_layout(backend.to_device(array, self.name), layout, self.xp)
+
+    @staticmethod
+    def get(array):
+        return backend.to_device(array, "cpu")
 
 
 @contextlib.contextmanager
-def kernels_on(backend_name):
-    if backend_name == "cuda":
-        cupy = backend.require_gpu()
-        yield Device("cuda", cupy, cupy.asarray, cupy.asnumpy)
-        return
-    fake, problem = _emulated_cupy()
-    if fake is None:
-        pytest.skip(f"host emulator unavailable: {problem}")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gpu_kernels.backend, "require_gpu", lambda: fake)
-        patch.setattr(gpu_kernels, "_modules", {})
-        patch.setattr(gpu_kernels, "_functions", {})
-        yield Device("emulated", fake, np.array, np.asarray)
+def kernels_on(device):
+    """Yield a Device for "gpu" or "emulated" (skipped when it cannot run; in CI the emulator must)."""
+    yield Device(require_device(device))
 
 
 def tolerance(dtype):
@@ -148,7 +132,6 @@ def test_avg_pool_matches_reference(where, g, dtype, seed, layout, count_include
 def test_pooling_cu_window_arithmetic_agrees_with_shapes_py():
     """kernels/pooling.cu repeats ninpy/shapes.py's covering_windows and avg_pool_divisor in C (a
     kernel cannot import Python): call its device helpers on the host for every small case."""
-    import cuda_host_emulator
     from ninpy import shapes
 
     wrappers = """
@@ -159,10 +142,8 @@ def test_pooling_cu_window_arithmetic_agrees_with_shapes_py():
         return avg_pool_divisor(start, k, size, pad, include);
     }
     """
-    try:
-        probe = cuda_host_emulator.build_probe(gpu_kernels.KERNEL_DIR / "pooling.cu", wrappers)
-    except cuda_host_emulator.EmulatorUnavailable as error:
-        pytest.skip(str(error))
+    require_device("emulated")
+    probe = emulator.build_probe(gpu_kernels.KERNEL_DIR / "pooling.cu", wrappers)
     window = (ctypes.c_int * 2)()
     for size in range(1, 9):
         for kernel in range(1, 5):
@@ -262,7 +243,7 @@ def test_long_long_index_instantiations_agree(where, monkeypatch):
             a = gpu_kernels.avg_pool_forward(dev.put(x), 3, 3, 2, 2, 1, 1, 4, 3)
             adx = gpu_kernels.avg_pool_backward(a, x.shape, 3, 3, 2, 2, 1, 1)
             out = gpu_kernels.bias_relu_(dev.put(x), dev.put(np.arange(3.0)))
-            mask = gpu_kernels.dropout_mask((5, 7), 0.5, 3, 11, np.float64)
+            mask = gpu_kernels.dropout_mask((5, 7), 0.5, 3, 11, np.float64, dev.name)
             p, buf = dev.put(x), dev.put(np.zeros_like(x))
             gpu_kernels.sgd_update_(p, dev.put(x), buf, 0.1, 0.9, 1e-4, True)
             results.append([dev.get(v) for v in (col, dx, y, argmax, mdx, a, adx, out, mask, p, buf)])
@@ -278,7 +259,7 @@ def test_long_long_index_instantiations_agree(where, monkeypatch):
 def test_dropout_mask_statistics_and_determinism(where, dtype):
     p, n = 0.3, 400_000
     with kernels_on(where) as dev:
-        mask = dev.get(gpu_kernels.dropout_mask((n,), p, 1234, 10, dtype))
+        mask = dev.get(gpu_kernels.dropout_mask((n,), p, 1234, 10, dtype, dev.name))
         assert mask.dtype == dtype
         assert set(np.unique(mask).tolist()) <= {0.0, float(dtype(1 / (1 - p)))}
         keep = mask != 0
@@ -286,19 +267,19 @@ def test_dropout_mask_statistics_and_determinism(where, dtype):
         assert abs(np.corrcoef(keep[:-1], keep[1:])[0, 1]) < 0.01  # neighbours independent
         assert abs(mask.mean() - 1) < 0.01  # E[mask] = 1: inverted dropout keeps the scale
         # same (seed, offset) -> the same mask; the shape does not matter, only the counter
-        again = dev.get(gpu_kernels.dropout_mask((n // 4, 4), p, 1234, 10, dtype))
+        again = dev.get(gpu_kernels.dropout_mask((n // 4, 4), p, 1234, 10, dtype, dev.name))
         np.testing.assert_array_equal(again.ravel(), mask)
         # counter-based: the draw for element i is that of counter offset + i
-        shifted = dev.get(gpu_kernels.dropout_mask((1000,), p, 1234, 10 + 500, dtype))
+        shifted = dev.get(gpu_kernels.dropout_mask((1000,), p, 1234, 10 + 500, dtype, dev.name))
         np.testing.assert_array_equal(shifted, mask[500:1500])
         # another offset or another seed -> another mask (agreement near p^2 + (1-p)^2 = 0.58)
-        for other in (gpu_kernels.dropout_mask((n,), p, 1234, 10 + n, dtype),
-                      gpu_kernels.dropout_mask((n,), p, 1235, 10, dtype)):
+        for other in (gpu_kernels.dropout_mask((n,), p, 1234, 10 + n, dtype, dev.name),
+                      gpu_kernels.dropout_mask((n,), p, 1235, 10, dtype, dev.name)):
             agreement = ((dev.get(other) != 0) == keep).mean()
             assert abs(agreement - (p * p + (1 - p) ** 2)) < 0.01
-        assert (dev.get(gpu_kernels.dropout_mask((100,), 0.0, 1, 0, dtype)) == 1).all()
-        assert (dev.get(gpu_kernels.dropout_mask((100,), 1.0, 1, 0, dtype)) == 0).all()
-        assert gpu_kernels.dropout_mask((0, 3), p, 1, 0, dtype).shape == (0, 3)
+        assert (dev.get(gpu_kernels.dropout_mask((100,), 0.0, 1, 0, dtype, dev.name)) == 1).all()
+        assert (dev.get(gpu_kernels.dropout_mask((100,), 1.0, 1, 0, dtype, dev.name)) == 0).all()
+        assert gpu_kernels.dropout_mask((0, 3), p, 1, 0, dtype, dev.name).shape == (0, 3)
     with pytest.raises(ValueError, match="must be in"):
         gpu_kernels.dropout_mask((3,), 1.5, 1, 0, dtype)
 
@@ -349,24 +330,32 @@ def test_sgd_update_matches_the_reference_the_cpu_uses(where, nesterov):
         np.testing.assert_allclose(dev.get(b), buf, **tolerance(np.float64))
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("nesterov", [False, True])
-def test_sgd_update_matches_torch_itself(nesterov):
-    """Against torch.optim.SGD itself (GPU machines only: importing torch costs seconds)."""
+@pytest.mark.parametrize("where", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("momentum, weight_decay, nesterov", [(0.9, 1e-4, False), (0.9, 5e-4, True),
+                                                              (0.0, 0.0, False)])
+def test_sgd_update_matches_torch_itself(where, dtype, momentum, weight_decay, nesterov):
+    """sgd.cu against torch.optim.SGD itself (not a copy of its formula): parameters and momentum
+    buffers after three steps."""
     torch = pytest.importorskip("torch")
-    where = "cuda"
     rng = np.random.default_rng(1)
-    param = rng.standard_normal((4, 5))
-    grads = [rng.standard_normal((4, 5)) for _ in range(3)]
+    param = rng.standard_normal((4, 5)).astype(dtype)
+    grads = [rng.standard_normal((4, 5)).astype(dtype) for _ in range(3)]
     weight = torch.nn.Parameter(torch.tensor(param))
-    optimizer = torch.optim.SGD([weight], lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=nesterov)
+    optimizer = torch.optim.SGD([weight], lr=0.1, momentum=momentum, weight_decay=weight_decay,
+                                nesterov=nesterov)
     with kernels_on(where) as dev:
         p, b = dev.put(param), dev.put(np.zeros_like(param))
         for grad in grads:
             weight.grad = torch.tensor(grad)
             optimizer.step()
-            gpu_kernels.sgd_update_(p, dev.put(grad), b, 0.1, 0.9, 1e-4, nesterov)
-        np.testing.assert_allclose(dev.get(p), weight.detach().numpy(), rtol=1e-12, atol=1e-12)
+            gpu_kernels.sgd_update_(p, dev.put(grad), b, 0.1, momentum, weight_decay, nesterov)
+        # float32: the kernel and torch may round a multiply-add once (FMA) or twice
+        rounding = dict(rtol=1e-12, atol=1e-12) if dtype == np.float64 else dict(rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(dev.get(p), weight.detach().numpy(), **rounding)
+        if momentum:
+            np.testing.assert_allclose(dev.get(b), optimizer.state[weight]["momentum_buffer"].numpy(),
+                                       **rounding)
 
 
 @pytest.mark.parametrize("where", BACKENDS)
@@ -382,13 +371,14 @@ def test_kernels_reject_wrong_dtypes_clearly(where):
                                    dev.put(np.zeros(3, np.float32)))
 
 
-# --- GPU only: streams, no host synchronisation -------------------------------------------
+# --- streams and host synchronisation -------------------------------------------------------------
 
-def _kernel_inputs(cupy):
+def _kernel_inputs(device):
     """Small device arrays for _every_kernel_once, made before any no-synchronisation check."""
-    x = cupy.asarray(np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32))
-    return dict(x=x, labels=cupy.arange(6, dtype=cupy.int64), scale=cupy.asarray(np.float32(1 / 6)),
-                bias=cupy.ones(3, np.float32), w=cupy.ones((5, 3), np.float32))
+    xp = backend.module_of_device(device)
+    x = xp.asarray(np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32))
+    return dict(x=x, labels=xp.arange(6, dtype=np.int64), scale=xp.asarray(np.float32(1 / 6)),
+                bias=xp.ones(3, np.float32), device=device)
 
 
 def _every_kernel_once(inputs):
@@ -407,34 +397,103 @@ def _every_kernel_once(inputs):
     results += [gpu_kernels.bias_relu_(x.copy(), inputs["bias"]),
                 gpu_kernels.add_bias_(x.copy(), inputs["bias"]),
                 gpu_kernels.relu_backward(x, x),
-                gpu_kernels.dropout_mask((4, 5), 0.5, 1, 2, np.float32)]
+                gpu_kernels.dropout_mask((4, 5), 0.5, 1, 2, np.float32, inputs["device"])]
     p, buf = x.copy(), x * 0
     results += [gpu_kernels.sgd_update_(p, x, buf, 0.1, 0.9, 1e-4, False), buf]
     return results
 
 
 @pytest.mark.gpu
-def test_kernels_launch_on_the_current_stream_without_host_synchronisation():
+def test_kernels_launch_on_the_current_stream():
     cupy = backend.require_gpu()
-    import cupyx
-
-    inputs = _kernel_inputs(cupy)
-    _every_kernel_once(inputs)  # compile first (compiling and loading modules may synchronise)
+    inputs = _kernel_inputs("gpu")
     expected = [cupy.asnumpy(r) for r in _every_kernel_once(inputs)]
-    stream = cupy.cuda.Stream(non_blocking=True)
-    with stream, warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # allow_synchronize is deprecated, still works
-        with cupyx.allow_synchronize(False):
-            results = _every_kernel_once(inputs)
+    stream = cupy.cuda.Stream(non_blocking=True)  # does not wait for the default stream, nor it for us
+    with stream:
+        results = _every_kernel_once(inputs)
     stream.synchronize()
     for got, want in zip(results, expected):
         np.testing.assert_array_equal(cupy.asnumpy(got), want)
 
 
-# --- GPU only: a whole NIN training step, GPU vs CPU, and determinism ----------------------------
+# A kernel that keeps the GPU busy for a given number of nanoseconds (%globaltimer: sm_70 and later).
+_SPIN = r"""
+extern "C" __global__ void spin(unsigned long long nanoseconds) {
+    unsigned long long start, now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+    do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now)); } while (now - start < nanoseconds);
+}
+"""
+_SPIN_SECONDS = 3.0  # far more than a small step takes to launch, so only a wait can outlast it
+
+
+def _training_step(device):
+    """(run, warm up): run() makes one training step of Trainer._step on a small NIN, without
+    reading its loss; the model, batch and optimizer are made (and the kernels compiled) first."""
+    import ninpy
+    from ninpy import models, optim, training
+
+    ninpy.random.manual_seed(0)
+    model = models.nin(dtype=np.float32).to(device).train()  # dropout on: its kernel too
+    x, labels = _small_batch(np.float32, n=2)
+    xb, yb = backend.to_device(x, device), backend.to_device(labels, device)
+    trainer = types.SimpleNamespace(model=model, warmup=types.SimpleNamespace(warmup_steps=-1),
+                                    optimizer=optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
+    tally = training._EpochTally.start(backend.module_of_device(device), {}, 0)
+    return lambda: training.Trainer._step(trainer, 0, [0.01], xb, yb, tally)
+
+
+def _step_synchronises(device):
+    """True when a training step reads a device value on the host (a sync: the GPU drains)."""
+    step = _training_step(device)
+    step()  # compile every kernel and fill the memory pool first
+    if device == "emulated":
+        try:
+            with emulator.forbid_synchronize():
+                step()
+        except emulator.DeviceSynchronized:
+            return True
+        return False
+    cupy = backend.require_gpu()
+    spin = cupy.RawKernel(_SPIN, "spin")
+    cupy.cuda.Device().synchronize()
+    stream = cupy.cuda.Stream()  # a blocking stream: work on the default stream waits for it too
+    with stream:
+        spin((1,), (1,), (np.uint64(_SPIN_SECONDS * 1e9),))
+        spun = cupy.cuda.Event()
+        spun.record()  # done once the spin is: a step that waits for the GPU sees it done
+        step()
+        synchronised = spun.done
+    stream.synchronize()
+    return synchronised
+
+
+@pytest.mark.parametrize("device", GPU_PATHS)
+def test_a_training_step_never_waits_for_the_gpu(device):
+    require_device(device)
+    assert not _step_synchronises(device), "a training step reads a device value on the host"
+
+
+@pytest.mark.parametrize("device", GPU_PATHS)
+def test_the_synchronisation_check_sees_a_planted_read(device, monkeypatch):
+    """The check above can fail: a `.get()` planted in the optimizer's step is seen."""
+    from ninpy import optim
+
+    require_device(device)
+    honest = optim.SGD.step
+
+    def step_with_a_read(self):
+        self.param_groups[0]["params"][0].data.get()
+        return honest(self)
+
+    monkeypatch.setattr(optim.SGD, "step", step_with_a_read)
+    assert _step_synchronises(device)
+
+
+# --- a whole NIN training step, GPU vs CPU, and determinism ----------------------------------------
 
 def _nin_step(model, x, labels, device, steps=2):
-    """`steps` SGD steps on one batch; returns (first loss, {name: NumPy array} after the steps)."""
+    """`steps` SGD steps on one batch; returns (losses, {name: NumPy array} after the steps)."""
     import ninpy.functional as F
     from ninpy import Tensor, optim
 
@@ -456,84 +515,61 @@ def _small_batch(dtype, n=4):
     return rng.standard_normal((n, 3, 32, 32)).astype(dtype), rng.integers(0, 10, n).astype(np.int64)
 
 
-@contextlib.contextmanager
-def gpu_device(where):
-    """Yield with ninpy's "gpu" device working: the real one, or the host emulator standing in for CuPy
-    (EmulatedArray arrays, our kernels run on the CPU, cuBLAS replaced by its NumPy semantics)."""
-    if where == "cuda":
-        backend.require_gpu()
-        yield
-        return
-    import cuda_host_emulator
-
-    fake, problem = _emulated_cupy()
-    if fake is None:
-        pytest.skip(f"host emulator unavailable: {problem}")
-    module = cuda_host_emulator.EmulatedCupyModule(gpu_kernels.kernel_sources())
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(backend, "_cupy", module)
-        patch.setattr(backend, "gpu_problem", lambda: None)
-        patch.setattr(backend, "require_gpu", lambda: module)
-        patch.setattr(gpu_kernels, "_modules", {})
-        patch.setattr(gpu_kernels, "_functions", {})
-        try:
-            yield
-        except cuda_host_emulator.EmulatorLacks as error:
-            pytest.skip(f"ninpy's GPU path uses a CuPy-only API: {error}")
-
-
-@pytest.mark.parametrize("where, dtype", [pytest.param("cuda", np.float32, marks=pytest.mark.gpu),
-                                          pytest.param("cuda", np.float64, marks=pytest.mark.gpu),
-                                          ("emulated", np.float64)])
-def test_nin_training_step_gpu_matches_cpu(where, dtype):
-    """Forward, backward and two SGD steps of the CIFAR NIN on the GPU and on the CPU, same weights.
+@pytest.mark.parametrize("where", GPU_PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nin_training_steps_match_the_cpu(where, dtype):
+    """Forward, backward and three SGD steps of the CIFAR-10 NIN (its own code: models.nin, full
+    widths) on the GPU path and on the CPU, from the same weights on the same batch.
 
     "emulated" runs ninpy's whole GPU code path (functional.py's GPU branches, every gpu_kernels
-    launch) on the CPU: it checks the plumbing, not the GPU's arithmetic.
+    launch) on the CPU: it checks the plumbing, not the GPU's arithmetic. Kept small for CI: two
+    32x32 images (four on a GPU) and eval mode (dropout off: the devices draw different masks, each
+    checked on its own by the dropout tests).
     """
     import ninpy
     from ninpy import models
 
-    x, labels = _small_batch(dtype, n=4 if where == "cuda" else 2)
+    device = require_device(where)
+    x, labels = _small_batch(dtype, n=4 if where == "gpu" else 2)
     ninpy.random.manual_seed(0)
-    cpu_model = models.nin(dtype=dtype).eval()  # eval: dropout off, so both devices see one network
-    cpu_losses, cpu_weights = _nin_step(cpu_model, x, labels, "cpu")
-    ninpy.random.manual_seed(0)
-    initial = models.nin(dtype=dtype).state_dict()
-    with gpu_device(where):
-        gpu_model = models.nin(dtype=dtype).eval()
-        gpu_model.load_state_dict(initial)
-        gpu_model.to("gpu")
-        assert all(backend.is_gpu_array(p.data) for p in gpu_model.parameters())
-        gpu_losses, gpu_weights = _nin_step(gpu_model, x, labels, "gpu")
-    if dtype == np.float64:
+    cpu_model = models.nin(dtype=dtype).eval()
+    initial = cpu_model.state_dict()
+    cpu_losses, cpu_weights = _nin_step(cpu_model, x, labels, "cpu", steps=3)
+    gpu_model = models.nin(dtype=dtype).eval()
+    gpu_model.load_state_dict(initial)
+    gpu_model.to(device)
+    assert all(backend.device_of(p.data) == device for p in gpu_model.parameters())
+    gpu_losses, gpu_weights = _nin_step(gpu_model, x, labels, device, steps=3)
+    if dtype == np.float64:  # to rounding: sums in another order
         rtol, atol = 1e-9, 1e-11
-    else:  # float32 sums in another order (and in TF32 when CUPY_TF32=1)
-        rtol, atol = (2e-2, 2e-4) if os.environ.get("CUPY_TF32", "0") not in ("", "0") else (1e-3, 1e-5)
+    elif tf32() and where == "gpu":  # TF32 products keep 10 mantissa bits: ~5e-4 per input
+        rtol, atol = 2e-2, 2e-4
+    else:  # float32 sums in another order (cuBLAS, or NumPy's BLAS on other shapes)
+        rtol, atol = 1e-3, 1e-5
     np.testing.assert_allclose(gpu_losses, cpu_losses, rtol=rtol, atol=atol)
     assert cpu_weights.keys() == gpu_weights.keys()
     for name in cpu_weights:
         np.testing.assert_allclose(gpu_weights[name], cpu_weights[name], rtol=rtol, atol=atol,
-                                   err_msg=f"parameter {name} after two SGD steps")
+                                   err_msg=f"parameter {name} after three SGD steps")
 
 
-@pytest.mark.gpu
-def test_nin_training_step_is_deterministic_on_gpu():
+@pytest.mark.parametrize("where", GPU_PATHS)
+def test_nin_training_step_is_deterministic_on_the_gpu_path(where):
     """Same state, same seed -> bit-identical weights (dropout on: the mask is counter-based)."""
     import ninpy
     from ninpy import models
 
+    device = require_device(where)
     ninpy.random.manual_seed(0)
-    reference_model = models.nin()
-    state = reference_model.state_dict()
-    x, labels = _small_batch(np.float32, n=8)
+    state = models.nin().state_dict()
+    x, labels = _small_batch(np.float32, n=8 if where == "gpu" else 2)
     runs = []
     for _ in range(2):
         ninpy.random.manual_seed(123)
         model = models.nin().train()
         model.load_state_dict(state)
-        model.to("gpu")
-        runs.append(_nin_step(model, x, labels, "gpu", steps=3))
+        model.to(device)
+        runs.append(_nin_step(model, x, labels, device, steps=3 if where == "gpu" else 2))
     (losses_a, weights_a), (losses_b, weights_b) = runs
     assert losses_a == losses_b
     for name in weights_a:
@@ -545,17 +581,22 @@ def test_nin_training_step_is_deterministic_on_gpu():
 def _run_operator(op, values, grad, device, x_layout="c_order", grad_layout="c_order"):
     """(output, input gradient) of op on `device` as NumPy arrays, with x and the upstream gradient
     stored in the given layouts."""
+    import test_functional
     from ninpy import Tensor
 
-    xp = backend.array_module(backend.to_device(np.zeros(1), device))
+    xp = backend.module_of_device(device)
     x = Tensor(in_layout(backend.to_device(values, device), x_layout, xp), requires_grad=True)
-    y = op(x)
-    assert backend.is_gpu_array(y.data) == (device == "gpu")
+    # the operators' weights and biases on the device too, as a model's are: CuPy refuses a host
+    # array in a product, and so does the emulator
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(test_functional, "Tensor", lambda data, **kwargs: Tensor(data, device=device, **kwargs))
+        y = op(x)
+    assert backend.device_of(y.data) == device
     y.backward(in_layout(backend.to_device(grad, device), grad_layout, xp) if y.ndim else None)
     return backend.to_device(y.data, "cpu"), backend.to_device(x.grad, "cpu")
 
 
-@pytest.mark.parametrize("where", ["emulated", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("where", GPU_PATHS)
 @pytest.mark.parametrize("name", [name for name, _, _ in __import__("test_functional").OPERATORS])
 def test_operators_on_the_gpu_take_any_layout_and_an_empty_batch(where, name):
     """The functional operators on the GPU path give the CPU's numbers (dropout draws from its own GPU
@@ -569,16 +610,67 @@ def test_operators_on_the_gpu_take_any_layout_and_an_empty_batch(where, name):
     y_shape = op(Tensor(values)).shape
     grad = random_array(4, y_shape, np.float64)
     on_cpu = _run_operator(op, values, grad, "cpu")
-    with gpu_device(where):
-        on_gpu = _run_operator(op, values, grad, "gpu")
-        for x_layout, grad_layout in (("transposed", "channels_last"), ("channels_last", "strided"),
-                                      ("strided", "transposed")):
-            strided = _run_operator(op, values, grad, "gpu", x_layout, grad_layout)
-            for got, want in zip(strided, on_gpu):
-                np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13)
-        if name != "dropout":
-            for got, want in zip(on_gpu, on_cpu):
-                np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-11)
-        empty = np.zeros((0,) + shape[1:])
-        y, dx = _run_operator(op, empty, np.zeros((0,) + y_shape[1:]), "gpu")
-        assert dx.shape == empty.shape and (y.shape[0] == 0 if y.ndim else np.isnan(y))
+    device = require_device(where)
+    on_gpu = _run_operator(op, values, grad, device)
+    for x_layout, grad_layout in (("transposed", "channels_last"), ("channels_last", "strided"),
+                                  ("strided", "transposed")):
+        strided = _run_operator(op, values, grad, device, x_layout, grad_layout)
+        for got, want in zip(strided, on_gpu):
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13)
+    if name != "dropout":
+        for got, want in zip(on_gpu, on_cpu):
+            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-11)
+    empty = np.zeros((0,) + shape[1:])
+    y, dx = _run_operator(op, empty, np.zeros((0,) + y_shape[1:]), device)
+    assert dx.shape == empty.shape and (y.shape[0] == 0 if y.ndim else np.isnan(y))
+
+
+# --- AddressSanitizer: an out-of-bounds access in a kernel stops the emulator -----------------------
+
+_PLANTED = """
+import sys
+from pathlib import Path
+import numpy as np
+from ninpy import emulator, gpu_kernels
+
+path = Path(sys.argv[1])
+names = gpu_kernels._name_expressions("sgd.cu")
+cupy = emulator.load([(path, path.read_text(), names)])
+kernel = cupy.RawModule(code="", name_expressions=names).get_function("sgd_update_kernel<float, int>")
+param, grad, buf = (cupy.asarray(np.ones(3, np.float32)) for _ in range(3))
+kernel((1,), (32,), (param, grad, buf, np.int32(3), np.float32(0.1), np.float32(0.9), np.float32(0),
+                     np.int32(0)))
+print("no error seen")
+"""
+
+
+def test_address_sanitizer_stops_an_out_of_bounds_write_in_a_kernel(tmp_path):
+    """NINPY_EMULATOR_SANITIZE=address builds the kernels with AddressSanitizer: sgd.cu with a
+    planted write one past the end of `buf` stops with a report naming the .cu line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    require_device("emulated")
+    libasan = subprocess.run([emulator.compiler(), "-print-file-name=libasan.so"],
+                             capture_output=True, text=True).stdout.strip()
+    if not Path(libasan).is_file():
+        if IN_CI:
+            pytest.fail("g++ has no libasan.so here: install libasan (it comes with Debian's g++)")
+        pytest.skip("this g++ has no AddressSanitizer runtime (libasan.so)")
+    planted = tmp_path / "sgd.cu"
+    source = (gpu_kernels.KERNEL_DIR / "sgd.cu").read_text()
+    assert source.count("buf[e] = b;") == 1
+    planted.write_text(source.replace("buf[e] = b;", "buf[e + 1] = b;"))
+    env = {**os.environ, "NINPY_EMULATOR_SANITIZE": "address", "LD_PRELOAD": libasan,
+           "ASAN_OPTIONS": "detect_leaks=0"}
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", _PLANTED, str(planted)], capture_output=True,
+                            text=True, env=env, cwd=root, timeout=300)
+    assert result.returncode != 0 and "no error seen" not in result.stdout, result.stdout
+    assert "AddressSanitizer: heap-buffer-overflow" in result.stderr, result.stderr[-2000:]
+    assert f"{planted}:" in result.stderr  # the report names the kernel's file and line
+    # and the unplanted kernel runs clean under the sanitizer
+    clean = subprocess.run([sys.executable, "-c", _PLANTED, str(gpu_kernels.KERNEL_DIR / "sgd.cu")],
+                           capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert clean.returncode == 0 and "no error seen" in clean.stdout, clean.stderr[-2000:]

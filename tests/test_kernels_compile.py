@@ -4,7 +4,8 @@ NVRTC (the CUDA runtime compiler, shipped as the nvidia-cuda-nvrtc-cu12 wheel) c
 architecture without a device, so a broken kernel fails CI on any machine. Each source is compiled
 for sm_80 (A100) and sm_90 (H100) with every name expression (float and double, int and long long
 indices) instantiated, through `gpu_kernels.compile_with_nvrtc`, which shares its error formatting
-with the runtime path (`cupy.RawModule`).
+with the runtime path (`cupy.RawModule`) and compiles with the options CuPy adds at run time
+(-ftz=true, --device-as-default-execution-space).
 """
 import subprocess
 import sys
@@ -72,6 +73,28 @@ def test_kernel_compiles(path, source, names, arch):
         assert kernel in mangled, f"{name} lowered to {mangled!r}"
 
 
+@needs_nvrtc
+def test_compiled_with_the_options_cupy_uses_at_run_time(monkeypatch):
+    """cupy.RawModule adds -ftz=true (float32 subnormals flushed to zero) and
+    --device-as-default-execution-space to our OPTIONS; a compile test without them could pass a
+    kernel that the run-time compile treats otherwise."""
+    import inspect
+
+    from cupy.cuda import compiler
+    from cupy_backends.cuda.libs import nvrtc
+
+    cupy_source = inspect.getsource(compiler)
+    for option in gpu_kernels.CUPY_RUNTIME_OPTIONS:  # still what this CuPy adds
+        assert f"'{option}'" in cupy_source, f"CuPy no longer adds {option}: update CUPY_RUNTIME_OPTIONS"
+    seen = []
+    real = nvrtc.compileProgram
+    monkeypatch.setattr(nvrtc, "compileProgram", lambda program, options: (seen.append(options),
+                                                                           real(program, options)))
+    path, source, names = SOURCES[0]
+    gpu_kernels.compile_with_nvrtc(path, source, names[:1], "sm_80")
+    assert set(gpu_kernels.OPTIONS + gpu_kernels.CUPY_RUNTIME_OPTIONS) <= set(seen[0])
+
+
 BROKEN = """// a kernel with a typo on line 4
 template <typename T>
 __global__ void broken_kernel(T* x) {
@@ -118,12 +141,11 @@ def test_runtime_compile_error_goes_through_the_same_formatter(monkeypatch):
         def compile(self):
             raise compiler.CompileException(log, self.code, "abc.cu", ())
 
-    monkeypatch.setattr(gpu_kernels.backend, "require_gpu", lambda: cupy)
     monkeypatch.setattr(cupy, "RawModule", FailingModule)
     monkeypatch.setattr(gpu_kernels, "_modules", {})
     monkeypatch.setattr(gpu_kernels, "_functions", {})
     with pytest.raises(gpu_kernels.KernelCompileError) as error:
-        gpu_kernels._function("sgd.cu", "sgd_update_kernel", "float", "int")
+        gpu_kernels._function(cupy, "sgd.cu", "sgd_update_kernel", "float", "int")
     assert "sgd.cu:7: error: expected a \";\"" in str(error.value)
 
 

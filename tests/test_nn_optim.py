@@ -215,7 +215,7 @@ def test_public_model_methods_take_n_c_h_w():
     x = Tensor(np.random.default_rng(1).standard_normal((2, 2, 8, 8)).astype(np.float32))
     np.testing.assert_allclose(model.features(x).data, model.class_maps(x).data, rtol=1e-6)
     np.testing.assert_allclose(model.features[0](x).data,
-                               model.features[0]._forward_channels_first(
+                               model.features[0]._forward_working(
                                    F.swap_batch_and_channels(x)).data.transpose(1, 0, 2, 3),
                                rtol=1e-6)
     assert "layout" not in inspect.signature(nn.MLPConv).parameters

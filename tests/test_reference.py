@@ -82,7 +82,7 @@ def numeric_vjp(forward, x, dy, eps=1e-6):
     stacked = lambda sign: (x + sign * bumps).reshape((m * x.shape[0],) + x.shape[1:])
     plus = forward(stacked(+1)).reshape((m,) + dy.shape)
     minus = forward(stacked(-1)).reshape((m,) + dy.shape)
-    return ((plus - minus) * dy).reshape(m, -1).sum(axis=1).reshape(x.shape) / (2 * eps)
+    return ((plus - minus) * dy).reshape(m, dy.size).sum(axis=1).reshape(x.shape) / (2 * eps)
 
 
 def tolerance(dtype):
