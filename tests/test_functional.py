@@ -541,14 +541,16 @@ KERNEL_OPERATORS = {
 
 @pytest.mark.parametrize("name", list(KERNEL_OPERATORS))
 @pytest.mark.parametrize("dtype", [np.float16, np.int64, np.int32, np.bool_])
-def test_one_dtype_contract_checked_before_any_kernel(name, dtype, monkeypatch):
-    """float32 and float64 only, on every path: the check is the Function's, before
-    kernels_for picks the reference, Numba or CUDA kernels (docs/design.md, "Dtypes")."""
+@pytest.mark.parametrize("kernels", ["fast", "reference"])
+def test_one_dtype_contract_checked_before_any_kernel(name, dtype, kernels, monkeypatch):
+    """float32 and float64 only, on every path: the public function checks, before kernels_for
+    or the plain path's Functions see an array (docs/design.md, "Dtypes")."""
     def no_kernel(array):
         raise AssertionError("a kernel was reached")
     monkeypatch.setattr(F, "kernels_for", no_kernel)
     x = Tensor(np.ones((2, 2, 2, 2), dtype=dtype))
-    with pytest.raises(TypeError, match=f"{np.dtype(dtype).name} input is not supported.*float32"):
+    with ninpy.use_kernels(kernels), pytest.raises(
+            TypeError, match=f"{np.dtype(dtype).name} input is not supported.*float32"):
         KERNEL_OPERATORS[name](x)
 
 
