@@ -83,6 +83,9 @@ def build_parser():
                         "fashion-mnist 1000; 0 = none)")
     p.add_argument("--dropout", type=_number(float, 0, True, 1),
                    help="dropout probability after blocks 1 and 2 (recipe: 0.5; fashion-mnist 0)")
+    p.add_argument("--label-smoothing", type=FRACTION,
+                   help="of the training loss, as PyTorch's cross_entropy: the target is (1 - eps) "
+                        "onehot + eps / classes (recipe: 0)")
     p.add_argument("--augment", choices=("none", "crop", "flip", "crop+flip"),
                    help="crop: random translation by up to --crop-pad pixels (recipe)")
     p.add_argument("--crop-pad", type=COUNT, help="padding of the random crop (recipe)")
@@ -112,7 +115,7 @@ def build_parser():
 _FIELDS = {"dataset": "dataset", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
            "momentum": "momentum", "weight_decay": "weight_decay", "bias_lr_mult": "bias_lr_mult",
            "last_lr_mult": "last_lr_mult", "schedule": "schedule", "warmup_steps": "warmup_steps",
-           "dropout": "dropout",
+           "dropout": "dropout", "label_smoothing": "label_smoothing",
            "augment": "augment", "crop_pad": "crop_pad", "preprocess": "preprocess", "seed": "seed",
            "data_dir": "data_dir", "out": "out", "limit": "limit", "val_split": "val_split"}
 
@@ -224,7 +227,8 @@ def _main(args):
               f"x{config.last_lr_mult}), momentum {config.momentum}, weight decay "
               f"{config.weight_decay}, batch {config.batch_size}, {config.epochs} epochs, schedule "
               f"{config.schedule}, warm-up {config.warmup_steps} of {config.epochs * trainer.steps_per_epoch} "
-              f"steps, dropout {config.dropout}, augment {config.augment}, "
+              f"steps, dropout {config.dropout}, label smoothing {config.label_smoothing}, "
+              f"augment {config.augment}, "
               f"preprocess {config.preprocess}; writing to {trainer.out}", flush=True)
         final = trainer.fit()
         if "test_acc" in final:
@@ -235,11 +239,7 @@ def _main(args):
         sys.stderr.write(f"train.py: error: {_one_line(error)}\n")
         return EXIT_ERROR
     except MemoryError as error:
-        batch = f" (now {config.batch_size})" if config is not None else ""
-        where = "the GPU" if backend.is_cuda_error(error) else "the machine"
-        sys.stderr.write(f"train.py: error: {where} ran out of memory ({_one_line(error)}); lower "
-                         f"--batch-size{batch}\n")
-        return EXIT_ERROR
+        return _out_of_memory(error, config)
     except KernelCompileError as error:  # names kernels/FILE.cu:LINE
         sys.stderr.write(f"train.py: error: {_one_line(error).replace(kernel_root, '')}\n")
         return EXIT_ERROR
@@ -255,11 +255,24 @@ def _main(args):
                          "any, is intact)\n")
         return _signal_exit(stop)
     except Exception as error:
+        if backend.is_out_of_memory(error):  # cuBLAS's or the CUDA runtime's way of saying it
+            return _out_of_memory(error, config)
         line = backend.cuda_error_line(error)  # CUDA, cuBLAS, NVRTC: one line naming the operation
         if line is None:
             raise
         sys.stderr.write(f"train.py: error: {line}\n")
         return EXIT_ERROR
+
+
+def _out_of_memory(error, config):
+    """One line for running out of GPU or host memory, naming the setting to lower."""
+    from ninpy import backend
+
+    batch = f" (now {config.batch_size})" if config is not None else ""
+    where = "the GPU" if backend.is_cuda_error(error) else "the machine"
+    sys.stderr.write(f"train.py: error: {where} ran out of memory ({_one_line(error)}); lower "
+                     f"--batch-size{batch}\n")
+    return EXIT_ERROR
 
 
 def choose_device(device):

@@ -228,12 +228,33 @@ def is_cuda_error(error):
     return type(error).__module__.split(".")[0] in ("cupy", "cupy_backends")
 
 
+# Out of GPU memory, as each library says it: cuBLAS (CUBLAS_STATUS_ALLOC_FAILED), the runtime
+# (cudaErrorMemoryAllocation) and the driver (CUDA_ERROR_OUT_OF_MEMORY); CuPy's own pool raises
+# OutOfMemoryError, a MemoryError.
+_OUT_OF_MEMORY = {"CUBLASError": 3, "CUDARuntimeError": 2, "CUDADriverError": 2}
+# Faults of a kernel, which CUDA reports at a later call (asynchronously): illegal address, launch
+# timeout, device assert, hardware stack error, illegal instruction, misaligned address, invalid
+# address space, invalid PC, launch failure. Runtime and driver number them alike.
+_KERNEL_FAULTS = {700, 702, 710, 714, 715, 716, 717, 718, 719}
+
+
+def is_out_of_memory(error):
+    """True for running out of GPU memory, whichever CUDA library noticed it (or of host memory)."""
+    if isinstance(error, MemoryError):
+        return True
+    return is_cuda_error(error) and getattr(error, "status", None) == _OUT_OF_MEMORY.get(
+        type(error).__name__)
+
+
 def cuda_error_line(error):
     """One line for a CuPy error naming the ninpy operation it came from, else None."""
     if not is_cuda_error(error):
         return None
-    return (f"CUDA error in {_operation(error)}: {type(error).__name__}: {_first_line(error)}; "
-            "--device cpu runs without the GPU")
+    line = f"CUDA error in {_operation(error)}: {type(error).__name__}: {_first_line(error)}; "
+    if getattr(error, "status", None) in _KERNEL_FAULTS:
+        line += ("CUDA reports a kernel's fault at a later call, so the failing launch may be "
+                 "earlier than this operation: rerun with CUDA_LAUNCH_BLOCKING=1 to find it; ")
+    return line + "--device cpu runs without the GPU"
 
 
 def _operation(error):

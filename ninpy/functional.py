@@ -451,17 +451,21 @@ def dropout(input, p=0.5, training=True, inplace=False):
 # ---- loss ---------------------------------------------------------------------------------------
 
 class CrossEntropy(Function):
-    """loss_n = logsumexp(z_n) - z_n[label_n] (0 where label_n is ignore_index), then reduced;
-    dz_n = (softmax(z_n) - onehot(label_n)) * (d loss / d loss_n: 1, or 1/count for the mean)."""
+    """loss_n = logsumexp(z_n) - (1 - eps) z_n[label_n] - eps mean_k z_n[k] (0 where label_n is
+    ignore_index; eps = label_smoothing), then reduced;
+    dz_n = (softmax(z_n) - (1 - eps) onehot(label_n) - eps / K) * (d loss / d loss_n: 1, or
+    1/count for the mean)."""
 
     saved_inputs = (0,)
 
-    def forward(self, logits, labels, ignore_index, reduction):
+    def forward(self, logits, labels, ignore_index, reduction, label_smoothing):
         xp = backend.array_module(logits)
         self.kernels, self.logits, self.reduction = kernels_for(logits), logits, reduction
+        self.label_smoothing = label_smoothing
         self.kept = labels != ignore_index
         self.labels = xp.where(self.kept, labels, 0)    # an ignored row reads class 0, then counts 0
-        losses = xp.where(self.kept, self.kernels.cross_entropy_forward(logits, self.labels), 0)
+        losses = self.kernels.cross_entropy_forward(logits, self.labels, label_smoothing)
+        losses = xp.where(self.kept, losses, 0)
         if reduction == "none":
             return losses
         if reduction == "sum":
@@ -475,7 +479,7 @@ class CrossEntropy(Function):
         if self.reduction == "mean":
             row_scale = row_scale / self.count
         one = self.logits.dtype.type(1)
-        dz = self.kernels.cross_entropy_backward(self.logits, self.labels, one)
+        dz = self.kernels.cross_entropy_backward(self.logits, self.labels, one, self.label_smoothing)
         return dz * row_scale[:, None], None
 
 
@@ -492,9 +496,12 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
                   reduction="mean", label_smoothing=0.0):
     """Softmax cross-entropy of logits input (N, K) (or (K,)) against class indices target (N,)
     (or 0-d), as torch.nn.functional.cross_entropy: rows whose target is ignore_index count
-    nothing; reduction "mean" (over the rows counted), "sum" or "none" (one loss per row)."""
-    refuse_unimplemented("cross_entropy", weight=(weight, None),
-                         label_smoothing=(float(label_smoothing), 0.0))
+    nothing; reduction "mean" (over the rows counted), "sum" or "none" (one loss per row).
+
+    label_smoothing: eps in [0, 1]; the target becomes (1 - eps) onehot + eps / K, so the loss is
+    (1 - eps) * the plain loss + eps * the mean over the K classes of -log softmax(z)."""
+    refuse_unimplemented("cross_entropy", weight=(weight, None))
+    label_smoothing = _label_smoothing(label_smoothing)
     _require_kernel_dtypes("cross_entropy", input)
     reduction = _legacy_reduction(size_average, reduce, reduction)
     if reduction not in ("mean", "sum", "none"):
@@ -504,7 +511,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     label_array = backend.to_device(xp.asarray(label_array), input.device)
     if input.ndim == 1:                                   # one example without a batch axis
         loss = cross_entropy(input.reshape(1, -1), Tensor(label_array.reshape(1)),
-                             ignore_index=ignore_index, reduction=reduction)
+                             ignore_index=ignore_index, reduction=reduction,
+                             label_smoothing=label_smoothing)
         return loss.reshape(()) if reduction == "none" else loss
     if input.ndim != 2:
         raise NotImplementedError(f"cross_entropy: input of shape {input.shape} is not implemented; "
@@ -521,9 +529,10 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     _check_labels(label_array, input.shape[1], ignore_index)
     labels = Tensor(xp.ascontiguousarray(label_array))
     if _plain(input) and reduction == "mean" and not (label_array == ignore_index).any():
-        return reference.CrossEntropy.apply(input, labels)   # the plain path's loss: the mean
+        return reference.CrossEntropy.apply(input, labels, label_smoothing=label_smoothing)
     # (Under use_kernels("reference") this Function runs reference's loss functions as well.)
-    return CrossEntropy.apply(input, labels, ignore_index=ignore_index, reduction=reduction)
+    return CrossEntropy.apply(input, labels, ignore_index=ignore_index, reduction=reduction,
+                              label_smoothing=label_smoothing)
 
 
 def _check_labels(labels, classes, ignore_index):
@@ -535,3 +544,16 @@ def _check_labels(labels, classes, ignore_index):
     if bad.size:
         raise ValueError(f"cross_entropy: target {bad[0]} is out of bounds: class indices must lie "
                          f"in [0, {classes}) or be ignore_index ({ignore_index})")
+
+
+def _label_smoothing(value):
+    """label_smoothing as a float in [0, 1]. PyTorch refuses values above 1 and silently reads a
+    negative or NaN one as 0; here those are refused too, since they are mistakes."""
+    try:
+        eps = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"cross_entropy: label_smoothing must be a number in [0, 1], got "
+                        f"{value!r}") from None
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"cross_entropy: label_smoothing must be between 0.0 and 1.0, got {value!r}")
+    return eps

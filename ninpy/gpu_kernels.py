@@ -349,18 +349,21 @@ def _row_launch(kernel, logits, labels, args):
     function((grid,), (_BLOCK,), args + _i32(N, K))
 
 
-def cross_entropy_forward(logits, labels):
-    """losses[n] = logsumexp(logits[n]) - logits[n, labels[n]] (row max subtracted); NaN for a bad label."""
+def cross_entropy_forward(logits, labels, label_smoothing=0.0):
+    """losses[n] = logsumexp(z[n]) - (1 - eps) z[n, labels[n]] - eps mean_k z[n, k] (row max
+    subtracted), eps = label_smoothing; NaN for a bad label."""
     cupy = backend.array_module(logits)
     logits = _contiguous(logits)
     labels = _labels(labels)
     losses = cupy.empty((logits.shape[0],), dtype=logits.dtype)
-    _row_launch("cross_entropy_forward_kernel", logits, labels, (logits, labels, losses))
+    eps = logits.dtype.type(label_smoothing)
+    _row_launch("cross_entropy_forward_kernel", logits, labels, (logits, labels, losses, eps))
     return losses
 
 
-def cross_entropy_backward(logits, labels, scale):
-    """dlogits[n, k] = scale * (softmax(logits[n])[k] - (k == labels[n])); scale: 0-d array or float."""
+def cross_entropy_backward(logits, labels, scale, label_smoothing=0.0):
+    """dlogits[n, k] = scale * (softmax(logits[n])[k] - (1 - eps) (k == labels[n]) - eps / K);
+    scale: 0-d array or float."""
     cupy = backend.array_module(logits)
     logits = _contiguous(logits)
     labels = _labels(labels)
@@ -369,7 +372,8 @@ def cross_entropy_backward(logits, labels, scale):
     else:
         scale = cupy.full((), float(scale), dtype=logits.dtype)  # a fill kernel, no host copy
     dlogits = cupy.empty_like(logits)
-    _row_launch("cross_entropy_backward_kernel", logits, labels, (logits, labels, scale, dlogits))
+    eps = logits.dtype.type(label_smoothing)
+    _row_launch("cross_entropy_backward_kernel", logits, labels, (logits, labels, scale, dlogits, eps))
     return dlogits
 
 

@@ -54,6 +54,7 @@ class Recipe:
     augment: str            # "crop+flip", "crop", "flip" or "none" (crop: random translation)
     crop_pad: int           # pixels of zero padding the random crop moves within
     preprocess: str         # "standardize" (per-channel mean/std) or "gcn-zca" (the paper's, CIFAR)
+    label_smoothing: float  # of the training loss, PyTorch's cross_entropy label_smoothing; 0 = none
 
     def as_dict(self):
         return asdict(self)
@@ -65,7 +66,8 @@ _AUTHORS = dict(momentum=0.9,       # Caffe solver
                 bias_lr_mult=2.0,   # Caffe blobs_lr 2 on every bias
                 last_lr_mult=0.1,   # Caffe blobs_lr 0.1 on cccp6 (the last 1x1 conv)
                 batch_size=128,     # Caffe data layer
-                dropout=0.5)        # paper, Caffe model
+                dropout=0.5,        # paper, Caffe model
+                label_smoothing=0.0)  # Caffe's SoftmaxWithLoss: the plain cross-entropy
 
 # Ours, shared by every dataset, each chosen by runs (docs/recipes.md).
 _OURS = dict(lr=0.01,            # the authors' Caffe base_lr is 0.1, but with our He init a full

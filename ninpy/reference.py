@@ -147,19 +147,26 @@ def avg_pool_backward(dy, x_shape, kh, kw, sh, sw, ph, pw, count_include_pad=Tru
     return np.ascontiguousarray(dxp[:, :, ph:ph + H, pw:pw + W])
 
 
-def cross_entropy_forward(logits, labels):
-    """losses[n] = logsumexp(logits[n]) - logits[n, labels[n]], with the row max subtracted for stability."""
-    shifted = logits - logits.max(axis=1, keepdims=True)
+def cross_entropy_forward(logits, labels, label_smoothing=0.0):
+    """losses[n] = logsumexp(z[n]) - (1 - eps) z[n, labels[n]] - eps mean_k z[n, k]: the cross-entropy
+    against the target (1 - eps) onehot + eps / K (PyTorch's label_smoothing), row max subtracted."""
+    shifted = logits - logits.max(axis=1, keepdims=True)  # the max cancels: the target sums to 1
     rows = np.arange(logits.shape[0])
-    return np.log(np.exp(shifted).sum(axis=1)) - shifted[rows, labels]
+    losses = np.log(np.exp(shifted).sum(axis=1)) - shifted[rows, labels]
+    if label_smoothing:
+        losses += logits.dtype.type(label_smoothing) * (shifted[rows, labels] - shifted.mean(axis=1))
+    return losses
 
 
-def cross_entropy_backward(logits, labels, scale):
-    """dlogits[n, k] = scale * (softmax(logits[n])[k] - (k == labels[n]))."""
+def cross_entropy_backward(logits, labels, scale, label_smoothing=0.0):
+    """dlogits[n, k] = scale * (softmax(logits[n])[k] - (1 - eps) (k == labels[n]) - eps / K)."""
     logits = np.ascontiguousarray(logits)   # so dlogits is C-contiguous, like every kernel's output
+    t = logits.dtype.type                   # NumPy scalars of the logits' dtype keep float32 float32
     e = np.exp(logits - logits.max(axis=1, keepdims=True))
     dlogits = e / e.sum(axis=1, keepdims=True)
-    dlogits[np.arange(logits.shape[0]), labels] -= 1
+    dlogits[np.arange(logits.shape[0]), labels] -= t(1) - t(label_smoothing)
+    if label_smoothing:
+        dlogits -= t(label_smoothing) / t(logits.shape[1])
     dlogits *= scale  # in place: a 0-d float64 scale keeps a float32 result float32
     return dlogits
 
@@ -310,14 +317,15 @@ class Dropout(Function):
 
 
 class CrossEntropy(Function):
-    """loss = mean_n (logsumexp(z_n) - z_n[label_n]);  dz = (softmax(z) - onehot(label)) / N."""
+    """loss = mean_n (logsumexp(z_n) - (1 - eps) z_n[label_n] - eps mean_k z_n[k]);
+    dz = (softmax(z) - (1 - eps) onehot(label) - eps / K) / N.  eps = label_smoothing (0: plain)."""
 
-    def forward(self, logits, labels):
-        self.logits, self.labels = logits, labels
+    def forward(self, logits, labels, label_smoothing=0.0):
+        self.logits, self.labels, self.label_smoothing = logits, labels, label_smoothing
         if logits.shape[0] == 0:   # the mean of no losses is NaN, as in PyTorch
             return np.full((), np.nan, dtype=logits.dtype)
-        return cross_entropy_forward(logits, labels).mean()
+        return cross_entropy_forward(logits, labels, label_smoothing).mean()
 
     def backward(self, dloss):
         scale = dloss / max(self.logits.shape[0], 1)
-        return cross_entropy_backward(self.logits, self.labels, scale), None
+        return cross_entropy_backward(self.logits, self.labels, scale, self.label_smoothing), None

@@ -33,8 +33,9 @@ def check_window(kernel, stride, padding):
     """Refuse, along one axis, a window PyTorch refuses: kernel >= 1, stride >= 1, padding >= 0.
 
     Every output size below starts here, so no kernel (reference, Numba or CUDA) is ever handed a
-    window that would make it index outside its arrays (a kernel of 0 reads before the first
-    element, a stride of 0 divides by zero, a negative padding starts windows past the edge).
+    window that would make it index outside its arrays (a kernel of 0 gives empty windows whose
+    "first element" lies past the input, a stride of 0 divides by zero, a negative stride or padding
+    puts windows outside the input).
     """
     if kernel < 1:
         raise RuntimeError(f"kernel size should be greater than zero, but got {kernel}")
@@ -68,7 +69,7 @@ def pool_output_size(size, kernel, stride, padding, ceil_mode):
     Without ceil_mode this is conv_output_size. ceil_mode rounds the window count up, so the last
     window may hang past the padded edge; that window is dropped when it would start inside the
     right padding (start(o) >= size), so every window holds at least one real element. PyTorch
-    also limits the padding to half the kernel, so that every window holds a real element.
+    also limits the padding to half the kernel: a window could otherwise lie in the padding alone.
     """
     check_window(kernel, stride, padding)
     if 2 * padding > kernel:

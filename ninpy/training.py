@@ -78,6 +78,7 @@ class Config:
     schedule: str = None
     warmup_steps: int = None
     dropout: float = None
+    label_smoothing: float = None
     augment: str = None
     crop_pad: int = None
     preprocess: str = None
@@ -143,6 +144,8 @@ class Config:
             bad("limit", self.limit, "a whole number >= 1, or two ([train, test])")
         if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
             bad("dropout", self.dropout, "a probability in [0, 1)")
+        if not (isinstance(self.label_smoothing, (int, float)) and 0 <= self.label_smoothing < 1):
+            bad("label_smoothing", self.label_smoothing, "a number in [0, 1)")
         if not isinstance(self.val_split, int) or self.val_split < 0:
             bad("val_split", self.val_split, "a whole number >= 0")
         for name in ("data_dir", "out"):  # a checkpoint's flags are read back from JSON
@@ -165,7 +168,7 @@ FIXED_KEYS = ("dataset", "batch_size", "preprocess", "seed", "limit", "val_split
 # Optimisation settings a resumed run may change (e.g. a lower lr after a divergence); the run is
 # then no longer the same as an uninterrupted one, and train.py says so.
 TUNABLE_KEYS = ("lr", "momentum", "weight_decay", "bias_lr_mult", "last_lr_mult", "schedule",
-                "warmup_steps", "dropout", "augment", "crop_pad")
+                "warmup_steps", "dropout", "label_smoothing", "augment", "crop_pad")
 RUN_KEYS = FIXED_KEYS + TUNABLE_KEYS
 # epochs, device, out, data_dir and download may change freely.
 
@@ -348,7 +351,8 @@ class Trainer:
         """Loss, accuracy and dead classes of the model in eval mode over (x, y), under no_grad().
 
         A logit is the mean of a ReLU'd class map, so it is 0 only where the whole map is: a class
-        whose logit is 0 on every image has a dead map.
+        whose logit is 0 on every image has a dead map. The loss is the plain cross-entropy whatever
+        --label-smoothing trains with, so that runs with and without it compare.
         """
         self.model.eval()
         memory.release()   # training's arrays have other sizes than evaluation's: let them go, so
@@ -469,7 +473,7 @@ class Trainer:
         if step <= self.warmup.warmup_steps:
             self.warmup.apply(step, scheduled)  # at the last warm-up step the factor is 1 again
         logits = self.model(Tensor(xb))
-        loss = F.cross_entropy(logits, yb)
+        loss = F.cross_entropy(logits, yb, label_smoothing=self.config.label_smoothing)
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()

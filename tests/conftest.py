@@ -51,3 +51,13 @@ def tf32():
 # A device parameter for the tests that run ninpy's GPU code path: the real GPU (skipped without
 # one) and the emulator (everywhere g++ is).
 GPU_PATHS = [pytest.param("gpu", marks=pytest.mark.gpu), "emulated"]
+# ... and the emulator rounding float32 products to TF32, for tolerances that depend on TF32.
+GPU_PATHS_AND_TF32 = GPU_PATHS + ["emulated-tf32"]
+
+
+def use_device(name, monkeypatch):
+    """The device of a GPU_PATHS_AND_TF32 parameter, ready; "emulated-tf32" sets CUPY_TF32=1."""
+    if name == "emulated-tf32":
+        monkeypatch.setenv("CUPY_TF32", "1")
+        name = "emulated"
+    return require_device(name)

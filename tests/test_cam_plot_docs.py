@@ -6,9 +6,12 @@ set written in the real IDX format (with its own digests in the source table, as
 does), so it goes through the same Trainer set-up as train.py. The command-line errors run in a
 subprocess: one line on stderr, a non-zero exit, no traceback.
 """
+import ast
+import contextlib
 import dataclasses
 import gzip
 import hashlib
+import io
 import json
 import os
 import re
@@ -20,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import GPU_PATHS_AND_TF32, tf32, use_device
 from ninpy import Tensor, backend, cam, checkpoint, datasets, models, no_grad, plot, recipes
 from ninpy.optim import SGD
 from ninpy.training import Config
@@ -74,13 +78,17 @@ def test_maps_need_a_gap_model():
         cam.class_activation_maps(object(), np.zeros((1, 3, 8, 8)))
 
 
-@pytest.mark.gpu
-def test_maps_on_the_gpu_match_the_cpu():
+@pytest.mark.parametrize("device", GPU_PATHS_AND_TF32)
+def test_maps_on_the_gpu_match_the_cpu(device, monkeypatch):
+    device = use_device(device, monkeypatch)
     model = tiny_nin()
     x = np.random.default_rng(3).standard_normal((2, 3, 16, 16)).astype(np.float32)
     cpu_maps, cpu_logits = cam.class_activation_maps(model, x)
-    gpu_maps, gpu_logits = cam.class_activation_maps(model.to("gpu"), x)  # x moved to the GPU
-    np.testing.assert_allclose(gpu_maps, cpu_maps, rtol=1e-4, atol=1e-5)
+    gpu_maps, gpu_logits = cam.class_activation_maps(model.to(device), x)  # x moved to the device
+    # TF32 (CUPY_TF32=1) keeps 10 mantissa bits of each product's inputs: ~1e-3 relative through
+    # the network's convolutions, against float32's ~1e-6
+    rtol, atol = (1e-2, 1e-3) if tf32() else (1e-4, 1e-5)
+    np.testing.assert_allclose(gpu_maps, cpu_maps, rtol=rtol, atol=atol)
     np.testing.assert_allclose(gpu_maps.mean(axis=(2, 3)), gpu_logits, rtol=1e-5, atol=1e-6)
 
 
@@ -292,12 +300,56 @@ def test_reading_guide_snippets_run(capsys):
                  "Trainer": "training", "SGD": "optim"}[cls]
         assert hasattr(getattr(importlib.import_module(f"ninpy.{owner}"), cls), name), f"{cls}.{name}"
     namespace = {"__name__": "reading_guide"}
+    stated = 0
     for index, block in enumerate(blocks):
-        try:
-            exec(compile(block, f"{GUIDE.name}, python block {index + 1}", "exec"), namespace)
-        except Exception as error:
-            pytest.fail(f"python block {index + 1} of {GUIDE} failed: {type(error).__name__}: "
-                        f"{error}\n{block}")
+        where = f"{GUIDE.name}, python block {index + 1}"
+        lines = block.splitlines()
+        for statement in ast.parse(block).body:      # one at a time, to see what each prints
+            printed = io.StringIO()
+            try:
+                with contextlib.redirect_stdout(printed):
+                    exec(compile(ast.Module([statement], []), where, "exec"), namespace)
+            except Exception as error:
+                pytest.fail(f"python block {index + 1} of {GUIDE} failed: {type(error).__name__}: "
+                            f"{error}\n{block}")
+            for line in lines[statement.lineno - 1:statement.end_lineno]:
+                stated += check_stated_output(line, printed.getvalue(), namespace, where)
+    assert stated >= 10, f"only {stated} stated outputs were found in the guide"
+
+
+# What a comment in the guide states: a value (a shape, numbers, an array) at its start.
+STATED_VALUE = re.compile(r"#\s*([(\[\d-][\d\s.,()\[\]-]*)")
+
+
+def _normalised(text):
+    """NumPy's print spacing taken out: one space between items, none inside brackets."""
+    text = re.sub(r"\s+", " ", text.strip())
+    return re.sub(r" \]", "]", re.sub(r"\[ ", "[", text))
+
+
+def check_stated_output(line, printed, namespace, where):
+    """Hold one line of the guide to the value its comment states, and return 1 if it states one:
+    `print(...)  # what it prints`; in a loop, `print(..., value)  # each pass's value, a, b, c`;
+    `name = ...  # (shape)`. Other comments (prose) are left alone."""
+    match = STATED_VALUE.search(line)
+    code = line.split("#")[0].strip()
+    if not match:
+        return 0
+    value = match.group(1).strip()
+    if code.startswith("print("):
+        if line.startswith(" "):                     # inside a loop: one printed line per pass
+            values = ", ".join(row.split()[-1] for row in printed.splitlines())
+            assert values == value, f"{where}: {line.strip()!r} printed {values!r}"
+        else:
+            assert _normalised(printed).startswith(_normalised(value)), \
+                f"{where}: {line.strip()!r} printed {printed.strip()!r}"
+        return 1
+    assignment = re.match(r"(\w+) = ", code)
+    if assignment and value.startswith("("):
+        shape = tuple(namespace[assignment.group(1)].shape)
+        assert shape == ast.literal_eval(value), f"{where}: {line.strip()!r} has shape {shape}"
+        return 1
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------

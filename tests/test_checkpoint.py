@@ -1,4 +1,5 @@
 """Checkpoints: round trip of every piece of state, atomic writes, and one clear error per bad file."""
+import io
 import json
 import os
 import zipfile
@@ -144,6 +145,37 @@ def test_flipped_bytes_inside_an_array_are_detected(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         checkpoint.load(path)
+
+
+def _with_entry_replaced(path, name, array):
+    """Rewrite the checkpoint at `path` with entry `name` (e.g. "optim/momentum/0") holding `array`;
+    every other member is copied byte for byte."""
+    members = {}
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            members[info.filename] = archive.read(info)
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    assert name + ".npy" in members
+    members[name + ".npy"] = buffer.getvalue()
+    with zipfile.ZipFile(path, "w") as archive:
+        for member, data in members.items():
+            archive.writestr(member, data)
+
+
+@pytest.mark.parametrize("entry", ["model/features.0.conv.weight", "optim/momentum/0"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_or_inf_in_weights_or_momentum_is_refused(tmp_path, entry, bad):
+    """A momentum buffer with NaN or inf would poison the first step after a resume as surely as
+    such a weight: both are refused on load, naming the entry."""
+    path = _valid(tmp_path)
+    with np.load(path) as archive:
+        array = archive[entry].copy()
+    array.flat[array.size // 2] = bad
+    _with_entry_replaced(path, entry, array)
+    with pytest.raises(CheckpointError, match=f"{entry} holds NaN or inf") as info:
+        checkpoint.load(path)
+    assert "\n" not in str(info.value)
 
 
 def test_npz_without_meta_is_not_a_ninpy_checkpoint(tmp_path):

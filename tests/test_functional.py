@@ -13,6 +13,7 @@ import ninpy
 import ninpy.functional as F
 from ninpy import Tensor, models
 from ninpy.shapes import conv_output_size, pool_output_size
+from conftest import require_device
 from strategies import (LAYOUTS, conv_geometries, in_layout, layouts, pool_geometries, random_array,
                         seeds)
 
@@ -144,6 +145,29 @@ def test_cross_entropy_gradient_and_value(n, k, seed, layout):
     assert F.cross_entropy(logits, labels).item() == pytest.approx(expected, rel=1e-12)
 
 
+@given(st.integers(2, 5), st.integers(1, 6), seeds, layouts, st.sampled_from([0.1, 0.5, 1.0]))
+def test_label_smoothed_cross_entropy_gradient_and_value(n, k, seed, layout, label_smoothing):
+    logits = leaf(arr(seed, (n, k)) * 3, layout)
+    labels = np.random.default_rng(seed).integers(0, k, n)
+    loss = lambda z: F.cross_entropy(z, labels, label_smoothing=label_smoothing)  # noqa: E731
+    log_p = logits.data - np.log(np.exp(logits.data).sum(axis=1, keepdims=True))
+    plain, uniform = -log_p[np.arange(n), labels], -log_p.mean(axis=1)
+    expected = np.mean((1 - label_smoothing) * plain + label_smoothing * uniform)
+    for kernels in ("fast", "reference"):
+        with ninpy.use_kernels(kernels):
+            assert ninpy.gradcheck(loss, [logits])
+            assert loss(logits).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_label_smoothing_outside_0_1_is_refused():
+    logits = Tensor(np.zeros((2, 3)))
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="label_smoothing must be between 0.0 and 1.0"):
+            F.cross_entropy(logits, np.array([0, 1]), label_smoothing=bad)
+    with pytest.raises(TypeError, match="label_smoothing must be a number"):
+        F.cross_entropy(logits, np.array([0, 1]), label_smoothing="0.1x")
+
+
 def test_cross_entropy_is_stable_for_huge_logits():
     logits = Tensor(np.array([[1000.0, 0.0], [-1000.0, 0.0]]), requires_grad=True)
     loss = F.cross_entropy(logits, np.array([0, 1]))
@@ -241,12 +265,23 @@ HOSTILE_GEOMETRIES = {
 }
 
 
+@pytest.mark.parametrize("device, kernel_set", [("cpu", "fast"), ("cpu", "reference"),
+                                                 ("emulated", "fast")],
+                         ids=["numba", "reference", "cuda-emulated"])
 @pytest.mark.parametrize("case", HOSTILE_GEOMETRIES)
-def test_a_geometry_pytorch_refuses_is_refused_before_any_kernel(case, monkeypatch):
+def test_a_geometry_pytorch_refuses_is_refused_before_any_kernel(case, device, kernel_set,
+                                                                  monkeypatch):
+    """On every kernel set: the Numba kernels, the plain NumPy path, and the CUDA launchers (run by
+    the emulator, which compiles the .cu sources for the CPU)."""
     call, message = HOSTILE_GEOMETRIES[case]
-    monkeypatch.setattr(F, "kernels_for", lambda array: pytest.fail("a kernel was reached"))
-    with pytest.raises(RuntimeError, match=message):
-        call(F, Tensor)
+    if device == "emulated":
+        require_device(device)
+    reached = lambda *args, **kwargs: pytest.fail("a kernel was reached")  # noqa: E731
+    monkeypatch.setattr(F, "kernels_for", reached)                          # Numba's and CUDA's
+    for name in ("im2col", "max_pool_forward", "avg_pool_forward"):          # the plain path's
+        monkeypatch.setattr(ninpy.reference, name, reached)
+    with ninpy.use_kernels(kernel_set), pytest.raises(RuntimeError, match=message):
+        call(F, lambda array: Tensor(array, device=device))
 
 
 @pytest.mark.parametrize("case", HOSTILE_GEOMETRIES)
@@ -488,6 +523,21 @@ class TestAgainstTorch:
         torch.nn.functional.cross_entropy(tz, torch.tensor(labels)).backward()
         nz = leaf(z)
         F.cross_entropy(nz, labels).backward()
+        np.testing.assert_allclose(nz.grad, tz.grad.numpy(), rtol=1e-10, atol=1e-12)
+
+    @pytest.mark.parametrize("label_smoothing", [0.0, 0.1, 0.37, 1.0])
+    def test_cross_entropy_label_smoothing(self, label_smoothing):
+        torch = self._torch()
+        z = arr(1, (6, 10)) * 4
+        labels = np.array([0, 9, 3, 3, 1, 7])
+        tz = torch.tensor(z, requires_grad=True)
+        theirs = torch.nn.functional.cross_entropy(tz, torch.tensor(labels),
+                                                   label_smoothing=label_smoothing)
+        theirs.backward()
+        nz = leaf(z)
+        ours = F.cross_entropy(nz, labels, label_smoothing=label_smoothing)
+        ours.backward()
+        assert ours.item() == pytest.approx(theirs.item(), rel=1e-12)
         np.testing.assert_allclose(nz.grad, tz.grad.numpy(), rtol=1e-10, atol=1e-12)
 
     def test_avg_pool_count_include_pad_defaults_to_true_like_torch(self):

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import ninpy
 from ninpy import backend, gpu_kernels, training
 
 # train.py is a script, not a module on the path: load it from the checkout.
@@ -84,6 +85,70 @@ def test_gpu_out_of_memory_names_the_setting_to_lower(monkeypatch, capsys):
     assert code == train.EXIT_ERROR
     line = one_line(err)
     assert "GPU ran out of memory" in line and "lower --batch-size (now 512)" in line
+
+
+class _StandInCublasError(RuntimeError):
+    """cuBLAS's exception type (its name, module and status), where libcublas cannot be loaded."""
+    __module__ = "cupy_backends.cuda.libs.cublas"
+
+    def __init__(self, status):
+        super().__init__("CUBLAS_STATUS_ALLOC_FAILED")
+        self.status = status
+
+
+_StandInCublasError.__name__ = _StandInCublasError.__qualname__ = "CUBLASError"
+
+
+@pytest.mark.parametrize("library, status", [("cublas", 3), ("runtime", 2)])
+def test_out_of_memory_from_cublas_or_the_runtime_gets_the_same_advice(monkeypatch, capsys, library,
+                                                                        status):
+    """cuBLAS (CUBLAS_STATUS_ALLOC_FAILED) and the CUDA runtime (cudaErrorMemoryAllocation) say
+    "out of memory" in their own exception types; the advice is the same as for CuPy's pool."""
+    if library == "cublas":
+        try:
+            from cupy_backends.cuda.libs.cublas import CUBLASError
+        except ImportError:  # that module loads libcublas: without it, a type of the same name
+            CUBLASError = _StandInCublasError
+        error = CUBLASError(status)
+    else:
+        error = pytest.importorskip("cupy_backends.cuda.api.runtime").CUDARuntimeError(status)
+    monkeypatch.setattr(training, "Trainer", raising_trainer(error))
+    code, out, err = run(capsys, "--device", "cpu", "--batch-size", "256")
+    assert code == train.EXIT_ERROR
+    line = one_line(err)
+    assert "GPU ran out of memory" in line and "lower --batch-size (now 256)" in line, line
+
+
+def test_an_asynchronous_kernel_fault_says_the_launch_may_be_earlier(monkeypatch, capsys):
+    runtime = pytest.importorskip("cupy_backends.cuda.api.runtime")
+    monkeypatch.setattr(training, "Trainer", raising_trainer(runtime.CUDARuntimeError(700)))
+    code, out, err = run(capsys, "--device", "cpu")
+    line = one_line(err)
+    assert "illegal memory access" in line and "may be earlier" in line
+    assert "CUDA_LAUNCH_BLOCKING=1" in line
+    # an error that is not a kernel's fault does not get the note
+    assert "CUDA_LAUNCH_BLOCKING" not in backend.cuda_error_line(runtime.CUDARuntimeError(1))
+
+
+def test_device_emulated_without_a_compiler_is_one_line_naming_the_package(monkeypatch, capsys):
+    monkeypatch.setattr(backend, "_emulated", None)
+    monkeypatch.setenv("CXX", "no-such-c++-compiler")
+    code, out, err = run(capsys, "--device", "emulated")
+    assert code == train.EXIT_ERROR
+    line = one_line(err)
+    assert "no-such-c++-compiler is not on PATH" in line and "apt-get install g++" in line, line
+    with pytest.raises(backend.DeviceError, match="build-essential"):
+        ninpy.Tensor([1.0], device="emulated")
+
+
+def test_device_emulated_is_taken_by_name_only(monkeypatch, capsys):
+    seen = {}
+    monkeypatch.setattr(backend, "gpu_problem", lambda: "device 'gpu': no NVIDIA driver is loaded")
+    monkeypatch.setattr(training, "Trainer", device_recording_trainer(seen))
+    run(capsys, "--device", "auto")
+    assert seen["device"] == "cpu"  # auto never picks the emulator
+    run(capsys, "--device", "emulated")
+    assert seen["device"] == "emulated"
 
 
 def test_kernel_compile_error_names_file_and_line(monkeypatch, capsys):

@@ -61,14 +61,38 @@ def test_state_dict_is_a_copy():
     assert not np.any(model.features[0].conv.bias.data == 7.0)
 
 
-def test_train_eval_switches_dropout():
+def every_module(root):
+    """Every Module reachable from root through attributes, lists, tuples and dicts, found without
+    Module.named_modules, so that a module it misses is missed by this test's count, not by both."""
+    found, pending, seen = [], [root], set()
+    while pending:
+        value = pending.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, nn.Module):
+            found.append(value)
+            pending.extend(vars(value).values())
+        elif isinstance(value, (list, tuple)):
+            pending.extend(value)
+        elif isinstance(value, dict):
+            pending.extend(value.values())
+    return found
+
+
+def test_train_and_eval_reach_every_submodule():
     model = models.nin_for("mnist")
+    modules = every_module(model)
+    dropouts = [m for m in modules if isinstance(m, nn.Dropout)]
+    assert len(modules) == len(list(model.named_modules())) == 19 and len(dropouts) == 2
+    ones = Tensor(np.ones(1000, dtype=np.float32))
     x = Tensor(np.ones((1, 1, 28, 28), dtype=np.float32))
-    model.eval()
-    assert all(not m.training for _, m in model.named_modules())
-    np.testing.assert_array_equal(model(x).data, model(x).data)
-    model.train()
-    assert model.features[1].training
+    for mode in (False, True, False):
+        model.train(mode)
+        assert [m.training for m in modules] == [mode] * len(modules)
+        for dropout in dropouts:                     # each dropout drops exactly when training
+            assert (dropout(ones).data == 0).any() == mode
+    np.testing.assert_array_equal(model(x).data, model(x).data)   # evaluation repeats exactly
 
 
 def test_he_initialisation_std():

@@ -281,6 +281,47 @@ def test_cross_entropy_backward_is_the_gradient_of_scaled_losses(seed):
     np.testing.assert_allclose(dlogits, expected, rtol=1e-6, atol=1e-9)
 
 
+@settings(max_examples=30)
+@given(dtype=dtypes, seed=seeds, label_smoothing=st.sampled_from([0.05, 0.1, 0.5, 1.0]))
+def test_label_smoothed_cross_entropy_is_the_cross_entropy_against_the_smoothed_target(
+        dtype, seed, label_smoothing):
+    """PyTorch's label_smoothing: the target is (1 - eps) onehot + eps / K, the loss its cross-entropy
+    with softmax(z) (computed here from that definition, in float64)."""
+    n, k = 1 + seed % 5, 1 + seed % 7
+    logits = random_array(seed, (n, k), dtype, low=-5, high=5)
+    labels = random_labels(seed, n, k)
+    losses = R.cross_entropy_forward(logits, labels, label_smoothing)
+    z = logits.astype(np.float64)
+    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    target = (1 - label_smoothing) * np.eye(k)[labels] + label_smoothing / k
+    assert losses.shape == (n,) and losses.dtype == dtype
+    np.testing.assert_allclose(losses, -(target * log_p).sum(axis=1),
+                               rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-6)
+
+
+@settings(max_examples=30)
+@given(seed=seeds, label_smoothing=st.sampled_from([0.05, 0.1, 0.5, 1.0]))
+def test_label_smoothed_backward_is_the_gradient_of_scaled_losses(seed, label_smoothing):
+    n, k = 1 + seed % 5, 2 + seed % 7
+    logits = random_array(seed, (n, k), np.float64, low=-5, high=5)
+    labels = random_labels(seed, n, k)
+    scale = 1.0 / n
+    dlogits = R.cross_entropy_backward(logits, labels, scale, label_smoothing)
+    expected = numeric_vjp(lambda z: R.cross_entropy_forward(z.reshape(-1, k), np.tile(labels, n * k),
+                                                             label_smoothing),
+                           logits, np.full(n, scale))
+    np.testing.assert_allclose(dlogits, expected, rtol=1e-6, atol=1e-9)
+
+
+def test_label_smoothing_keeps_float32():
+    logits = np.array([[1000.0, 0.0, -1000.0], [-1e4, -1e4, -1e4]], dtype=np.float32)
+    labels = np.array([1, 2])
+    losses = R.cross_entropy_forward(logits, labels, 0.1)
+    assert losses.dtype == np.float32 and np.isfinite(losses).all()
+    dlogits = R.cross_entropy_backward(logits, labels, np.array(0.5), 0.1)
+    assert dlogits.dtype == np.float32 and np.isfinite(dlogits).all()
+
+
 def test_cross_entropy_is_stable_and_keeps_float32():
     logits = np.array([[1000.0, 0.0, -1000.0], [-1e4, -1e4, -1e4]], dtype=np.float32)
     labels = np.array([1, 2])

@@ -127,6 +127,7 @@ def test_bad_flags(env, args, fragments):
     (["--lr", "-0.1"], ["--lr"]),
     (["--lr", "nan"], ["--lr"]),
     (["--momentum", "1.5"], ["--momentum"]),
+    (["--label-smoothing", "1.5"], ["--label-smoothing"]),
     (["--schedule", "step:ten"], ["--schedule"]),
     (["--limit", "0"], ["--limit"]),
     (["--svhn-extra"], ["--svhn-extra"]),
@@ -394,7 +395,7 @@ def test_ctrl_c_saves_a_resumable_checkpoint_and_exits_130(env, tmp_path):
     ("epochs", 0), ("batch_size", 0), ("lr", 0.0), ("lr", float("inf")), ("momentum", 1.0),
     ("weight_decay", -1.0), ("augment", "rotate"), ("preprocess", "pca"), ("schedule", "step:"),
     ("limit", 0), ("limit", [5]), ("seed", -1), ("val_split", -2), ("dropout", 1.0),
-    ("warmup_steps", -1)])
+    ("warmup_steps", -1), ("label_smoothing", 1.0), ("label_smoothing", -0.1)])
 def test_config_validation_names_the_setting(field, value):
     config = Config.for_dataset("mnist")
     setattr(config, field, value)
@@ -450,6 +451,31 @@ def test_class_maps_dead_on_every_test_image_are_named(patched_sources, tmp_path
     messages.clear()
     trainer._warn_if_partly_dead(0, tuple(range(10)))  # all dead is _stop_if_dead's to report
     assert not messages
+
+
+def test_label_smoothing_is_the_training_loss_and_not_the_test_loss(patched_sources, tmp_path):
+    """One step an epoch: epoch 1's training loss is the smoothed loss of the initial model on the
+    first batch; the test loss stays the plain cross-entropy of the trained model."""
+    from ninpy import Tensor, data, no_grad
+    from ninpy import functional as F
+    config = dict(epochs=1, batch_size=N_TRAIN, augment="none", label_smoothing=0.3)
+    fresh = Trainer(_config(patched_sources, tmp_path / "f", **config), **QUIET)  # the same start
+    xb, yb = next(iter(data.batches(fresh.x_train, fresh.y_train, N_TRAIN, shuffle=True, seed=5,
+                                    transform=fresh.transform)))
+    with no_grad():
+        logits = fresh.model(Tensor(xb))
+    smoothed = F.cross_entropy(logits, yb, label_smoothing=0.3).item()
+    assert abs(smoothed - F.cross_entropy(logits, yb).item()) > 1e-3
+
+    run = Trainer(_config(patched_sources, tmp_path / "s", **config), **QUIET)
+    run.fit()
+    record = metrics(tmp_path / "s")[0]
+    assert record["train_loss"] == pytest.approx(smoothed, rel=1e-6)
+    run.model.eval()
+    with no_grad():
+        test_logits = run.model(Tensor(run.transform(run.x_test)))
+    assert record["test_loss"] == pytest.approx(F.cross_entropy(test_logits, run.y_test).item(),
+                                                rel=1e-5)
 
 
 def test_param_groups_follow_the_caffe_multipliers(patched_sources, tmp_path):
