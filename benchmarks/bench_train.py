@@ -7,12 +7,18 @@ engines so that both see the same machine state, and the report gives every roun
     python benchmarks/bench_train.py                      # batch 64, both engines in this one process
     python benchmarks/bench_train.py --batch-size 128 --rounds 7
     python benchmarks/bench_train.py --separate           # each round of each engine in a fresh process
+    python benchmarks/bench_train.py --import-orders      # ninpy alone: ninpy or NumPy imported first
     python benchmarks/bench_train.py --json out.json      # also write the numbers as JSON
 
 In one process both engines share process-wide settings: ninpy, imported first, sets malloc to
 keep freed memory (ninpy/cpu_settings.py), and PyTorch's allocator profits from it too.
 --separate runs each engine as users run it, alone in its process (PyTorch then without ninpy's
 settings), alternating process by process.
+
+--import-orders times ninpy alone, each round in a fresh process, in turn: imported before NumPy,
+imported after NumPy (ninpy/cpu_settings.py then restarts OpenBLAS's threads with its setting),
+and, for comparison, after NumPy with OpenBLAS's own thread timeout (OPENBLAS_THREAD_TIMEOUT=28,
+its default: what an import after NumPy gave before cpu_settings could apply it at run time).
 """
 import argparse
 import json
@@ -70,7 +76,7 @@ STEPPERS = {"ninpy": ninpy_stepper, "torch": torch_stepper}
 
 def problem(batch_size, seed=0):
     """The batch, labels and starting weights both engines train on (He init, as ninpy's nin())."""
-    import numpy as np  # not at the top: ninpy must be imported before NumPy (ninpy/cpu_settings.py)
+    import numpy as np  # not at the top: --numpy-first chooses which is imported first
     rng = np.random.default_rng(seed)
     batch = rng.standard_normal((batch_size, 3, 32, 32)).astype(np.float32)
     labels = rng.integers(0, 10, batch_size)
@@ -114,6 +120,47 @@ def run_in_process(engines, args):
         for name, step in steps.items():
             rates[name].append(timed(step, args.steps, args.batch_size))
     return rates, {name: engine_facts(name) for name in engines}
+
+
+IMPORT_ORDERS = {   # name -> (import NumPy before ninpy, environment changes)
+    "ninpy first": (False, {}),
+    "numpy first": (True, {}),
+    "numpy first, OpenBLAS's timeout": (True, {"OPENBLAS_THREAD_TIMEOUT": "28"}),
+}
+
+
+def run_import_orders(args):
+    """ninpy alone, each round of each import order in a fresh process, alternating order by order."""
+    rates, facts = {name: [] for name in IMPORT_ORDERS}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.rounds):
+            for name, (numpy_first, env_changes) in IMPORT_ORDERS.items():
+                out = os.path.join(tmp, "ninpy.json")
+                env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+                subprocess.run([sys.executable, os.path.abspath(__file__), "--engine", "ninpy",
+                                "--batch-size", str(args.batch_size), "--rounds", "1",
+                                "--steps", str(args.steps), "--json", out, "--quiet",
+                                *(["--numpy-first"] if numpy_first else [])],
+                               env={**env, **env_changes}, check=True)
+                with open(out) as f:
+                    result = json.load(f)
+                rates[name] += result["rounds"]["ninpy"]
+                facts[name] = result["engines"]["ninpy"]
+    return rates, facts
+
+
+def report_import_orders(rates, facts, args):
+    print(f"NIN CIFAR-10 training step, ninpy alone, batch {args.batch_size}, CPU, fp32, each round "
+          f"in a fresh process, {args.rounds} rounds of {args.steps} steps")
+    for line in (machine_line(), *blas_lines()):
+        print(line)
+    for name, fact in facts.items():
+        print(f"{name}: settings applied {fact['settings_applied']}")
+    first = statistics.median(rates["ninpy first"])
+    print(f"{'import order':34s} {'images/s (median)':>18s} {'/ ninpy first':>14s}   rounds")
+    for name, r in rates.items():
+        print(f"{name:34s} {statistics.median(r):18.1f} {statistics.median(r) / first:14.2f}   "
+              + " ".join(f"{v:.1f}" for v in r))
 
 
 def run_separately(engines, args):
@@ -161,13 +208,29 @@ def main():
     parser.add_argument("--engine", choices=["both", "ninpy", "torch"], default="both")
     parser.add_argument("--separate", action="store_true",
                         help="run every round of every engine in a fresh process of its own")
+    parser.add_argument("--import-orders", action="store_true",
+                        help="ninpy alone, imported before and after NumPy, each round in a fresh process")
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--numpy-first", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    if args.import_orders:
+        rates, facts = run_import_orders(args)
+        report_import_orders(rates, facts, args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": "cpu", "machine": machine_line(), "blas": blas_lines(),
+                           "batch_size": args.batch_size, "engines": facts, "rounds": rates,
+                           "images_per_s": {n: statistics.median(r) for n, r in rates.items()}},
+                          f, indent=2)
+        return
+
     engines = ["ninpy", "torch"] if args.engine == "both" else [args.engine]
+    if args.numpy_first:
+        import numpy  # noqa: F401  (as a script that imports NumPy first does)
     if args.engine == "ninpy" or (args.engine == "both" and not args.separate):
-        import ninpy  # noqa: F401  (before NumPy loads its BLAS: ninpy/cpu_settings.py)
+        import ninpy  # noqa: F401  (imported first, unless --numpy-first: ninpy/cpu_settings.py)
     if "torch" in engines:
         try:
             import torch  # noqa: F401

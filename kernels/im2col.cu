@@ -2,7 +2,8 @@
 // them back.
 //
 // Layout (the whole batch in one matrix):
-//   x   (N, C, H, W), or (C, N, H, W) when channels_first is 1 (ninpy's convolution uses that one)
+//   x   (N, C, H, W), or (C, N, H, W) when channels_first is 1 (ninpy's convolution uses that one:
+//       docs/design.md, "Array layouts")
 //   col (C*kh*kw, N*oh*ow)
 //   col[(c*kh + i)*kw + j][(n*oh + y)*ow + x] = x[n][c][y*sh - ph + i][x*sw - pw + j]  (0 off the image)
 //
@@ -17,7 +18,8 @@
 //   (h, w), i.e. y*sh - ph <= h <= y*sh - ph + kh - 1, with i = h + ph - y*sh (same for columns).
 //   y runs from (h+ph < kh ? 0 : (h+ph-kh)/sh + 1) to min((h+ph)/sh, oh-1): the covering windows derived
 //   in ninpy/shapes.py (covering_windows), repeated here in C. No atomics: each dx element is written
-//   by exactly one thread, so the result is deterministic.
+//   by exactly one thread, so the result is deterministic. (reference.py scatters instead, one window
+//   offset at a time, and cpu_kernels.py gathers a whole image plane per Numba iteration.)
 //
 // Index is int when every flat index (and index + grid size) fits in 31 bits, long long otherwise;
 // gpu_kernels.py picks it. T is float or double.

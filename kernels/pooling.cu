@@ -1,4 +1,5 @@
-// Max and average pooling, forward and backward, on NCHW planes.
+// Max and average pooling, forward and backward, on a stack of (H, W) planes: (N, C, H, W), or the
+// channels-first (C, N, H, W) NIN passes (docs/design.md, "Array layouts"); a plane's index never matters.
 //
 // Windows: output (oy, ox) covers rows oy*sh - ph .. oy*sh - ph + kh - 1 and columns
 // ox*sw - pw .. ox*sw - pw + kw - 1 of its plane; oh, ow come from the caller (ceil mode allowed: the
@@ -10,6 +11,8 @@
 //   w = e % W, h = (e / W) % H, plane = e / (H*W); the thread sums dy over the windows covering
 //   (h, w): oy from (h+ph < kh ? 0 : (h+ph-kh)/sh + 1) to min((h+ph)/sh, oh-1), same for ox.
 //   Each dx element is written by exactly one thread: no atomics, deterministic (Caffe/Chainer style).
+//   The same backward is a scatter in reference.py (np.add.at: shortest to read) and in
+//   cpu_kernels.py (within the plane a Numba iteration owns): a GPU has too many threads for that.
 //
 // Max pooling: only real elements compete (padding acts as -inf). Each window starts from its first
 //   real element and scans the rest in row-major order, taking an element that is greater (strict >:

@@ -7,6 +7,7 @@ topological order, asks every Function for the gradients of its inputs, and adds
 leaves (`x.grad`). Everything here fits in one read: Tensor, Function, the graph walk, then the small
 arithmetic operations (add, mul, sum, ...) that Tensor's operators call.
 """
+import collections
 import contextlib
 
 import numpy as np
@@ -338,27 +339,75 @@ class Tensor:
                                "them to a number dtype first")
         return MatMul.apply(self, other)
 
+    def __rmatmul__(self, other):
+        return Tensor(other, device=self.device) @ self
+
+    # ---- what a loss is written with: PyTorch's names, parameters and defaults ---------------
+    def matmul(self, other):
+        """self @ other, as torch.matmul: 1-D operands are vectors, leading axes broadcast."""
+        return self @ other
+
+    def exp(self):
+        return Exp.apply(self)
+
+    def log(self):
+        return Log.apply(self)
+
     def sum(self, dim=None, keepdim=False, *, dtype=None):
-        """Sum over `dim` (all if None); integers and bool sum to int64, as in PyTorch."""
-        if dtype is None and self.dtype.kind in "iub":
-            dtype = np.int64
-        return Sum.apply(self, axis=_axes(dim), keepdims=keepdim, dtype=dtype)
+        """The sum of every element, or over dim (an int or a tuple of ints)."""
+        return Sum.apply(self._as_dtype(dtype, "sum"), dim=_dims(dim, self.ndim, "sum"),
+                         keepdim=keepdim)
 
     def mean(self, dim=None, keepdim=False, *, dtype=None):
-        """Mean over `dim` (all if None); only floating point, as in PyTorch."""
-        if (np.dtype(dtype) if dtype is not None else self.dtype).kind not in "fc":
-            raise RuntimeError(f"mean(): could not infer output dtype. Input dtype must be either "
-                               f"a floating point or complex dtype. Got: {self.dtype}")
-        return Mean.apply(self, axis=_axes(dim), keepdims=keepdim, dtype=dtype)
+        """The mean of every element, or over dim (an int or a tuple of ints); dtype: computed in it."""
+        x = self._as_dtype(dtype, "mean")
+        if x.dtype.kind != "f":
+            raise RuntimeError(f"mean(): a tensor of dtype {x.dtype} has no mean; pass "
+                               "dtype=np.float32 (or float64)")
+        return Mean.apply(x, dim=_dims(dim, self.ndim, "mean"), keepdim=keepdim)
+
+    def max(self, dim=None, keepdim=False):
+        """max(): the largest element, a 0-d tensor. max(dim, keepdim=False): (values, indices), the
+        largest along dim and its index (the first on ties; a NaN is the largest), as torch.max."""
+        if isinstance(dim, Tensor):
+            raise NotImplementedError("Tensor.max(other), the elementwise maximum of two tensors, "
+                                      "is not implemented; max() and max(dim) are")
+        if dim is None:
+            if keepdim:
+                raise TypeError("max(): keepdim needs a dim; use max(dim, keepdim=True)")
+            if self.numel() == 0:
+                raise RuntimeError("max(): the tensor is empty, so it has no largest element")
+            return Max.apply(self)
+        (axis,) = _dims(dim, self.ndim, "max")
+        data = self.data.reshape(self.shape or (1,))             # a 0-d tensor has one axis here
+        if data.shape[axis] == 0:
+            raise RuntimeError(f"max(): dim {dim} has size 0, so it has no largest element")
+        indices = backend.array_module(data).expand_dims(data.argmax(axis=axis), axis)
+        values = MaxAlongDim.apply(self, dim=axis, indices=indices, keepdim=keepdim)
+        return MaxResult(values, Tensor(indices.reshape(values.shape).astype(np.int64)))
+
+    def __getitem__(self, index):
+        """self[index]: ints, slices, None, ..., and integer or boolean arrays (or tensors)."""
+        return Index.apply(self, index=_index_on(index, self.device))
 
     def reshape(self, *shape):
+        """The same elements, in row-major order, as `shape` (one entry may be -1)."""
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = tuple(shape[0])
         return Reshape.apply(self, shape=shape)
 
+    def transpose(self, dim0, dim1):
+        """The tensor with axes dim0 and dim1 exchanged."""
+        (a,), (b,) = _dims(dim0, self.ndim, "transpose"), _dims(dim1, self.ndim, "transpose")
+        return Transpose.apply(self, dim0=a, dim1=b)
 
-def _axes(dim):
-    return tuple(dim) if isinstance(dim, (list, tuple)) else dim
+    def _as_dtype(self, dtype, op):
+        """self converted to dtype (gradients flow back), or self when dtype is None or its own."""
+        if dtype is None or np.dtype(dtype) == self.dtype:
+            return self
+        if np.dtype(dtype).kind != "f":
+            raise RuntimeError(f"{op}(): dtype={np.dtype(dtype)} is not supported; use a float dtype")
+        return Cast.apply(self, dtype=np.dtype(dtype))
 
 
 def _arithmetic(op, a, b):
@@ -374,6 +423,40 @@ def _arithmetic(op, a, b):
     like = a if isinstance(a, Tensor) else b
     a, b = (x if isinstance(x, Tensor) else Tensor(_as_array(x, like.device, dtype)) for x in (a, b))
     return op.apply(a, b, dtype=dtype)
+
+
+MaxResult = collections.namedtuple("max", ["values", "indices"])   # what torch.max(dim) returns
+
+
+def _dims(dim, ndim, op):
+    """dim (None, an int or a tuple/list of ints, negatives counting from the end) as a sorted
+    tuple of axes, or None for every axis; PyTorch's errors for a dim out of range or repeated."""
+    if dim is None or (isinstance(dim, (tuple, list)) and len(dim) == 0):
+        return None
+    dims = tuple(dim) if isinstance(dim, (tuple, list)) else (dim,)
+    low, high = -max(ndim, 1), max(ndim, 1) - 1
+    axes = []
+    for d in dims:
+        if not isinstance(d, (int, np.integer)) or isinstance(d, bool):
+            raise TypeError(f"{op}(): dim must be an int or a tuple of ints, got {d!r}")
+        if not low <= d <= high:
+            raise IndexError(f"{op}(): Dimension out of range (expected to be in range of "
+                             f"[{low}, {high}], but got {d})")
+        axes.append(int(d) % max(ndim, 1))
+    if len(set(axes)) != len(axes):
+        raise RuntimeError(f"{op}(): dim {dims} names an axis more than once")
+    return tuple(sorted(axes))
+
+
+def _index_on(index, device):
+    """An index with its tensors replaced by their arrays, and arrays moved to `device`."""
+    if isinstance(index, tuple):
+        return tuple(_index_on(part, device) for part in index)
+    if isinstance(index, Tensor):
+        index = index.data
+    if isinstance(index, list) or isinstance(index, np.ndarray) or backend.is_gpu_array(index):
+        return backend.to_device(np.asarray(index) if isinstance(index, list) else index, device)
+    return index
 
 
 class Function:
@@ -563,50 +646,159 @@ class Pow(Function):
 
 
 class MatMul(Function):
-    """Z = A @ B for 2-D A, B;  dA = dZ @ B^T, dB = A^T @ dZ."""
+    """Z = A @ B (batched, leading axes broadcast; a 1-D A is a row, a 1-D B a column);
+    dA = dZ @ B^T, dB = A^T @ dZ (summed over broadcast axes)."""
 
     def forward(self, a, b):
-        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
-            raise ValueError(f"matmul: shapes {a.shape} and {b.shape} are not (m, k) and (k, n)")
+        inner_b = b.shape[-2] if b.ndim > 1 else b.shape[0] if b.ndim else None
+        if a.ndim == 0 or b.ndim == 0 or a.shape[-1] != inner_b:
+            raise ValueError(f"matmul: shapes {a.shape} and {b.shape} cannot be multiplied; "
+                             "expected (..., m, k) and (..., k, n), or vectors of k")
+        try:
+            np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        except ValueError:
+            raise ValueError(f"matmul: the batch axes of {a.shape} and {b.shape} cannot be "
+                             "broadcast together") from None
         self.a, self.b = a, b
         return a @ b
 
     def backward(self, grad):
-        return grad @ self.b.T, self.a.T @ grad
+        xp = backend.array_module(grad)
+        a = self.a[None, :] if self.a.ndim == 1 else self.a      # a vector as a one-row matrix
+        b = self.b[:, None] if self.b.ndim == 1 else self.b      # and as a one-column matrix
+        if self.a.ndim == 1:
+            grad = xp.expand_dims(grad, -2)                      # the row axis the product dropped
+        if self.b.ndim == 1:
+            grad = xp.expand_dims(grad, -1)
+        grad_a = unbroadcast(grad @ xp.swapaxes(b, -1, -2), a.shape).reshape(self.a.shape)
+        grad_b = unbroadcast(xp.swapaxes(a, -1, -2) @ grad, b.shape).reshape(self.b.shape)
+        return grad_a, grad_b
+
+
+class Exp(Function):
+    """y = e^a;  da = dy * y."""
+
+    def forward(self, a):
+        self.y = backend.array_module(a).exp(a)
+        return self.y
+
+    def backward(self, grad):
+        return (grad * self.y,)
+
+
+class Log(Function):
+    """y = ln a;  da = dy / a."""
+
+    def forward(self, a):
+        self.a = a
+        return backend.array_module(a).log(a)
+
+    def backward(self, grad):
+        return (grad / self.a,)
 
 
 class Sum(Function):
-    """z = sum of a over `axis`;  dz/da = 1 at every summed element."""
+    """z = sum of a over `dim` (every axis when None);  da = dz at every summed element."""
 
     saved_inputs = ()
 
-    def forward(self, a, axis=None, keepdims=False, dtype=None):
-        self.shape, self.axis, self.keepdims = a.shape, axis, keepdims
-        return backend.array_module(a).asarray(a.sum(axis=axis, keepdims=keepdims, dtype=dtype))
+    def forward(self, a, dim=None, keepdim=False):
+        self.shape, self.dim, self.keepdim = a.shape, dim, keepdim
+        return a.sum(axis=dim, keepdims=keepdim)
 
     def backward(self, grad):
         xp = backend.array_module(grad)
-        if self.axis is not None and not self.keepdims:
-            grad = xp.expand_dims(grad, self.axis)
+        if self.dim is not None and not self.keepdim:
+            grad = xp.expand_dims(grad, self.dim)
         return (xp.broadcast_to(grad, self.shape).copy(),)
 
 
 class Mean(Function):
-    """z = mean of a over `axis`;  dz/da = 1/count at every averaged element."""
+    """z = mean of a over `dim` (every axis when None);  da = dz / count at every averaged element."""
 
     saved_inputs = ()
 
-    def forward(self, a, axis=None, keepdims=False, dtype=None):
-        self.shape, self.axis, self.keepdims = a.shape, axis, keepdims
-        out = backend.array_module(a).asarray(a.mean(axis=axis, keepdims=keepdims, dtype=dtype))
+    def forward(self, a, dim=None, keepdim=False):
+        self.shape, self.dim, self.keepdim = a.shape, dim, keepdim
+        out = a.mean(axis=dim, keepdims=keepdim)
         self.count = a.size // max(out.size, 1)
         return out
 
     def backward(self, grad):
         xp = backend.array_module(grad)
-        if self.axis is not None and not self.keepdims:
-            grad = xp.expand_dims(grad, self.axis)
-        return (xp.broadcast_to(grad / self.count, self.shape).copy(),)
+        if self.dim is not None and not self.keepdim:
+            grad = xp.expand_dims(grad, self.dim)
+        return (xp.broadcast_to(grad / grad.dtype.type(max(self.count, 1)), self.shape).copy(),)
+
+
+class Max(Function):
+    """z = the largest element of a (NaN if any is NaN);  da = dz shared evenly by the elements
+    equal to it (PyTorch's rule for ties)."""
+
+    def forward(self, a):
+        self.a, self.z = a, a.max()
+        return self.z
+
+    def backward(self, grad):
+        xp = backend.array_module(grad)
+        winners = xp.isnan(self.a) if xp.isnan(self.z) else self.a == self.z
+        return (winners * (grad / winners.sum()).astype(grad.dtype),)
+
+
+class MaxAlongDim(Function):
+    """z = a's largest element along dim, found by the caller at `indices`;  da = dz at those
+    indices, 0 elsewhere."""
+
+    def forward(self, a, dim, indices, keepdim):
+        self.shape, self.dim, self.indices = a.shape, dim, indices
+        values = backend.array_module(a).take_along_axis(a.reshape(a.shape or (1,)), indices, dim)
+        return values if keepdim and a.ndim else values.reshape(values.shape[:dim] + values.shape[dim + 1:])
+
+    def backward(self, grad):
+        xp = backend.array_module(grad)
+        grad_a = xp.zeros(self.shape or (1,), dtype=grad.dtype)
+        xp.put_along_axis(grad_a, self.indices, grad.reshape(self.indices.shape), axis=self.dim)
+        return (grad_a.reshape(self.shape),)
+
+
+class Index(Function):
+    """z = a[index];  da = zeros with dz added at index (np.add.at: a repeated index adds up)."""
+
+    def forward(self, a, index):
+        self.shape, self.index = a.shape, index
+        try:
+            return a[index]
+        except IndexError as error:
+            raise IndexError(f"index {index!r} does not fit a tensor of shape {a.shape}: "
+                             f"{error}") from None
+
+    def backward(self, grad):
+        xp = backend.array_module(grad)
+        grad_a = xp.zeros(self.shape, dtype=grad.dtype)
+        xp.add.at(grad_a, self.index, grad)
+        return (grad_a,)
+
+
+class Transpose(Function):
+    """z = a with axes dim0 and dim1 exchanged;  da = dz with them exchanged back."""
+
+    def forward(self, a, dim0, dim1):
+        self.dims = dim0, dim1
+        return backend.array_module(a).swapaxes(a, dim0, dim1)
+
+    def backward(self, grad):
+        return (backend.array_module(grad).swapaxes(grad, *self.dims),)
+
+
+class Cast(Function):
+    """z = a in another dtype;  da = dz in a's dtype."""
+
+    def forward(self, a, dtype):
+        self.dtype = a.dtype
+        return a.astype(dtype)
+
+    def backward(self, grad):
+        return (grad.astype(self.dtype),)
 
 
 class Reshape(Function):

@@ -1,7 +1,8 @@
 """CPU kernels with Numba: the same functions, names and signatures as `reference.py`, made fast.
 
-Each public function is a thin Python wrapper that allocates the output (memory.empty, from
-ninpy's pool of big arrays; the kernel writes every element) and calls one Numba kernel,
+Each public function is a thin Python wrapper that allocates the output
+(memory.pooled_empty: ninpy/memory.py explains the pool; the kernel writes every element) and calls
+one Numba kernel,
 `@_compiled(parallel=True)` (njit, cached on disk), whose outer loop is a `prange` over independent
 work: the N*C image planes, or the rows of col for im2col.
 No two iterations write the same element, so there are no races and no atomics. In the backward
@@ -10,6 +11,20 @@ sum, in a fixed order, of what reaches it, so results are deterministic: col2im 
 row at a time (the row sums the window rows that cover it, long contiguous inner loops); the
 pooling backwards zero the plane and add each window's share in (oy, ox) order, which touches each
 window once instead of testing every window against every row.
+
+Layouts (docs/design.md, "Array layouts"). im2col and col2im take x as (N, C, H, W) or, with
+layout="CNHW", as (C, N, H, W), the layout NIN's convolutions work in; `_plane` is the one place
+the two differ. The pooling and bias kernels see an array as a stack of (H, W) planes and never ask
+which axis is the batch, so they take (N, C, H, W) and (C, N, H, W) alike: their docstrings write
+(N, C, H, W), and NIN hands them (C, N, H, W).
+
+Three algorithms for one function. The backward passes are scatters by nature (each output sends
+its gradient to the inputs it read). reference.py writes them as scatters (col2im adds each window
+offset's slice in turn; max_pool_backward is one np.add.at): the shortest code to read. Here each
+prange iteration must own what it writes, so col2im gathers (each image row sums the window rows
+that cover it) and the pooling backwards scatter within the one plane they own. The CUDA kernels
+(kernels/*.cu) have thousands of threads and no atomics, so every backward there is a gather: one
+thread per input element sums the outputs whose windows cover it (shapes.covering_windows).
 
 Numba compiles one version per dtype (float32 and float64) and keeps the machine code on disk (in
 `__pycache__`) between processes, keyed to every source a kernel compiles in (`_compiled` below);
@@ -33,11 +48,11 @@ from ninpy.reference import (cross_entropy_backward, cross_entropy_forward,  # n
                              sgd_update_)
 
 # Threads. NumPy's GEMMs run on OpenBLAS's thread pool and these kernels on Numba's; with Numba's
-# default OpenMP layer both pools spin-wait between calls and take the cores from each other: on a
-# 2-core machine a Fashion-MNIST NIN training step ran slower with 2 threads than with 1 (143 vs 155
-# images/s at batch 128). Numba's workqueue layer puts its threads to sleep between kernels (192-212
-# images/s). Its one limit: two Python threads must not launch kernels at the same time (Numba stops
-# the process if they do). Setting NUMBA_THREADING_LAYER chooses another layer instead.
+# default OpenMP layer both pools spin-wait between calls and take the cores from each other (on
+# 2 cores a NIN step ran slower with 2 threads than with 1: docs/why-fast.md). Numba's workqueue
+# layer puts its threads to sleep between kernels. Its one limit: two Python threads must not
+# launch kernels at the same time (Numba stops the process if they do). Setting
+# NUMBA_THREADING_LAYER chooses another layer instead.
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 
@@ -114,7 +129,8 @@ def _expect_layout(op, layout):
 
 @_compiled()
 def _plane(n, c, N, C, channels_first):
-    """The index of image (n, c)'s plane among the N*C planes: n*C + c, or c*N + n in (C, N, H, W)."""
+    """The index of image (n, c)'s plane among the N*C planes: n*C + c, or c*N + n in (C, N, H, W)
+    (channels first: docs/design.md, "Array layouts")."""
     return c * N + n if channels_first else n * C + c
 
 
@@ -143,7 +159,8 @@ def _im2col_kernel(xp, col, N, C, channels_first, kh, kw, sh, sw, oh, ow):
 
 def im2col(x, kh, kw, sh, sw, ph, pw, layout="NCHW"):
     """col[(c*kh + i)*kw + j, (n*oh + y)*ow + x] = x[n, c, y*sh - ph + i, x*sw - pw + j], 0 outside.
-    x is (N, C, H, W), or (C, N, H, W) with layout="CNHW"; col is the same for both."""
+    x is (N, C, H, W), or (C, N, H, W) with layout="CNHW"; col is the same for both.
+    A copy, one col row per iteration; the reference copies one window offset at a time."""
     _expect_image("im2col", "x", x.shape)
     _expect_layout("im2col", layout)
     x = _contiguous(x)
@@ -151,12 +168,12 @@ def im2col(x, kh, kw, sh, sw, ph, pw, layout="NCHW"):
     H, W = x.shape[2:]
     oh, ow = shapes.conv_output_size(H, kh, sh, ph), shapes.conv_output_size(W, kw, sw, pw)
     if ph or pw:   # one padded copy of x (kh*kw times smaller than col) saves a bounds test per element
-        xp = memory.empty((N * C, H + 2 * ph, W + 2 * pw), dtype=x.dtype)
+        xp = memory.pooled_empty((N * C, H + 2 * ph, W + 2 * pw), dtype=x.dtype)
         xp.fill(0)
         xp[:, ph:ph + H, pw:pw + W] = x.reshape(N * C, H, W)
     else:
         xp = x.reshape(N * C, H, W)
-    col = memory.empty((C * kh * kw, N * oh * ow), dtype=x.dtype)
+    col = memory.pooled_empty((C * kh * kw, N * oh * ow), dtype=x.dtype)
     _im2col_kernel(xp, col, N, C, layout == "CNHW", kh, kw, sh, sw, oh, ow)
     return col
 
@@ -196,7 +213,9 @@ def _col2im_kernel(col, dx, N, C, channels_first, kh, kw, sh, sw, ph, pw, oh, ow
 
 def col2im(col, x_shape, kh, kw, sh, sw, ph, pw, layout="NCHW"):
     """dx[n, c, h, w] = sum of col[(c*kh + i)*kw + j, (n*oh + y)*ow + x] over y*sh - ph + i = h, x*sw - pw + j = w.
-    x_shape and dx are (N, C, H, W), or (C, N, H, W) with layout="CNHW"."""
+    x_shape and dx are (N, C, H, W), or (C, N, H, W) with layout="CNHW".
+    A gather, one image plane per iteration (which owns it); the reference scatters one window
+    offset at a time, CUDA gathers one element per thread (module docstring: three algorithms)."""
     _expect_image("col2im", "x_shape", x_shape)
     _expect_layout("col2im", layout)
     N, C = shapes.batch_and_channels(x_shape, layout)
@@ -204,7 +223,7 @@ def col2im(col, x_shape, kh, kw, sh, sw, ph, pw, layout="NCHW"):
     oh, ow = shapes.conv_output_size(H, kh, sh, ph), shapes.conv_output_size(W, kw, sw, pw)
     _expect_shape("col2im", "col", col.shape, (C * kh * kw, N * oh * ow))
     col = _contiguous(col)
-    dx = memory.empty(tuple(x_shape), dtype=col.dtype)
+    dx = memory.pooled_empty(tuple(x_shape), dtype=col.dtype)
     _col2im_kernel(col, dx.reshape(N * C, H, W), N, C, layout == "CNHW", kh, kw, sh, sw, ph, pw,
                    oh, ow)
     return dx
@@ -215,7 +234,7 @@ def _max_pool_forward_kernel(x, y, argmax, kh, kw, sh, sw, ph, pw):
     # x (P, H, W), y and argmax (P, oh, ow) with P = N*C. One iteration = one image plane; each
     # window starts from its first real element and scans its real elements in row-major order.
     # The update is written as two selects, not an `if`: on random data the branch is
-    # unpredictable, and the selects took 19 ms instead of 27 for NIN's first pool at batch 64.
+    # unpredictable, and the selects are faster (docs/why-fast.md).
     H, W = x.shape[1], x.shape[2]
     for p in prange(x.shape[0]):
         for oy in range(y.shape[1]):
@@ -237,12 +256,13 @@ def _max_pool_forward_kernel(x, y, argmax, kh, kw, sh, sw, ph, pw):
 
 
 def max_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow):
-    """y[n, c, oy, ox] = max of x[n, c, h, w] over the window's real elements (NaN wins); argmax = h*W + w of it."""
+    """y[n, c, oy, ox] = max of x[n, c, h, w] over the window's real elements (NaN wins); argmax = h*W + w of it.
+    x (N, C, H, W) or channels first (C, N, H, W): a stack of (H, W) planes either way."""
     shapes.check_pool_output(x.shape, kh, kw, sh, sw, ph, pw, oh, ow)
     x = _contiguous(x)
     N, C, H, W = x.shape
-    y = memory.empty((N, C, oh, ow), dtype=x.dtype)
-    argmax = memory.empty((N, C, oh, ow), dtype=np.int32)
+    y = memory.pooled_empty((N, C, oh, ow), dtype=x.dtype)
+    argmax = memory.pooled_empty((N, C, oh, ow), dtype=np.int32)
     _max_pool_forward_kernel(x.reshape(N * C, H, W), y.reshape(N * C, oh, ow),
                              argmax.reshape(N * C, oh, ow), kh, kw, sh, sw, ph, pw)
     return y, argmax
@@ -266,7 +286,9 @@ def _max_pool_backward_kernel(dy, argmax, dx, stray):
 
 
 def max_pool_backward(dy, argmax, x_shape, kh, kw, sh, sw, ph, pw):
-    """dx[n, c, h, w] = sum of dy[n, c, oy, ox] over the windows whose argmax is h*W + w."""
+    """dx[n, c, h, w] = sum of dy[n, c, oy, ox] over the windows whose argmax is h*W + w.
+    Planes in either layout. A scatter within the plane an iteration owns, windows in (oy, ox)
+    order; the reference is one np.add.at, CUDA a gather through the covering windows."""
     _expect_image("max_pool_backward", "dy", dy.shape)
     shapes.check_pool_output(x_shape, kh, kw, sh, sw, ph, pw, *dy.shape[2:])
     N, C, H, W = x_shape
@@ -276,7 +298,7 @@ def max_pool_backward(dy, argmax, x_shape, kh, kw, sh, sw, ph, pw):
         raise ValueError(f"max_pool_backward: argmax must hold integers, got dtype {argmax.dtype}")
     dy, argmax = _contiguous(dy), _contiguous(argmax)
     P, oh, ow = N * C, dy.shape[2], dy.shape[3]
-    dx = memory.empty(x_shape, dtype=dy.dtype)
+    dx = memory.pooled_empty(x_shape, dtype=dy.dtype)
     stray = np.zeros(P, dtype=np.bool_)
     _max_pool_backward_kernel(dy.reshape(P, oh * ow), argmax.reshape(P, oh * ow), dx.reshape(P, H * W),
                               stray)
@@ -306,11 +328,12 @@ def _avg_pool_forward_kernel(x, y, kh, kw, sh, sw, ph, pw, count_include_pad):
 
 
 def avg_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad=True):
-    """y[n, c, oy, ox] = (sum of the window's real elements) / divisor(oy, ox) (padding counted if count_include_pad)."""
+    """y[n, c, oy, ox] = (sum of the window's real elements) / divisor(oy, ox) (padding counted if count_include_pad).
+    x (N, C, H, W) or channels first (C, N, H, W): a stack of (H, W) planes either way."""
     shapes.check_pool_output(x.shape, kh, kw, sh, sw, ph, pw, oh, ow)
     x = _contiguous(x)
     N, C, H, W = x.shape
-    y = memory.empty((N, C, oh, ow), dtype=x.dtype)
+    y = memory.pooled_empty((N, C, oh, ow), dtype=x.dtype)
     _avg_pool_forward_kernel(x.reshape(N * C, H, W), y.reshape(N * C, oh, ow), kh, kw, sh, sw, ph, pw,
                              bool(count_include_pad))
     return y
@@ -336,14 +359,16 @@ def _avg_pool_backward_kernel(dy, dx, kh, kw, sh, sw, ph, pw, count_include_pad)
 
 
 def avg_pool_backward(dy, x_shape, kh, kw, sh, sw, ph, pw, count_include_pad=True):
-    """dx[n, c, h, w] = sum of dy[n, c, oy, ox] / divisor(oy, ox) over the windows covering (h, w)."""
+    """dx[n, c, h, w] = sum of dy[n, c, oy, ox] / divisor(oy, ox) over the windows covering (h, w).
+    Planes in either layout. A scatter within the plane an iteration owns, windows in (oy, ox)
+    order; the reference adds one window offset at a time, CUDA gathers through covering windows."""
     _expect_image("avg_pool_backward", "dy", dy.shape)
     shapes.check_pool_output(x_shape, kh, kw, sh, sw, ph, pw, *dy.shape[2:])
     N, C, H, W = x_shape
     _expect_shape("avg_pool_backward", "dy", dy.shape[:2], (N, C))
     dy = _contiguous(dy)
     P, oh, ow = N * C, dy.shape[2], dy.shape[3]
-    dx = memory.empty(x_shape, dtype=dy.dtype)
+    dx = memory.pooled_empty(x_shape, dtype=dy.dtype)
     _avg_pool_backward_kernel(dy.reshape(P, oh, ow), dx.reshape(P, H, W), kh, kw, sh, sw, ph, pw,
                               bool(count_include_pad))
     return dx
@@ -375,7 +400,8 @@ def _planes(out, bias, op):
 
 
 def bias_relu_(out, bias):
-    """out = max(out + bias[c], 0), in place; returns out."""
+    """out = max(out + bias[c], 0), in place; returns out. out (N, C, ...); a channels-first
+    (C, N*H*W) output is passed as (1, C, N*H*W) (functional.Conv2d)."""
     _bias_kernel(_planes(out, bias, "bias_relu_"), bias.astype(out.dtype, copy=False), True)
     return out
 
@@ -400,7 +426,7 @@ def relu_backward(dy, y):
     """dx = 0 where y <= 0, else dy (a NaN y passes its gradient on, as in PyTorch)."""
     _expect_shape("relu_backward", "dy", dy.shape, y.shape, " (the shape of y)")
     dy, y = _contiguous(dy), _contiguous(y)
-    dx = memory.empty(dy.shape, dtype=dy.dtype)              # C order, so reshape(-1) is a view
+    dx = memory.pooled_empty(dy.shape, dtype=dy.dtype)              # C order, so reshape(-1) is a view
     _relu_backward_kernel(dy.reshape(-1), y.reshape(-1), dx.reshape(-1))
     return dx
 
@@ -430,7 +456,7 @@ def relu_bias_backward(dy, y):
         raise ValueError(f"relu_bias_backward: dy must be (N, C, ...), got shape {dy.shape}")
     dy, y = _contiguous(dy), _contiguous(y)
     planes = (dy.shape[0], dy.shape[1], int(np.prod(dy.shape[2:])))   # explicit: a batch may be empty
-    dx = memory.empty(dy.shape, dtype=dy.dtype)
+    dx = memory.pooled_empty(dy.shape, dtype=dy.dtype)
     db = np.empty(dy.shape[1], dtype=dy.dtype)
     _relu_bias_backward_kernel(dy.reshape(planes), y.reshape(planes), dx.reshape(planes), db)
     return dx, db

@@ -9,7 +9,7 @@ Shapes follow PyTorch: images NCHW, conv weights (C_out, C_in, kh, kw).
 
 Two paths. By default ("fast") the operators are this module's Functions on the Numba and CUDA
 kernels, with the convolution channels first and its big arrays from ninpy.memory's pool
-(docs/design.md, "Layouts"). `use_kernels("reference")` (or NINPY_KERNELS=reference) makes every
+(docs/design.md, "Array layouts"). `use_kernels("reference")` (or NINPY_KERNELS=reference) makes every
 public function here apply the plain NumPy Function of the same name in `reference` instead: the
 whole network in one readable file, in the public layout, on the CPU.
 """
@@ -80,7 +80,7 @@ def _plain(x):
 
 def working_layout():
     """The layout NIN keeps between its layers: "CNHW" (channels first) on the fast path, where
-    it saves the convolutions' layout copies; "NCHW" on the plain path (docs/design.md, "Layouts")."""
+    it saves the convolutions' layout copies; "NCHW" on the plain path (docs/design.md, "Array layouts")."""
     return "NCHW" if _kernel_set == "reference" else "CNHW"
 
 
@@ -127,7 +127,7 @@ LAYOUTS = ("NCHW", "CNHW")
 
 def _swapped(array):
     """(N, C, H, W) <-> (C, N, H, W): the batch and channel axes exchanged, as a C-ordered copy."""
-    out = memory.empty_for(array, (array.shape[1], array.shape[0]) + array.shape[2:])
+    out = memory.pooled_empty_for(array, (array.shape[1], array.shape[0]) + array.shape[2:])
     out[...] = array.transpose(1, 0, 2, 3)
     return out
 
@@ -162,9 +162,9 @@ class Conv2d(Function):
       y = W2 @ x;  dW = dy2 @ x^T, dx = W2^T @ dy2.
     models.NIN keeps its activations channels first between layers (layout="CNHW"). An (N, C, H, W)
     input, the public layout, is copied to channels first on the way in and the result copied
-    back: two copies, the price of a standalone call.
-    col is recomputed in backward rather than kept: keeping it saved about 3% of a NIN step and
-    took about 25% more memory (docs/why-fast.md).
+    back: two copies, the price of a standalone call (docs/design.md, "Array layouts").
+    col is recomputed in backward rather than kept: keeping it costs far more memory than the time
+    it saves (docs/why-fast.md). reference.Conv2d is the same convolution without any of this.
     """
 
     saved_inputs = (0, 1)   # x and the weight (torch's convolution saves both)
@@ -418,10 +418,10 @@ class Dropout(Function):
 
     def forward(self, x, mask):
         self.mask = mask
-        return backend.array_module(x).multiply(x, self.mask, out=memory.empty_for(x, x.shape))
+        return backend.array_module(x).multiply(x, self.mask, out=memory.pooled_empty_for(x, x.shape))
 
     def backward(self, grad):
-        return (backend.array_module(grad).multiply(grad, self.mask, out=memory.empty_for(grad, grad.shape)),)
+        return (backend.array_module(grad).multiply(grad, self.mask, out=memory.pooled_empty_for(grad, grad.shape)),)
 
 
 def _dropout_mask(x, p):

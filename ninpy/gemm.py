@@ -5,10 +5,9 @@ GEMM over the whole batch: NumPy's (OpenBLAS) on the CPU, CuPy's (cuBLAS; CUPY_T
 on the GPU. The result goes into an array from ninpy.memory (`out=`), so the next step reuses it.
 
 Why one GEMM and not one per image: in the (N, C, H, W) layout a 1x1 convolution is a product per
-image with a shared weight, and NumPy runs it as one small GEMM per image. Over NIN's 1x1 layers
-(batch 64, 2 cores) those took 87.7 ms a step against 72.8 ms for the same arithmetic as one GEMM
-per layer, and the im2col convolutions needed two layout copies each on top
-(benchmarks/bench_gemm.py; docs/why-fast.md).
+image with a shared weight, and NumPy runs it as one small GEMM per image, slower than the same
+arithmetic as one GEMM per layer; and the im2col convolutions needed two layout copies each on top
+(docs/design.md, "Array layouts"; benchmarks/bench_gemm.py measures both, docs/why-fast.md has the numbers).
 """
 import numpy as np
 
@@ -17,5 +16,5 @@ from . import backend, memory
 
 def matmul(a, b):
     """a (M, K) @ b (K, L), written into a pooled array."""
-    out = memory.empty_for(b, (a.shape[0], b.shape[1]), np.result_type(a.dtype, b.dtype))
+    out = memory.pooled_empty_for(b, (a.shape[0], b.shape[1]), np.result_type(a.dtype, b.dtype))
     return backend.array_module(b).matmul(a, b, out=out)

@@ -242,7 +242,8 @@ def _i32(*values):
 
 def im2col(x, kh, kw, sh, sw, ph, pw, layout="NCHW"):
     """col[(c*kh + i)*kw + j, (n*oh + y)*ow + x] = x[n, c, y*sh - ph + i, x*sw - pw + j], 0 outside.
-    x is (N, C, H, W), or (C, N, H, W) with layout="CNHW"; col is the same for both."""
+    x is (N, C, H, W), or (C, N, H, W) with layout="CNHW" (docs/design.md, "Array layouts"); col is the
+    same for both."""
     cupy = backend.array_module(x)
     x = _contiguous(x)
     N, C = batch_and_channels(x.shape, layout)
@@ -255,8 +256,10 @@ def im2col(x, kh, kw, sh, sw, ph, pw, layout="NCHW"):
 
 
 def col2im(col, x_shape, kh, kw, sh, sw, ph, pw, layout="NCHW"):
-    """dx[n, c, h, w] = sum of the col entries im2col copied from x[n, c, h, w] (a gather).
-    x_shape and dx are (N, C, H, W), or (C, N, H, W) with layout="CNHW"."""
+    """dx[n, c, h, w] = sum of the col entries im2col copied from x[n, c, h, w].
+    x_shape and dx are (N, C, H, W), or (C, N, H, W) with layout="CNHW".
+    A gather, one thread per dx element (no atomics); the reference scatters one window offset at
+    a time, Numba gathers one image plane per iteration (cpu_kernels: three algorithms)."""
     cupy = backend.array_module(col)
     col = _contiguous(col)
     N, C = batch_and_channels(x_shape, layout)
@@ -274,7 +277,8 @@ def col2im(col, x_shape, kh, kw, sh, sw, ph, pw, layout="NCHW"):
 # --- pooling --------------------------------------------------------------------------------------
 
 def max_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow):
-    """y = max over each window's real elements (NaN wins); argmax (int32) = h*W + w of the winner."""
+    """y = max over each window's real elements (NaN wins); argmax (int32) = h*W + w of the winner.
+    x (N, C, H, W) or channels first (C, N, H, W): a stack of (H, W) planes either way."""
     cupy = backend.array_module(x)
     x = _contiguous(x)
     N, C, H, W = x.shape
@@ -286,7 +290,9 @@ def max_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow):
 
 
 def max_pool_backward(dy, argmax, x_shape, kh, kw, sh, sw, ph, pw):
-    """dx[n, c, h, w] = sum of dy over the windows whose argmax is h*W + w (a gather)."""
+    """dx[n, c, h, w] = sum of dy over the windows whose argmax is h*W + w. Planes in either layout.
+    A gather through the covering windows, one thread per dx element; the reference scatters with
+    np.add.at, Numba within the plane an iteration owns."""
     cupy = backend.array_module(dy)
     dy = _contiguous(dy)
     argmax = _contiguous(argmax).astype(np.int32, copy=False)
@@ -299,7 +305,8 @@ def max_pool_backward(dy, argmax, x_shape, kh, kw, sh, sw, ph, pw):
 
 
 def avg_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad=True):
-    """y = sum of each window's real elements / divisor (padding counted if count_include_pad)."""
+    """y = sum of each window's real elements / divisor (padding counted if count_include_pad).
+    x (N, C, H, W) or channels first (C, N, H, W): a stack of (H, W) planes either way."""
     cupy = backend.array_module(x)
     x = _contiguous(x)
     N, C, H, W = x.shape
@@ -310,7 +317,9 @@ def avg_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad=True):
 
 
 def avg_pool_backward(dy, x_shape, kh, kw, sh, sw, ph, pw, count_include_pad=True):
-    """dx[n, c, h, w] = sum over the windows covering (h, w) of dy / divisor (a gather)."""
+    """dx[n, c, h, w] = sum over the windows covering (h, w) of dy / divisor. Planes in either layout.
+    A gather, one thread per dx element; the reference and Numba scatter (cpu_kernels: three
+    algorithms)."""
     cupy = backend.array_module(dy)
     dy = _contiguous(dy)
     N, C, H, W = x_shape

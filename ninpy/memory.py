@@ -1,24 +1,31 @@
 """A pool of big CPU arrays: a training step reuses the last step's memory instead of asking for new.
 
+This is the one place the pool is explained. The Numba wrappers (cpu_kernels.py), the GEMMs
+(gemm.py) and the layout copies (functional.py) get their outputs from `pooled_empty(shape, dtype)`
+(or `pooled_empty_for(array, shape)`, which gives a CuPy array on the GPU); nothing is ever handed
+back by hand. The plain path (reference.py) does not use the pool.
+
 Why. glibc's malloc gives every block over 32 MB its own fresh mapping from the OS and unmaps it
-when the block is freed. A NIN step at batch 128 makes dozens of such arrays (activations, im2col
-columns, their gradients), so every step started from fresh pages: about 20,000 page faults a step,
-each page zeroed by the kernel before NumPy writes it (benchmarks/profile_step.py; docs/why-fast.md
-has the numbers). Every step asks for the same sizes as the step before, so keeping the freed
-blocks and handing them out again removes that cost, as CuPy's memory pool does on the GPU.
+when the block is freed. A NIN step makes dozens of such arrays (activations, im2col columns, their
+gradients), so without the pool every step starts on fresh pages, each zeroed by the kernel before
+NumPy writes it. Every step asks for the same sizes as the step before, so keeping the freed blocks
+and handing them out again removes that cost, as CuPy's memory pool does on the GPU.
+(docs/why-fast.md has the page-fault counts and the time they cost.)
 
-How. Each block is a 1-D uint8 array owned by the pool; `empty` hands out a view of the smallest
-free block that holds the asked size and is under twice it, or of a new block of that size (a
-block much larger than the request would be kept from the big arrays that need it). A block is
-free when nothing but the pool refers to it: every NumPy view keeps a reference to the array that
-owns its memory (`view.base` is the block), so while any array made from it is alive, the block's
-reference count is above the pool's own one. Nothing needs to be given back by hand. Arrays under
-MIN_BYTES come from NumPy as usual (malloc already reuses small blocks); GPU arrays come from
-CuPy, which has its own pool.
+How. Each block is a 1-D uint8 array owned by the pool; `pooled_empty` hands out a view of the
+smallest free block that holds the asked size and is under twice it, or of a new block of that size
+(a block much larger than the request would be kept from the big arrays that need it).
 
-The price is memory. The pool keeps, for each size, as many blocks as were ever in use at once,
-which adds up to more than the peak of all sizes together: NIN at batch 128 peaks at about 1.4 GB
-resident against about 1.0 GB without the pool (docs/why-fast.md has the measurements). The pool
+When is a block free? Every NumPy view keeps a reference to the array that owns its memory
+(`view.base` is the block), and so does every view of a view. So while any array made from a block
+is alive, the block has more references than the pool's own one; when the last of them is garbage,
+only the pool's reference is left. `_in_use` counts them with sys.getrefcount, which is exact
+here: nothing but those views can refer to a block, since it is never handed out itself.
+Arrays under MIN_BYTES come from NumPy as usual (malloc already reuses small blocks); GPU arrays
+come from CuPy, which has its own pool.
+
+The price is memory: the pool keeps, for each size, as many blocks as were ever in use at once,
+which adds up to more than the peak of all sizes together (docs/why-fast.md measures it). The pool
 holds at most LIMIT_BYTES (blocks in use can always be made; past the limit it lets go of free
 blocks before it makes a new one); the environment variable NINPY_MEMORY_POOL_MB sets it, and 0
 turns the pool off. `release()` lets go of every free block now; the training loop calls it around
@@ -52,18 +59,21 @@ _blocks = {}   # nbytes -> [uint8 arrays], every block the pool owns, free or in
 
 
 def _references(blocks, index):
+    """sys.getrefcount of blocks[index]: the pool's list, this call's own, and one per live view."""
     return sys.getrefcount(blocks[index])
 
 
-_FREE = _references([np.empty(0, np.uint8)], 0)   # the count of a block only the pool holds
+_ONLY_THE_POOL = _references([np.empty(0, np.uint8)], 0)   # measured on a block no view refers to
 
 
-def _is_free(blocks, index):
-    return _references(blocks, index) <= _FREE
+def _in_use(blocks, index):
+    """True while an array made from blocks[index] (a view: its base is the block) is alive."""
+    return _references(blocks, index) > _ONLY_THE_POOL
 
 
-def empty(shape, dtype=np.float32):
-    """An uninitialised C-contiguous NumPy array, from the pool when it is big."""
+def pooled_empty(shape, dtype=np.float32):
+    """An uninitialised C-contiguous NumPy array, as np.empty; a big one is a view of a pool block
+    (a block an earlier step let go of, when one fits)."""
     dtype = np.dtype(dtype)
     count = int(np.prod(shape, dtype=np.int64))
     nbytes = count * dtype.itemsize
@@ -83,17 +93,18 @@ def _free_block(nbytes):
         if nbytes <= size < 2 * nbytes:
             blocks = _blocks[size]
             for index in range(len(blocks)):
-                if _is_free(blocks, index):
+                if not _in_use(blocks, index):
                     return blocks[index]
     return None
 
 
-def empty_for(array, shape, dtype=None):
-    """An uninitialised array on `array`'s device (dtype defaults to its dtype)."""
+def pooled_empty_for(array, shape, dtype=None):
+    """pooled_empty on `array`'s device (a CuPy array, from CuPy's pool, on the GPU); dtype
+    defaults to array's."""
     dtype = array.dtype if dtype is None else dtype
     if backend.is_gpu_array(array):
         return backend.array_module(array).empty(shape, dtype)
-    return empty(shape, dtype)
+    return pooled_empty(shape, dtype)
 
 
 def pooled_bytes():
@@ -108,7 +119,7 @@ def release(keep_bytes=0):
         for index in reversed(range(len(blocks))):
             if pooled_bytes() <= keep_bytes:
                 return
-            if _is_free(blocks, index):
+            if not _in_use(blocks, index):
                 del blocks[index]
 
 

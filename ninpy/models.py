@@ -21,7 +21,7 @@ class NIN(nn.Module):
     no layout copy (functional.Conv2d); (N, C, H, W) on the plain path (reference.py). Pooling and
     dropout work per image plane or per element, so they take either layout as it is. Every
     public entry takes (N, C, H, W), `model.features(x)` included; the working layout is the
-    modules' private `_forward_working`. The layout story: docs/design.md, "Layouts".
+    modules' private `_forward_working`. The layout story: docs/design.md, "Array layouts".
     """
 
     def __init__(self, in_channels, num_classes, widths, kernel_sizes, pools, dropout, init_std,

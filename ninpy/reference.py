@@ -1,4 +1,10 @@
-"""Plain-NumPy reference kernels: the readable oracle for cpu_kernels.py (Numba) and gpu_kernels.py (CUDA).
+"""The plain path in plain NumPy: the reference kernels, and the network's operators built on them.
+
+Two parts. First the kernels: the readable oracle for cpu_kernels.py (Numba) and gpu_kernels.py
+(CUDA). Then, at the end of the file, every operator NIN uses as an autograd Function (Conv2d, ReLU,
+the poolings, dropout, the loss), which `ninpy.use_kernels("reference")` runs instead of the fast
+path: the whole network in (N, C, H, W), with no memory pool, no fused operators and no layout
+tricks (docs/design.md, "Array layouts", says what the fast path changes and why).
 
 Every function here is written to be read, not to be fast: vectorised over the batch, the channels
 and the output positions with slicing, and a Python loop over the kh*kw offsets of the window.
@@ -51,7 +57,8 @@ def _pad(x, value, kh, kw, sh, sw, ph, pw, oh, ow):
 
 def im2col(x, kh, kw, sh, sw, ph, pw, layout="NCHW"):
     """col[(c*kh + i)*kw + j, (n*oh + y)*ow + x] = x[n, c, y*sh - ph + i, x*sw - pw + j], 0 outside.
-    x is (N, C, H, W), or (C, N, H, W) with layout="CNHW"; col is the same for both."""
+    x is (N, C, H, W), or (C, N, H, W) with layout="CNHW" (docs/design.md, "Array layouts"); col
+    is the same for both."""
     if layout == "CNHW":
         x = x.transpose(1, 0, 2, 3)
     N, C, H, W = x.shape
@@ -67,7 +74,9 @@ def im2col(x, kh, kw, sh, sw, ph, pw, layout="NCHW"):
 
 def col2im(col, x_shape, kh, kw, sh, sw, ph, pw, layout="NCHW"):
     """dx[n, c, h, w] = sum of col[(c*kh + i)*kw + j, (n*oh + y)*ow + x] over y*sh - ph + i = h, x*sw - pw + j = w.
-    x_shape and dx are (N, C, H, W), or (C, N, H, W) with layout="CNHW"."""
+    x_shape and dx are (N, C, H, W), or (C, N, H, W) with layout="CNHW".
+    A scatter, one window offset (i, j) at a time; Numba and CUDA gather (cpu_kernels' docstring:
+    three algorithms)."""
     if layout == "CNHW":
         dx = col2im(col, (x_shape[1], x_shape[0]) + tuple(x_shape[2:]), kh, kw, sh, sw, ph, pw)
         return np.ascontiguousarray(dx.transpose(1, 0, 2, 3))
@@ -103,7 +112,9 @@ def max_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow):
 
 
 def max_pool_backward(dy, argmax, x_shape, kh, kw, sh, sw, ph, pw):
-    """dx[n, c, h, w] = sum of dy[n, c, oy, ox] over the windows whose argmax is h*W + w."""
+    """dx[n, c, h, w] = sum of dy[n, c, oy, ox] over the windows whose argmax is h*W + w.
+    A scatter in one np.add.at; Numba scatters within the plane each iteration owns, and CUDA
+    gathers through the covering windows (cpu_kernels' docstring: three algorithms)."""
     check_pool_output(x_shape, kh, kw, sh, sw, ph, pw, *dy.shape[2:])
     N, C, H, W = x_shape
     windows = dy.shape[2] * dy.shape[3]                   # not -1: an empty batch must reshape too
@@ -220,7 +231,7 @@ def sgd_update_(param, grad, buf, lr, momentum, weight_decay, nesterov):
 # runs here: in the public (N, C, H, W) layout throughout, every array a fresh NumPy array (no
 # memory pool), every operator on its own (no fused bias and ReLU), on the CPU only. Step through
 # one with a debugger; tests/test_reference_path.py trains NIN on both paths and compares them.
-# The fast path (functional.py) computes the same numbers faster; docs/design.md, "Layouts", says
+# The fast path (functional.py) computes the same numbers faster; docs/design.md, "Array layouts", says
 # what it changes and why.
 # =================================================================================================
 
@@ -320,7 +331,7 @@ class CrossEntropy(Function):
     """loss = mean_n (logsumexp(z_n) - (1 - eps) z_n[label_n] - eps mean_k z_n[k]);
     dz = (softmax(z) - (1 - eps) onehot(label) - eps / K) / N.  eps = label_smoothing (0: plain)."""
 
-    def forward(self, logits, labels, label_smoothing=0.0):
+    def forward(self, logits, labels, label_smoothing):
         self.logits, self.labels, self.label_smoothing = logits, labels, label_smoothing
         if logits.shape[0] == 0:   # the mean of no losses is NaN, as in PyTorch
             return np.full((), np.nan, dtype=logits.dtype)

@@ -130,5 +130,6 @@ def avg_pool_divisor(o, kernel, stride, padding, size, count_include_pad):
 
 
 def batch_and_channels(shape, layout):
-    """(N, C) of an image array's shape: (N, C, H, W), or (C, N, H, W) with layout "CNHW"."""
+    """(N, C) of an image array's shape: (N, C, H, W), or (C, N, H, W) with layout "CNHW"
+    (channels first, the fast path's convolutions: docs/design.md, "Array layouts")."""
     return (shape[1], shape[0]) if layout == "CNHW" else (shape[0], shape[1])

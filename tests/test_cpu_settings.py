@@ -104,3 +104,17 @@ def test_bench_train_reports_every_round(tmp_path, separate):
     assert "ratio ninpy / torch" in out and "BLAS" in out
     assert result["engines"]["ninpy"]["settings_applied"] == (
         [] if "OPENBLAS_THREAD_TIMEOUT" in os.environ else ["OPENBLAS_THREAD_TIMEOUT=4"])
+
+
+def test_bench_train_times_both_import_orders(tmp_path):
+    out_file = tmp_path / "orders.json"
+    out = run_script("bench_train.py", "--import-orders", "--batch-size", "2", "--rounds", "1",
+                     "--steps", "1", "--json", str(out_file))
+    result = json.loads(out_file.read_text())
+    applied = {name: facts["settings_applied"] for name, facts in result["engines"].items()}
+    assert applied == {"ninpy first": ["OPENBLAS_THREAD_TIMEOUT=4"],
+                       "numpy first": ["OPENBLAS_THREAD_TIMEOUT=4 (OpenBLAS already loaded: "
+                                       "threads restarted)"],
+                       "numpy first, OpenBLAS's timeout": []}
+    assert all(len(rounds) == 1 and rounds[0] > 0 for rounds in result["rounds"].values())
+    assert "/ ninpy first" in out and "numpy first, OpenBLAS's timeout" in out

@@ -443,6 +443,7 @@ def _training_step(device):
     x, labels = _small_batch(np.float32, n=2)
     xb, yb = backend.to_device(x, device), backend.to_device(labels, device)
     trainer = types.SimpleNamespace(model=model, warmup=types.SimpleNamespace(warmup_steps=-1),
+                                    config=training.Config.for_dataset("cifar10"),  # its recipe
                                     optimizer=optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
     tally = training._EpochTally.start(backend.module_of_device(device), {}, 0)
     return lambda: training.Trainer._step(trainer, 0, [0.01], xb, yb, tally)
@@ -451,8 +452,8 @@ def _training_step(device):
 def _step_synchronises(device):
     """True when a training step reads a device value on the host (a sync: the GPU drains)."""
     step = _training_step(device)
-    step()  # compile every kernel and fill the memory pool first
     if device == "emulated":
+        step()  # compile every kernel first
         try:
             with emulator.forbid_synchronize():
                 step()
@@ -461,9 +462,11 @@ def _step_synchronises(device):
         return False
     cupy = backend.require_gpu()
     spin = cupy.RawKernel(_SPIN, "spin")
-    cupy.cuda.Device().synchronize()
     stream = cupy.cuda.Stream()  # a blocking stream: work on the default stream waits for it too
     with stream:
+        step()  # compile every kernel, and fill the memory pool for this stream, first
+        spin((1,), (1,), (np.uint64(0),))
+        stream.synchronize()
         spin((1,), (1,), (np.uint64(_SPIN_SECONDS * 1e9),))
         spun = cupy.cuda.Event()
         spun.record()  # done once the spin is: a step that waits for the GPU sees it done
@@ -629,6 +632,48 @@ def test_operators_on_the_gpu_take_any_layout_and_an_empty_batch(where, name):
     empty = np.zeros((0,) + shape[1:])
     y, dx = _run_operator(op, empty, np.zeros((0,) + y_shape[1:]), device)
     assert dx.shape == empty.shape and (y.shape[0] == 0 if y.ndim else np.isnan(y))
+
+
+# --- the emulator's own contract: what a GPU would refuse, it refuses -----------------------------
+
+def test_the_emulator_behaves_like_cupy_where_a_gpu_would_differ_from_numpy(monkeypatch):
+    require_device("emulated")
+    cupy = backend.require_emulator()
+    a = cupy.asarray(np.arange(6.0).reshape(2, 3))
+    assert backend.device_of(a) == "emulated" and backend.device_of(a.sum()) == "emulated"  # 0-d
+    assert backend.device_of(a[0, 0]) == "emulated"  # an element is a 0-d device array, as in CuPy
+    with pytest.raises(TypeError, match="NumPy \\(host\\) array"):
+        a + np.ones(3)  # CuPy refuses a host array in a device operation
+    with pytest.raises(TypeError, match="NumPy \\(host\\) array"):
+        cupy.matmul(np.ones((2, 2)), a)
+    assert cupy.asarray(a) is a and cupy.asarray(np.ones(2)).get().tolist() == [1.0, 1.0]
+    with emulator.forbid_synchronize():
+        b = a * 2  # device work: fine
+        for read in (b.get, b[0, 1].item, lambda: float(b[0, 1]), lambda: bool(b[0, 0])):
+            with pytest.raises(emulator.DeviceSynchronized):
+                read()
+    kernel = cupy.RawModule(code="", name_expressions=["sgd_update_kernel<double, int>"]
+                            ).get_function("sgd_update_kernel<double, int>")
+    with pytest.raises(TypeError, match="argument 3 must be a numpy int32 scalar"):
+        kernel((1,), (32,), (a, a, a, 6, np.float64(0.1), np.float64(0), np.float64(0), np.int32(0)))
+
+
+def test_the_emulator_rounds_float32_products_to_tf32_under_cupy_tf32(monkeypatch):
+    require_device("emulated")
+    cupy = backend.require_emulator()
+    assert emulator.round_to_tf32(np.float32([1 + 2 ** -11, 1 + 3 * 2 ** -11, 3.14159265, np.inf])
+                                  ).tolist() == [1.0, 1 + 2 ** -9, 3.140625, np.inf]  # ties to even
+    rng = np.random.default_rng(0)
+    x, w = (rng.standard_normal(s).astype(np.float32) for s in ((4, 64), (64, 3)))
+    rounded = emulator.round_to_tf32(x) @ emulator.round_to_tf32(w)
+    for tf32_env, expected in (("0", x @ w), ("1", rounded)):
+        monkeypatch.setenv("CUPY_TF32", tf32_env)
+        got = (cupy.asarray(x) @ cupy.asarray(w)).get()
+        np.testing.assert_array_equal(got, expected)
+    assert not np.array_equal(rounded, x @ w)
+    doubles = rng.standard_normal((3, 3))
+    np.testing.assert_array_equal((cupy.asarray(doubles) @ cupy.asarray(doubles)).get(),
+                                  doubles @ doubles)  # float64 is never rounded
 
 
 # --- AddressSanitizer: an out-of-bounds access in a kernel stops the emulator -----------------------

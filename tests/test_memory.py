@@ -19,26 +19,26 @@ def empty_pool():
 
 
 def test_a_freed_array_is_handed_out_again():
-    a = memory.empty(BIG, np.float32)
+    a = memory.pooled_empty(BIG, np.float32)
     where = address(a)
     del a
-    b = memory.empty(BIG, np.float32)
+    b = memory.pooled_empty(BIG, np.float32)
     assert address(b) == where
     assert b.shape == BIG and b.dtype == np.float32 and b.flags.c_contiguous and b.flags.writeable
 
 
 def test_an_array_in_use_is_never_handed_out_twice():
-    a = memory.empty(BIG, np.float32)
-    b = memory.empty(BIG, np.float32)
+    a = memory.pooled_empty(BIG, np.float32)
+    b = memory.pooled_empty(BIG, np.float32)
     assert not np.shares_memory(a, b)
 
 
 def test_a_view_keeps_its_block_in_use():
-    a = memory.empty(BIG, np.float32)
+    a = memory.pooled_empty(BIG, np.float32)
     a[...] = 7
     view = a[::2, 3:].T                                      # a view of a view, then the array goes
     del a
-    b = memory.empty(BIG, np.float32)
+    b = memory.pooled_empty(BIG, np.float32)
     b[...] = 0
     assert not np.shares_memory(view, b) and (view == 7).all()
 
@@ -51,25 +51,25 @@ def test_a_kernel_result_stays_its_own_while_it_lives():
 
 
 def test_one_block_serves_any_dtype_and_shape_of_its_size():
-    a = memory.empty(BIG, np.float32)
+    a = memory.pooled_empty(BIG, np.float32)
     where = address(a)
     del a
-    b = memory.empty((512, 1024), np.float64)
+    b = memory.pooled_empty((512, 1024), np.float64)
     assert address(b) == where and b.dtype == np.float64
 
 
 def test_small_and_empty_arrays_do_not_use_the_pool():
     before = memory.pooled_bytes()
-    assert memory.empty((10, 10)).shape == (10, 10)
-    assert memory.empty((0, 3, 5)).shape == (0, 3, 5)
+    assert memory.pooled_empty((10, 10)).shape == (10, 10)
+    assert memory.pooled_empty((0, 3, 5)).shape == (0, 3, 5)
     assert memory.pooled_bytes() == before
 
 
 def test_free_blocks_are_let_go_past_the_limit(monkeypatch):
     monkeypatch.setattr(memory, "LIMIT_BYTES", 3 * memory.MIN_BYTES * 4)
-    held = memory.empty((memory.MIN_BYTES,), np.float32)     # 4 MiB, kept in use
+    held = memory.pooled_empty((memory.MIN_BYTES,), np.float32)     # 4 MiB, kept in use
     for size in range(1, 6):                                 # five more sizes, each freed at once
-        memory.empty((memory.MIN_BYTES + size,), np.float32)
+        memory.pooled_empty((memory.MIN_BYTES + size,), np.float32)
     assert memory.pooled_bytes() <= memory.LIMIT_BYTES + 4 * memory.MIN_BYTES + 20
     assert address(held) in [address(b) for b in memory._blocks[held.nbytes]]
     memory.release()
@@ -77,19 +77,19 @@ def test_free_blocks_are_let_go_past_the_limit(monkeypatch):
 
 
 def test_a_larger_free_block_serves_a_request_under_half_its_size_only():
-    a = memory.empty((1536, 1024), np.float32)               # 6 MiB
+    a = memory.pooled_empty((1536, 1024), np.float32)               # 6 MiB
     where = address(a)
     del a
-    b = memory.empty(BIG, np.float32)                        # 4 MiB fits in it: under twice
+    b = memory.pooled_empty(BIG, np.float32)                        # 4 MiB fits in it: under twice
     assert address(b) == where and b.shape == BIG and b.flags.c_contiguous
     del b
-    c = memory.empty((512, 1024), np.float32)                # 2 MiB: the 6 MiB block is not lent
+    c = memory.pooled_empty((512, 1024), np.float32)                # 2 MiB: the 6 MiB block is not lent
     assert address(c) != where
 
 
 def test_a_limit_of_zero_turns_the_pool_off(monkeypatch):
     monkeypatch.setattr(memory, "LIMIT_BYTES", 0)
-    a = memory.empty(BIG, np.float32)
+    a = memory.pooled_empty(BIG, np.float32)
     assert a.shape == BIG and memory.pooled_bytes() == 0
 
 

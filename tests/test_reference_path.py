@@ -36,7 +36,7 @@ def train(kernels, dtype, steps=4):
         for _ in range(steps):
             x = rng.standard_normal((3, 2, 12, 12)).astype(dtype)
             labels = rng.integers(0, 4, 3)
-            loss = F.cross_entropy(model(Tensor(x)), labels)
+            loss = F.cross_entropy(model(Tensor(x)), labels, label_smoothing=0.1)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -64,7 +64,7 @@ def test_the_plain_path_runs_no_numba_kernel_and_takes_nothing_from_the_pool(mon
     for name in ("im2col", "col2im", "max_pool_forward", "max_pool_backward", "avg_pool_forward",
                  "avg_pool_backward", "bias_relu_", "add_bias_", "relu_backward", "relu_bias_backward"):
         monkeypatch.setattr(cpu_kernels, name, forbidden)
-    monkeypatch.setattr(memory, "empty", forbidden)
+    monkeypatch.setattr(memory, "pooled_empty", forbidden)
     losses, _ = train("reference", np.float64, steps=1)
     assert np.isfinite(losses).all()
     with pytest.raises(AssertionError, match="fast path"):
