@@ -348,10 +348,15 @@ class Tensor:
         return self @ other
 
     def exp(self):
-        return Exp.apply(self)
+        return Exp.apply(self._floating())
 
     def log(self):
-        return Log.apply(self)
+        return Log.apply(self._floating())
+
+    def _floating(self):
+        """self, or self as the default float (float32) if it holds integers or bool: what
+        PyTorch computes exp and log of an integer tensor in."""
+        return self if self.dtype.kind in "fc" else Cast.apply(self, dtype=DEFAULT_FLOAT)
 
     def sum(self, dim=None, keepdim=False, *, dtype=None):
         """The sum of every element, or over dim (an int or a tuple of ints)."""

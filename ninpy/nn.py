@@ -276,8 +276,8 @@ class Sequential(Module):
     def __iter__(self):
         return (module for _, module in self.named_children())
 
-    def __getitem__(self, index):
-        return [module for _, module in self.named_children()][index]
+    def __getitem__(self, idx):
+        return [module for _, module in self.named_children()][idx]
 
     def __len__(self):
         return sum(1 for _ in self.named_children())

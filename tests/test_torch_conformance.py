@@ -330,6 +330,36 @@ def check_reduction(name):
     return check
 
 
+def check_unary(name):
+    def check(data):
+        x = draw_array(data, data.draw(st.sampled_from(SHAPES), label="shape"), data.draw(dtypes),
+                       low=0)
+        compare(lambda t: getattr(t, name)(), [x])
+    return check
+
+
+def check_max(data):
+    shape = data.draw(st.sampled_from([(), (0,), (3,), (2, 3), (2, 0)]), label="shape")
+    x = draw_array(data, shape, data.draw(dtypes))
+    dim = data.draw(st.sampled_from([None] + list(range(-len(shape), len(shape)))), label="dim")
+    keepdim = data.draw(st.booleans(), label="keepdim") and dim is not None
+    compare(lambda t: t.max() if dim is None else tuple(t.max(dim, keepdim)), [x])
+
+
+def check_transpose(data):
+    shape = data.draw(st.sampled_from([(2, 3), (1, 2, 3), (0, 2)]), label="shape")
+    x = draw_array(data, shape, data.draw(dtypes))
+    dims = data.draw(st.sampled_from([(0, 1), (1, 0), (-1, 0), (0, 0)]), label="dims")
+    compare(lambda t: t.transpose(*dims), [x])
+
+
+def check_getitem(data):
+    x = draw_array(data, (3, 4), data.draw(dtypes))
+    index = data.draw(st.sampled_from([0, -1, (1, 2), slice(1, None), (slice(None), 2),
+                                       (None, 1), (Ellipsis, 1), (slice(None, None, 2),)]))
+    compare(lambda t: t[index], [x])
+
+
 def check_reshape(data):
     x = draw_array(data, (2, 3), data.draw(dtypes))
     shape = data.draw(st.sampled_from([(6,), (3, 2), (-1,), (1, 6), (3, -1), (4, 2)]))
@@ -606,6 +636,14 @@ ROWS = [
     Row("Tensor.__neg__", Tensor.__neg__, "()", check_neg),
     Row("Tensor.__pow__", Tensor.__pow__, "(exponent)", check_pow),
     Row("Tensor.__matmul__", Tensor.__matmul__, "(other)", check_matmul),
+    Row("Tensor.__rmatmul__", Tensor.__rmatmul__, "(other)", check_matmul),
+    Row("Tensor.matmul", Tensor.matmul, "matmul(other)", check_matmul,
+        signature_note="the docstring says tensor2; the binding's parameter is other"),
+    Row("Tensor.__getitem__", Tensor.__getitem__, "(index)", check_getitem),
+    Row("Tensor.exp", Tensor.exp, torch.Tensor.exp, check_unary("exp")),
+    Row("Tensor.log", Tensor.log, torch.Tensor.log, check_unary("log")),
+    Row("Tensor.max", Tensor.max, torch.Tensor.max, check_max),
+    Row("Tensor.transpose", Tensor.transpose, torch.Tensor.transpose, check_transpose),
     Row("Tensor.__len__", Tensor.__len__, "()", check_numpy_item_detach),
     Row("Tensor.sum", Tensor.sum, "sum(dim=None, keepdim=False, *, dtype=None)", check_reduction("sum"),
         signature_note="the docstring shows dtype positional; the binding takes it by keyword only"),
@@ -648,7 +686,7 @@ METHOD_ROWS = {
 }
 for module_class in ("Conv2d", "ReLU", "MaxPool2d", "AvgPool2d", "Dropout", "Sequential"):
     METHOD_ROWS[f"nn.{module_class}"] = ["forward"]
-METHOD_ROWS["nn.Sequential"].append("__len__")
+METHOD_ROWS["nn.Sequential"] += ["__len__", "__getitem__"]
 
 # Signatures that are overloaded in PyTorch (read by hand, no one signature to compare).
 OVERLOADED = {
@@ -712,7 +750,8 @@ def _public(owner):
 
 
 OPERATORS = {"__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__",
-             "__rtruediv__", "__neg__", "__pow__", "__matmul__", "__len__", "__call__"}
+             "__rtruediv__", "__neg__", "__pow__", "__matmul__", "__rmatmul__", "__getitem__", "__len__",
+             "__call__"}
 
 
 def _methods(prefix, module, cls):
