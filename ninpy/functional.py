@@ -475,10 +475,10 @@ class CrossEntropy(Function):
             return losses.sum() / self.count
 
     def backward(self, grad):
-        row_scale = grad * self.kept                          # (N,): d loss / d loss_n
-        if self.reduction == "mean":
-            row_scale = row_scale / self.count
         one = self.logits.dtype.type(1)
+        row_scale = grad * self.kept                          # (N,): d loss / d loss_n
+        if self.reduction == "mean":                          # every row ignored: a zero gradient,
+            row_scale = row_scale / backend.array_module(grad).maximum(self.count, one)  # as torch
         dz = self.kernels.cross_entropy_backward(self.logits, self.labels, one, self.label_smoothing)
         return dz * row_scale[:, None], None
 
