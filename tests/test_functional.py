@@ -608,3 +608,18 @@ def test_mixed_dtypes_are_refused_at_the_boundary():
     x = Tensor(np.ones((1, 2, 3, 3), np.float32))
     with pytest.raises(TypeError, match="float32, float64"):
         F.conv2d(x, Tensor(np.ones((1, 2, 1, 1))))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_ignore_index_and_reduction_match_torch(reduction):
+    torch = pytest.importorskip("torch")
+    z = np.random.default_rng(0).standard_normal((4, 3))
+    for labels in (np.array([0, 2, 1, 2]), np.array([1, 1, 0, 1]), np.array([1, 1, 1, 1])):
+        ours_z, theirs_z = Tensor(z, requires_grad=True), torch.tensor(z, requires_grad=True)
+        ours = F.cross_entropy(ours_z, labels, ignore_index=1, reduction=reduction)
+        theirs = torch.nn.functional.cross_entropy(theirs_z, torch.tensor(labels), ignore_index=1,
+                                                   reduction=reduction)
+        np.testing.assert_allclose(ours.data, theirs.detach().numpy(), rtol=1e-12)   # NaN: all ignored
+        ours.sum().backward()
+        theirs.sum().backward()
+        np.testing.assert_allclose(ours_z.grad, theirs_z.grad.numpy(), rtol=1e-12, atol=1e-15)
