@@ -240,14 +240,18 @@ class Tensor:
             raise RuntimeError("element 0 of tensors does not require grad and does not have a "
                                "grad_fn: no input of the computation had requires_grad=True (or it "
                                "ran under no_grad())")
-        grads = {id(self): self._initial_grad(gradient)}
+        grad = self._initial_grad(gradient)
+        grads = {id(self): grad}
+        owners = _MemoryOwners()
+        if gradient is not None:
+            owners.claim(grad)  # the caller's array: a leaf gets a copy of it
         for tensor in reversed(self._topological_order()):
             g = grads.pop(id(tensor), None)
             if g is None:
                 continue
             fn = tensor.creator
             if fn is None:
-                tensor.grad = g.copy() if tensor.grad is None else tensor.grad + g
+                tensor.grad = owners.own(g) if tensor.grad is None else tensor.grad + g
                 continue
             for parent, parent_grad in zip(fn.inputs, fn._checked_backward(g)):
                 if parent is None or parent_grad is None or not parent.requires_grad:
@@ -430,6 +434,38 @@ def _arithmetic(op, a, b):
     return op.apply(a, b, dtype=dtype)
 
 
+class _MemoryOwners:
+    """Which memory the leaves of one backward() pass already hold as their .grad.
+
+    A leaf keeps the gradient that reaches it as it is, without a copy (on the GPU a copy is a launch
+    per parameter per step), when that array's memory is its own: every backward returns new arrays
+    or views of the gradient it was given (Function's contract), so what reaches a leaf is
+    shared only if the same memory reached another leaf before it (Add gives one array to both
+    inputs; x.reshape(...) passes views), or came from the caller. Those get a copy.
+    """
+
+    def __init__(self):
+        self.claimed = {}  # id(memory owner) -> the owner, kept alive so the id is not reused
+
+    @staticmethod
+    def _owner(array):
+        while getattr(array, "base", None) is not None:  # a view's memory belongs to its base
+            array = array.base
+        return array
+
+    def claim(self, array):
+        owner = self._owner(array)
+        self.claimed[id(owner)] = owner
+
+    def own(self, array):
+        """`array`, or a copy of it when its memory is already claimed or not writeable."""
+        owner = self._owner(array)
+        if id(owner) in self.claimed or not getattr(array.flags, "writeable", True):
+            return array.copy()
+        self.claimed[id(owner)] = owner
+        return array
+
+
 MaxResult = collections.namedtuple("max", ["values", "indices"])   # what torch.max(dim) returns
 
 
@@ -473,6 +509,8 @@ class Function:
     `saved_inputs` names the positions of the inputs whose values backward reads (all, unless a
     subclass says fewer): if one of them is changed in place between forward and backward,
     backward raises, as PyTorch's version counter makes it do.
+    `backward` returns new arrays, or the gradient it was given and views of it, and never writes
+    into that gradient: a leaf then keeps what reaches it without a copy (`_MemoryOwners`).
     """
 
     inputs = ()

@@ -3,8 +3,10 @@
 SGD with momentum m, weight decay wd and learning rate lr, for each parameter p with gradient g:
     g <- g + wd * p;   buf <- m * buf + g;   p <- p - lr * (g + m * buf if nesterov else buf)
 (buf starts at zero, so the first step has buf = g, exactly as in PyTorch.)
-The update itself is a kernel like every other operator's: `sgd_update_` in ninpy/reference.py
-(the NumPy version, which the CPU uses as is) and kernels/sgd.cu on the GPU.
+The update itself is a kernel like every other operator's: `sgd_update_many_` in ninpy/reference.py
+(the NumPy version, which the CPU uses as is: one `sgd_update_` per tensor) and kernels/sgd.cu on the
+GPU, where one launch updates every parameter of a device and dtype (a launch per tensor would cost
+the host a few microseconds each, 18 times a step for NIN).
 """
 import math
 
@@ -36,6 +38,10 @@ class SGD:
             params = [{"params": params}]
         self.param_groups = [{**defaults, **group, "params": list(group["params"])}
                              for group in params]
+        listed = [id(p) for group in self.param_groups for p in group["params"]]
+        if len(set(listed)) != len(listed):  # it would be updated twice a step (at once on the GPU)
+            raise ValueError("SGD: some parameters appear more than once in the parameter groups; "
+                             "list each parameter once")
         for group in self.param_groups:
             group.setdefault("initial_lr", group["lr"])
         self.momentum_buffers = {}  # id(param) -> buffer, created on the first step
@@ -52,26 +58,31 @@ class SGD:
                 p.grad[...] = 0
 
     def step(self, closure=None):
-        """One update of every parameter with a gradient, in place (each one's version rises, so
-        a graph that saved it cannot be backpropagated through any more, as in PyTorch).
-        closure: called first, with gradients on, to recompute the loss; its result is returned."""
+        """Update every parameter that has a gradient: one sgd_update_many_ call (on the GPU one
+        launch) for all the parameters of one device and dtype, whatever their groups. In place:
+        each parameter's version rises, so a graph that saved it cannot be backpropagated through
+        any more, as in PyTorch. closure: called first, with gradients on, to recompute the loss;
+        its result is returned."""
         loss = None
         if closure is not None:
             with enable_grad():
                 loss = closure()
-        self._update_all()
-        return loss
-
-    def _update_all(self):
+        batches = {}  # (device, dtype) -> ([params], [grads], [buffers], [settings])
         for group in self.param_groups:
+            settings = tuple(group[key] for key in _GROUP_DEFAULTS)
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 buf = self.momentum_buffers.get(id(p))
                 if buf is None:
                     buf = self.momentum_buffers[id(p)] = backend.array_module(p.data).zeros_like(p.data)
-                _update(p.data, p.grad, buf, group)
-                p.bump_version()
+                batch = batches.setdefault((p.device, p.dtype), ([], [], [], []))
+                for column, value in zip(batch, (p.data, p.grad, buf, settings)):
+                    column.append(value)
+                p.bump_version()   # changed in place just below
+        for params, grads, buffers, settings in batches.values():
+            kernels_for(params[0]).sgd_update_many_(params, grads, buffers, settings)
+        return loss
 
     # ---- state: buffers by parameter position, as torch does --------------------------------
     def state_dict(self):
@@ -95,12 +106,6 @@ class SGD:
                 raise ValueError(f"SGD.load_state_dict: buffer {i} has shape {tuple(buf.shape)}, "
                                  f"parameter has {p.shape}")
             self.momentum_buffers[id(p)] = backend.to_device(buf, p.device).astype(p.dtype, copy=True)
-
-
-def _update(param, grad, buf, group):
-    """One SGD step on arrays, in place, by the kernel of the parameter's device."""
-    lr, momentum, wd, nesterov = (group[key] for key in _GROUP_DEFAULTS)
-    kernels_for(param).sgd_update_(param, grad, buf, lr, momentum, wd, nesterov)
 
 
 class _Schedule:

@@ -5,6 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import ninpy
+import ninpy.functional as F
 from ninpy import Tensor, no_grad
 from strategies import in_layout, layouts, random_array, seeds
 
@@ -170,6 +171,62 @@ def test_leaf_gradients_own_their_arrays():
     (c * 1.0).sum().backward(seed)
     c.grad += 1.0
     assert seed == 2.0
+
+
+def _graphs():
+    """(name, leaves, run): graphs whose gradients reach several leaves as one array or views of
+    one array; run() calls backward and returns the caller's gradient array, if any."""
+    rng = np.random.default_rng(0)
+    a, b = leaf(rng.standard_normal(4)), leaf(rng.standard_normal(4))
+    yield "a + b, seeded by sum", [a, b], lambda: (a + b).sum().backward()
+    c, d = leaf(rng.standard_normal((2, 2))), leaf(rng.standard_normal(4))
+    yield "reshape view and a leaf", [c, d], lambda: (c.reshape(4) + d).sum().backward()
+    e, f = leaf(rng.standard_normal(3)), leaf(rng.standard_normal(3))
+    g = rng.standard_normal(3)
+    yield "caller's gradient", [e, f], lambda: (e - (-f)).backward(g) or g
+    h = leaf(rng.standard_normal(3))
+    seed = rng.standard_normal(3)
+    yield "the leaf itself", [h], lambda: h.backward(seed) or seed
+    x = leaf(rng.standard_normal((2, 3, 5, 5)))
+    w, bias = leaf(rng.standard_normal((4, 3, 3, 3))), leaf(rng.standard_normal(4))
+    yield "conv2d_relu", [x, w, bias], lambda: F.conv2d_relu(x, w, bias, padding=1).sum().backward()
+
+
+@pytest.mark.parametrize("name", [name for name, _, _ in _graphs()])
+def test_leaf_gradients_share_no_memory_with_each_other_or_the_caller(name):
+    _, leaves, run = next(graph for graph in _graphs() if graph[0] == name)
+    given_grad = run()
+    grads = [t.grad for t in leaves]
+    for i, grad in enumerate(grads):
+        assert grad.flags.writeable
+        if given_grad is not None:
+            assert not np.shares_memory(grad, given_grad), f"leaf {i} holds the caller's array"
+        for j in range(i):
+            assert not np.shares_memory(grad, grads[j]), f"leaves {j} and {i} share memory"
+    for i, grad in enumerate(grads):   # and so an in-place edit of one changes no other
+        before = [g.copy() for g in grads]
+        grad += 1.0
+        for j, other in enumerate(grads):
+            if j != i:
+                np.testing.assert_array_equal(other, before[j])
+
+
+def test_a_leaf_keeps_a_new_gradient_without_copying_it():
+    """The array a backward makes for a leaf becomes its .grad as it is: on the GPU a copy would be
+    one more launch per parameter per step."""
+    made = []
+
+    class Double(ninpy.Function):
+        def forward(self, a):
+            return 2 * a
+
+        def backward(self, grad):
+            made.append(2 * grad)
+            return (made[-1],)
+
+    x = leaf([1.0, 2.0])
+    Double.apply(x).sum().backward()
+    assert x.grad is made[0]
 
 
 def test_gradcheck_catches_a_wrong_backward():

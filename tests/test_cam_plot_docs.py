@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from conftest import GPU_PATHS_AND_TF32, tf32, use_device
+import ninpy
 from ninpy import Tensor, backend, cam, checkpoint, datasets, models, no_grad, plot, recipes
 from ninpy.optim import SGD
 from ninpy.training import Config
@@ -276,15 +277,18 @@ def test_plot_empty_metrics_and_no_matplotlib(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
-# The reading guide: every python block runs, in order, in one namespace
+# The reading guide: every python block runs, in order, in one namespace; what it prints is held to
+# the ```text block after it, where there is one, and to the values its comments state
 
 def guide_blocks():
-    return re.findall(r"^```python\n(.*?)^```", GUIDE.read_text(), re.S | re.M)
+    """[(python source, the text block right after it, or "")] in the guide's order."""
+    pattern = r"^```python\n(.*?)^```\n(?:\n```text\n(.*?^)```\n)?"
+    return re.findall(pattern, GUIDE.read_text(), re.S | re.M)
 
 
 def test_reading_guide_snippets_run(capsys):
     blocks = guide_blocks()
-    assert len(blocks) >= 8
+    assert len(blocks) >= 8 and sum(1 for _, shown in blocks if shown) >= 8
     text = GUIDE.read_text()
     for name in ("ninpy/autograd.py", "ninpy/functional.py", "ninpy/reference.py", "ninpy/optim.py",
                  "kernels/im2col.cu", "ninpy/gpu_kernels.py", "train.py"):
@@ -301,19 +305,26 @@ def test_reading_guide_snippets_run(capsys):
         assert hasattr(getattr(importlib.import_module(f"ninpy.{owner}"), cls), name), f"{cls}.{name}"
     namespace = {"__name__": "reading_guide"}
     stated = 0
-    for index, block in enumerate(blocks):
-        where = f"{GUIDE.name}, python block {index + 1}"
-        lines = block.splitlines()
-        for statement in ast.parse(block).body:      # one at a time, to see what each prints
-            printed = io.StringIO()
-            try:
-                with contextlib.redirect_stdout(printed):
-                    exec(compile(ast.Module([statement], []), where, "exec"), namespace)
-            except Exception as error:
-                pytest.fail(f"python block {index + 1} of {GUIDE} failed: {type(error).__name__}: "
-                            f"{error}\n{block}")
-            for line in lines[statement.lineno - 1:statement.end_lineno]:
-                stated += check_stated_output(line, printed.getvalue(), namespace, where)
+    try:
+        for index, (block, shown) in enumerate(blocks):
+            where = f"{GUIDE.name}, python block {index + 1}"
+            lines, block_printed = block.splitlines(), ""
+            for statement in ast.parse(block).body:      # one at a time, to see what each prints
+                printed = io.StringIO()
+                try:
+                    with contextlib.redirect_stdout(printed):
+                        exec(compile(ast.Module([statement], []), where, "exec"), namespace)
+                except Exception as error:
+                    pytest.fail(f"python block {index + 1} of {GUIDE} failed: "
+                                f"{type(error).__name__}: {error}\n{block}")
+                block_printed += printed.getvalue()
+                for line in lines[statement.lineno - 1:statement.end_lineno]:
+                    stated += check_stated_output(line, printed.getvalue(), namespace, where)
+            if shown:
+                assert block_printed == shown, f"{where} printed\n{block_printed}\nthe guide shows\n{shown}"
+                stated += 1
+    finally:
+        ninpy.use_kernels("fast")   # the guide switches to the plain path and back; make sure
     assert stated >= 10, f"only {stated} stated outputs were found in the guide"
 
 

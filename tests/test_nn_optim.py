@@ -194,6 +194,8 @@ def test_sgd_rejects_bad_settings():
         optim.SGD(p, lr=-1.0)
     with pytest.raises(ValueError, match="Nesterov"):
         optim.SGD(p, lr=0.1, nesterov=True)
+    with pytest.raises(ValueError, match="more than once"):   # as torch.optim.SGD refuses it
+        optim.SGD([{"params": p}, {"params": p, "lr": 0.2}], lr=0.1)
 
 
 def test_multistep_schedule_keeps_group_multipliers():
