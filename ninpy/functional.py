@@ -14,13 +14,13 @@ public function here apply the plain NumPy Function of the same name in `referen
 whole network in one readable file, in the public layout, on the CPU.
 """
 import os
-import warnings
 
 import numpy as np
 
 from . import backend, cpu_kernels, memory, random, reference
 from .gemm import matmul
 from .autograd import Function, Tensor, refuse_unimplemented
+from .notices import warn
 from .shapes import batch_and_channels, conv_output_size, pair, pool_output_size
 
 # ---- which kernels: the fast path or the plain path ---------------------------------------------
@@ -31,8 +31,7 @@ KERNEL_SETS = ("fast", "reference")
 def _kernel_set_from_environment():
     name = os.environ.get("NINPY_KERNELS", "").strip() or "fast"
     if name not in KERNEL_SETS:
-        warnings.warn(f"NINPY_KERNELS={name!r} is not one of {KERNEL_SETS}; using 'fast'",
-                      stacklevel=2)
+        warn(f"NINPY_KERNELS={name!r} is not one of {KERNEL_SETS}; using 'fast'")
         return "fast"
     return name
 
