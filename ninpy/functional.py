@@ -9,8 +9,8 @@ Shapes follow PyTorch: images NCHW, conv weights (C_out, C_in, kh, kw).
 
 Two paths. By default ("fast") the operators are this module's Functions on the Numba and CUDA
 kernels, with the convolution channels first and its big arrays from ninpy.memory's pool
-(docs/design.md, "Array layouts"). `use_kernels("reference")` (or NINPY_KERNELS=reference) makes every
-public function here apply the plain NumPy Function of the same name in `reference` instead: the
+(docs/design.md, "Array layouts"). `use_kernels("reference")` (or NINPY_KERNELS=reference) makes each
+operator's function here apply the plain NumPy Function of the same name in `reference` instead: the
 whole network in one readable file, in the public layout, on the CPU.
 """
 import os
