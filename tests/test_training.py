@@ -490,7 +490,7 @@ def test_param_groups_follow_the_caffe_multipliers(patched_sources, tmp_path):
     last = [p for name, p in trainer.model.named_parameters()][-2:]
     assert groups["last.weight"]["params"] == last[:1] and groups["last.bias"]["params"] == last[1:]
     n = sum(len(g["params"]) for g in trainer.optimizer.param_groups)
-    assert n == len(trainer.model.parameters())
+    assert n == len(list(trainer.model.parameters()))
 
 
 def test_warmup_raises_the_lr_linearly_then_hands_back_to_the_schedule():
