@@ -3,7 +3,7 @@
 
     python train.py --dataset cifar10 --device gpu                  # the default recipe, runs/cifar10
     python train.py --dataset fashion-mnist --device cpu --epochs 5 --out runs/fm
-    python train.py --resume runs/fm --epochs 10                    # continue exactly where it stopped
+    python train.py --resume runs/fm --epochs 10                    # continue where it stopped
     python train.py --resume runs/fm --eval-only                    # test accuracy of the checkpoint
 
 Unset flags take the dataset's recipe (ninpy/recipes.py, docs/recipes.md); a run shorter than the
@@ -11,7 +11,9 @@ recipe's gets its warm-up fitted to its length. --device auto (the default) take
 usable, else says why in one line and trains on the CPU. Every expected failure (bad flag, no usable
 GPU, missing data, unusable --out, NaN loss, GPU out of memory, a CUDA error, ...) is one line on
 stderr and a non-zero exit; Ctrl-C, SIGTERM and SIGHUP save a resumable checkpoint and exit with
-128 + the signal's number (130, 143, 129), as docs/run-folder.md explains.
+128 + the signal's number (130, 143, 129), as docs/run-folder.md explains. A resumed run gives the
+numbers of an uninterrupted one bit for bit on the same device, machine and BLAS build with the
+same BLAS thread count (docs/design.md, Determinism).
 """
 import sys
 
@@ -165,8 +167,12 @@ def _stop_like_ctrl_c(signum, frame):
 def main(argv=None):
     # While NumPy and ninpy are imported (a second or so), stop signals are only noted: an
     # interrupted import fails with misleading errors (NumPy's "Importing the C-extensions failed").
+    # A stop signal this process inherited as ignored (nohup ignores SIGHUP; a shell without job
+    # control starts background jobs with SIGINT ignored) stays ignored throughout, as Python
+    # itself leaves an ignored SIGINT alone; ninpy.run_folder.StopSignals does the same.
     noted = []
-    stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    stop_signals = [signum for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+                    if signal.getsignal(signum) != signal.SIG_IGN]
     previous = {signum: signal.signal(signum, lambda signum, frame: noted.append(signum))
                 for signum in stop_signals}
     try:
@@ -174,9 +180,8 @@ def main(argv=None):
         import ninpy.training  # noqa: F401  (the slow imports)
     finally:
         # Then, until training installs its own handlers, SIGTERM and SIGHUP act like Ctrl-C.
-        signal.signal(signal.SIGINT, previous[signal.SIGINT])
-        for signum in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signum, _stop_like_ctrl_c)
+        for signum in stop_signals:
+            signal.signal(signum, previous[signum] if signum == signal.SIGINT else _stop_like_ctrl_c)
     try:
         if noted:
             raise KeyboardInterrupt(noted[0])
@@ -201,7 +206,7 @@ def _main(args):
     from ninpy.checkpoint import CheckpointError
     from ninpy.download import DataError
     from ninpy.run_folder import RunFolderError, exit_status
-    from ninpy.training import Interrupted, Trainer, TrainingError
+    from ninpy.training import Interrupted, Trainer, TrainingError, format_loss
 
     kernel_root = f"{KERNEL_DIR.parent}/"  # error messages then name kernels/FILE.cu:LINE
     progress = {"auto": None, "on": True, "off": False}[args.progress]
@@ -215,14 +220,19 @@ def _main(args):
             ninpy.use_kernels(args.kernels)
         config.device = choose_device(config.device)
         trainer = Trainer(config, resume=state, eval_only=args.eval_only, progress=progress)
+        plain = " (the plain path: reference.py's NumPy)" if ninpy.kernel_set() == "reference" else ""
         print(f"NIN for {config.dataset}: {trainer.num_parameters():,} parameters, device "
-              f"{trainer.device}, {len(trainer.x_train):,} training / {len(trainer.x_test):,} test "
-              f"images", flush=True)
+              f"{trainer.device}{plain}, {len(trainer.x_train):,} training / {len(trainer.x_test):,} "
+              f"test images", flush=True)
         if args.eval_only:
             r = trainer.evaluate_only()
-            print(f"epoch {r['epoch']}: test loss {r['test_loss']:.4f}, test accuracy "
+            when = (f"epoch {r['epoch']}, after batch {r['batch']} of {r['batches']}" if "batch" in r
+                    else f"epoch {r['epoch']}")
+            print(f"{when}: test loss {format_loss(r['test_loss'])}, test accuracy "
                   f"{100 * r['test_acc']:.2f}% ({r['test_images']:,} images)")
             return 0
+        if state is not None:
+            print(resume_note(state, trainer.device), flush=True)
         print(f"recipe: lr {config.lr} (biases x{config.bias_lr_mult}, last 1x1 "
               f"x{config.last_lr_mult}), momentum {config.momentum}, weight decay "
               f"{config.weight_decay}, batch {config.batch_size}, {config.epochs} epochs, schedule "
@@ -262,6 +272,20 @@ def _main(args):
             raise
         sys.stderr.write(f"train.py: error: {line}\n")
         return EXIT_ERROR
+
+
+def resume_note(state, device):
+    """What a resumed run can promise: the numbers of an uninterrupted run, bit for bit, only where
+    every sum is done in the same order (docs/design.md, Determinism)."""
+    where = f"after epoch {state.epoch}" + (f", batch {state.batch}" if state.batch else "")
+    saved_on = state.flags.get("device")
+    if saved_on in ("cpu", "gpu", "emulated") and saved_on != device:
+        return (f"note: resuming {where}; the checkpoint was trained on the {saved_on}, this run "
+                f"continues on the {device}, whose sums round differently: the numbers will "
+                "differ from an uninterrupted run's in the last digits")
+    return (f"resuming {where}: the same numbers, bit for bit, as an uninterrupted run on the same "
+            "device, machine and BLAS build with the same BLAS thread count (OPENBLAS_NUM_THREADS; "
+            "docs/design.md, Determinism)")
 
 
 def _out_of_memory(error, config):

@@ -94,7 +94,7 @@ def instrument(timer):
         "max_pool_forward": "max pool forward", "max_pool_backward": "max pool backward",
         "avg_pool_forward": "avg pool forward", "avg_pool_backward": "avg pool backward",
         "bias_relu_": "bias + ReLU (forward)", "add_bias_": "bias (forward)",
-        "relu_backward": "ReLU backward", "sgd_update_": "SGD update",
+        "relu_backward": "ReLU backward", "sgd_update_many_": "SGD update",
     }
     for name, label in kernels.items():
         if hasattr(cpu_kernels, name):

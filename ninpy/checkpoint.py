@@ -20,15 +20,18 @@ never half of one.
 
 `load` trusts nothing in the file. Why `.npz` and not safetensors: an `.npz` is a zip of `.npy`
 files, and each `.npy` starts with a small header giving its dtype and shape, so the headers can be
-read and bounded (`_check_headers`) before a byte of data is allocated -- the one property
+read and bounded (`_read_entries`) before a byte of data is allocated -- the one property
 safetensors was made for -- without a new dependency, and the file stays readable with `np.load`
-alone. Every array must be float32/float64 and the whole archive may hold at most the elements of
-the largest NIN preset twice (weights + momentum); then every metadata field is checked for type
-and range (`_check_meta`), and every weight for NaN/inf. Every failure to read a checkpoint is a
-CheckpointError with a one-line message of bounded length.
+alone. Every array must be float32/float64 with no negative dimension, and the whole archive may
+hold at most the elements of the largest NIN preset twice (weights + momentum). Each entry must
+appear once, stored or deflated, be exactly as long as its header says, and is read to its end so
+that its CRC-32 is checked (`np.load` stops at the end of the data and never checks it). Then
+every metadata field is checked for type and range (`_check_meta`), and every weight for NaN/inf.
+Every failure to read a checkpoint is a CheckpointError with a one-line message of bounded length.
 """
 import json
 import math
+import struct
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -38,7 +41,7 @@ import numpy as np
 
 from . import backend
 from . import random as nrandom
-from .files import require_regular_file, write_atomically
+from .files import read_npy_header, require_regular_file, write_atomically
 
 __all__ = ["CheckpointError", "Checkpoint", "save", "load", "FILENAME", "FORMAT"]
 
@@ -164,24 +167,20 @@ def load(path):
     todo = "resume from an intact checkpoint or start a new run"
     try:
         require_regular_file(path)
-        with zipfile.ZipFile(path) as archive:
-            if "meta.npy" not in archive.namelist():
-                raise CheckpointError(f"{path} is not a ninpy checkpoint (no 'meta' entry); give the "
-                                      f"{FILENAME} written by train.py")
-            _check_headers(archive)
-        with np.load(path, allow_pickle=False) as archive:
-            meta = json.loads(str(archive["meta"][()]))
-            if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-                tag = meta.get("format") if isinstance(meta, dict) else None
-                raise CheckpointError(f"{path} is not a ninpy checkpoint (format tag "
-                                      f"{_short(tag, 80)!r})")
-            if meta.get("version") != VERSION:
-                raise CheckpointError(f"{path}: checkpoint version {_short(meta.get('version'), 40)!r}, "
-                                      f"this ninpy reads version {VERSION}")
-            model = {name[len("model/"):]: archive[name] for name in archive.files
-                     if name.startswith("model/")}
-            buffers = {int(name[len("optim/momentum/"):]): archive[name] for name in archive.files
-                       if name.startswith("optim/momentum/")}
+        with open(path, "rb") as file, zipfile.ZipFile(file) as archive:
+            arrays = _read_entries(archive, path)
+        meta = json.loads(str(arrays.pop("meta")[()]))
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            tag = meta.get("format") if isinstance(meta, dict) else None
+            raise CheckpointError(f"{path} is not a ninpy checkpoint (format tag "
+                                  f"{_short(tag, 80)!r})")
+        if meta.get("version") != VERSION:
+            raise CheckpointError(f"{path}: checkpoint version {_short(meta.get('version'), 40)!r}, "
+                                  f"this ninpy reads version {VERSION}")
+        model = {name[len("model/"):]: array for name, array in arrays.items()
+                 if name.startswith("model/")}
+        buffers = {int(name[len("optim/momentum/"):]): array for name, array in arrays.items()
+                   if name.startswith("optim/momentum/")}
     except CheckpointError:
         raise
     except _BadEntry as error:
@@ -189,8 +188,7 @@ def load(path):
                               f"{todo}") from None
     except PermissionError as error:
         raise CheckpointError(f"cannot read {path}: {error.strerror}") from None
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError, TypeError,
-            UnicodeDecodeError, RecursionError, json.JSONDecodeError) as error:
+    except _UNREADABLE as error:
         raise CheckpointError(f"{path} is truncated or corrupt ({type(error).__name__}: "
                               f"{_short(error)}); {todo}") from None
     try:
@@ -217,37 +215,90 @@ class _BadEntry(Exception):
     """An archive entry that a checkpoint cannot hold (its name, dtype or size)."""
 
 
-def _check_headers(archive):
-    """Read every entry's .npy header and bound its dtype and size before any data is loaded."""
+# What reading a damaged archive can raise, from zipfile (a bad CRC, a member compressed or
+# encrypted in a way it does not support, a cut stream, a mangled directory) and zlib, and from
+# json: each becomes the one "truncated or corrupt" line.
+_UNREADABLE = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError, TypeError,
+               UnicodeDecodeError, RecursionError, json.JSONDecodeError, NotImplementedError,
+               RuntimeError, OverflowError, struct.error)
+MAX_DIMENSIONS = 8                  # a NIN weight has at most 4
+
+
+def _read_entries(archive, path):
+    """{entry name without .npy: array} of every entry, each checked before and as it is read.
+
+    Before a member's data is read: its name is one a checkpoint holds and appears once (zipfile
+    would silently give the last of two), it is stored or deflated and not encrypted, and its .npy
+    header announces a float32/float64 array (or the metadata string) whose dimensions are
+    non-negative and whose size keeps the archive within MAX_ELEMENTS. The member's length must
+    be exactly header + data, and it is read to its end, so zipfile checks its CRC-32: NumPy alone
+    stops at the data's end and never does (a changed header-length byte would shift the weights
+    silently).
+    """
     entries = archive.infolist()
     if len(entries) > MAX_ENTRIES:
         raise _BadEntry(f"{len(entries)} entries, a checkpoint has at most {MAX_ENTRIES}")
-    total = 0
+    if "meta.npy" not in archive.namelist():
+        raise CheckpointError(f"{path} is not a ninpy checkpoint (no 'meta' entry); give the "
+                              f"{FILENAME} written by train.py")
+    seen = set()
     for entry in entries:
+        if entry.filename in seen:
+            raise _BadEntry(f"entry {_short(entry.filename, 80)!r} appears twice, so which one "
+                            "holds the state is ambiguous")
+        seen.add(entry.filename)
         name = entry.filename[:-len(".npy")] if entry.filename.endswith(".npy") else None
         if name is None or not (name == "meta" or _is_array_name(name)):
             raise _BadEntry(f"unexpected entry {_short(entry.filename, 80)!r} (a checkpoint holds "
                             "meta, model/<name> and optim/momentum/<index>)")
-        with archive.open(entry) as file:
-            version = np.lib.format.read_magic(file)
-            if version == (1, 0):
-                shape, _, dtype = np.lib.format.read_array_header_1_0(file)
-            elif version == (2, 0):
-                shape, _, dtype = np.lib.format.read_array_header_2_0(file)
+    arrays, total = {}, 0
+    for entry in entries:
+        name = entry.filename[:-len(".npy")]
+        if entry.flag_bits & 0x1:
+            raise _BadEntry(f"entry {name!r} is encrypted")
+        if entry.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise _BadEntry(f"entry {name!r} uses zip compression method {entry.compress_type} "
+                            "(a checkpoint is stored or deflated)")
+        with archive.open(entry) as member:
+            shape, fortran, dtype = _read_header(member, name)
+            header_bytes = member.tell()
+            count = math.prod(shape)
+            if name == "meta":
+                if shape != () or dtype.kind != "U" or dtype.itemsize // 4 > MAX_META_CHARS:
+                    raise _BadEntry(f"'meta' is {dtype} {shape}, expected a string of at most "
+                                    f"{MAX_META_CHARS:,} characters")
             else:
-                raise _BadEntry(f"entry {name!r} has .npy format version {version}")
-        elements = math.prod(shape)
-        if name == "meta":
-            if shape != () or dtype.kind != "U" or dtype.itemsize // 4 > MAX_META_CHARS:
-                raise _BadEntry(f"'meta' is {dtype} {shape}, expected a string of at most "
-                                f"{MAX_META_CHARS:,} characters")
-            continue
-        if dtype not in FLOAT_DTYPES:
-            raise _BadEntry(f"entry {name!r} has dtype {dtype}, expected float32 or float64")
-        total += elements
-        if total > MAX_ELEMENTS:
-            raise _BadEntry(f"its arrays hold more than {MAX_ELEMENTS:,} numbers (entry {name!r} "
-                            f"has shape {_short(shape, 80)}), more than any NIN model needs")
+                if dtype not in FLOAT_DTYPES:
+                    raise _BadEntry(f"entry {name!r} has dtype {dtype}, expected float32 or "
+                                    "float64")
+                total += count
+                if total > MAX_ELEMENTS:
+                    raise _BadEntry(f"its arrays hold more than {MAX_ELEMENTS:,} numbers (entry "
+                                    f"{name!r} has shape {_short(shape, 80)}), more than any NIN "
+                                    "model needs")
+            nbytes = count * dtype.itemsize
+            if entry.file_size != header_bytes + nbytes:
+                raise _BadEntry(f"entry {name!r} is {entry.file_size:,} bytes, but its header "
+                                f"announces {header_bytes:,} + {nbytes:,}")
+            data = member.read(nbytes)
+            if len(data) != nbytes or member.read(1):  # read to the end: the CRC is checked
+                raise EOFError(f"entry {name!r} ends before its {nbytes:,} bytes of data")
+        array = np.frombuffer(data, dtype, count)
+        array = array.reshape(shape[::-1]).T if fortran else array.reshape(shape)
+        arrays[name] = array.copy()  # writable, and C-ordered like every array the model holds
+    return arrays
+
+
+def _read_header(member, name):
+    """(shape, fortran_order, dtype) of the entry's .npy header, at most MAX_DIMENSIONS of them."""
+    try:
+        shape, fortran, dtype = read_npy_header(member)
+    except ValueError as error:
+        raise _BadEntry(f"entry {name!r}: {error}") from None
+    if len(shape) > MAX_DIMENSIONS:
+        raise _BadEntry(f"entry {name!r} has {len(shape)} dimensions, a checkpoint's arrays at "
+                        f"most {MAX_DIMENSIONS}")
+    return shape, fortran, dtype
 
 
 def _is_array_name(name):

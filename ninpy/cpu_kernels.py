@@ -45,7 +45,7 @@ from numba.core.caching import FunctionCache
 
 from ninpy import memory, shapes
 from ninpy.reference import (cross_entropy_backward, cross_entropy_forward,  # noqa: F401 (re-exported)
-                             sgd_update_)
+                             sgd_update_, sgd_update_many_)
 
 # Threads. NumPy's GEMMs run on OpenBLAS's thread pool and these kernels on Numba's; with Numba's
 # default OpenMP layer both pools spin-wait between calls and take the cores from each other (on
@@ -59,8 +59,9 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 # cross_entropy_forward / cross_entropy_backward: the reference NumPy code is used as is. The logits
 # are (batch, classes), a few thousand numbers; NumPy's vectorised exp/sum is already as fast as a
 # kernel would be, and the time is nothing next to one convolution.
-# sgd_update_: the reference too. It is a handful of whole-array NumPy operations on each parameter
-# (about a million numbers for NIN), a few milliseconds next to a training step's seconds.
+# sgd_update_ and sgd_update_many_: the reference too. It is a handful of whole-array NumPy
+# operations on each parameter (about a million numbers for NIN), a few milliseconds next to a
+# training step's seconds; on the CPU a call costs no launch, so many tensors need no kernel of their own.
 
 
 # ---- compiling ----------------------------------------------------------------------------------
@@ -407,7 +408,7 @@ def bias_relu_(out, bias):
 
 
 def add_bias_(out, bias):
-    """out = out + bias[c], in place; returns out."""
+    """out = out + bias[c], in place; returns out. out (N, C, ...), or channels first as (1, C, L)."""
     _bias_kernel(_planes(out, bias, "add_bias_"), bias.astype(out.dtype, copy=False), False)
     return out
 
@@ -450,7 +451,8 @@ def _relu_bias_backward_kernel(dy, y, dx, db):
 
 
 def relu_bias_backward(dy, y):
-    """dx = relu_backward(dy, y) and db[c] = sum of dx[:, c] (the bias gradient of y = relu(z + b[c]))."""
+    """dx = relu_backward(dy, y) and db[c] = sum of dx[:, c] (the bias gradient of y = relu(z + b[c])).
+    dy, y (N, C, ...); a channels-first (C, N*H*W) gradient is passed as (1, C, N*H*W)."""
     _expect_shape("relu_bias_backward", "dy", dy.shape, y.shape, " (the shape of y)")
     if dy.ndim < 2:
         raise ValueError(f"relu_bias_backward: dy must be (N, C, ...), got shape {dy.shape}")

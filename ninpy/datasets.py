@@ -23,7 +23,6 @@ import os
 import pickle
 import struct
 import tarfile
-import warnings
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from .download import DataError, download as fetch, file_digest
-from .files import require_regular_file, write_atomically
+from .files import read_npy_header, require_regular_file, write_atomically
+from . import notices
 
 __all__ = ["DataError", "Dataset", "Source", "DATASETS", "SOURCES", "SYSTEM_DIRS",
            "default_data_dir", "load_dataset", "read_idx"]
@@ -426,7 +426,9 @@ _READERS = {
 # header, size, CRC or labels disagree with it, is rebuilt from the raw files (with a warning). The
 # manifest's shapes are bounded by what the dataset can hold (_GEOMETRY) and each file's header and
 # size are checked against them before it is read, so no cache file can make us allocate more
-# than the real dataset needs, and only regular files are opened (a FIFO would block forever).
+# than the real dataset needs, and only regular files are opened (a FIFO would block forever). A
+# split of the published files must hold exactly their number of images (a cache of fewer would
+# train on part of the data silently), and no split may be empty.
 
 # Image shape, number of classes and the most images each split holds, per dataset.
 _GEOMETRY = {
@@ -438,12 +440,21 @@ _GEOMETRY = {
 }
 
 
+# The published files' digests, as this module defines them (tests replace SOURCES with their
+# own small files; their caches are held to "at least one image" instead of the real counts).
+_PUBLISHED = {key: {source.filename: source.digest for source in sources}
+              for key, sources in SOURCES.items()}
+
+
 class _Cache:
     def __init__(self, directory, sources, key):
         self.directory = directory
         self.manifest_path = directory / "ninpy-cache.json"
         self.sources = {source.filename: source.digest for source in sources}
         self.image_shape, self.num_classes, self.max_images = _GEOMETRY[key]
+        # The published files hold exactly _GEOMETRY's counts; other sources (tests' small files)
+        # at least one image per split.
+        self.exact = self.sources == _PUBLISHED[key]
 
     def _manifest(self, warn=False):
         """The manifest when it is one save() wrote for these sources, else None (with a warning
@@ -460,7 +471,7 @@ class _Cache:
             return None
         except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
             if warn:
-                warnings.warn(f"{self.manifest_path}: unreadable cache manifest ({error}); "
+                notices.warn(f"{self.manifest_path}: unreadable cache manifest ({error}); "
                               "rebuilding the cache from the raw files", stacklevel=4)
             return None
         return manifest
@@ -480,7 +491,12 @@ class _Cache:
             x, y = entry["x"], entry["y"]
             n = x["shape"][0] if isinstance(x, dict) and isinstance(x.get("shape"), list) \
                 and x["shape"] else None
-            if not (type(n) is int and 0 <= n <= self.max_images[split]
+            most = self.max_images[split]
+            least = most if self.exact else 1
+            if type(n) is int and not least <= n <= most:
+                raise ValueError(f"split {split!r} holds {n:,} images, the dataset's has "
+                                 + (f"{most:,}" if self.exact else f"1 to {most:,}"))
+            if not (type(n) is int
                     and x["shape"] == [n, *self.image_shape] and x["dtype"] == "uint8"
                     and isinstance(y, dict) and y.get("shape") == [n] and y.get("dtype") == "int64"
                     and all(type(part.get("crc32")) is int for part in (x, y))):
@@ -503,7 +519,7 @@ class _Cache:
                     raise ValueError(f"labels span {y.min()}..{y.max()}, expected "
                                      f"0..{self.num_classes - 1}")
             except (OSError, ValueError, KeyError, EOFError) as error:
-                warnings.warn(f"{self.directory}: cached {split} split unreadable ({error}); "
+                notices.warn(f"{self.directory}: cached {split} split unreadable ({error}); "
                               "rebuilding it from the raw files", stacklevel=3)
                 continue
             out[split] = (x, y)
@@ -514,12 +530,10 @@ class _Cache:
         path = self.directory / filename
         require_regular_file(path)
         with open(path, "rb") as file:
-            version = np.lib.format.read_magic(file)
-            if version not in ((1, 0), (2, 0)):
-                raise ValueError(f"{filename}: .npy format version {version}")
-            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                           else np.lib.format.read_array_header_2_0)
-            shape, fortran, dtype = read_header(file)
+            try:
+                shape, fortran, dtype = read_npy_header(file)
+            except ValueError as error:
+                raise ValueError(f"{filename}: {error}") from None
             if list(shape) != entry["shape"] or str(dtype) != entry["dtype"] or fortran:
                 raise ValueError(f"{filename} has shape {shape} {dtype}, the manifest says "
                                  f"{entry['shape']} {entry['dtype']}")
@@ -548,7 +562,7 @@ class _Cache:
             text = json.dumps(manifest, indent=1).encode()
             write_atomically(self.manifest_path, lambda file: file.write(text))
         except OSError as error:
-            warnings.warn(f"cannot write the dataset cache in {self.directory} ({error}); the raw "
+            notices.warn(f"cannot write the dataset cache in {self.directory} ({error}); the raw "
                           "files will be parsed again next time", stacklevel=3)
 
 

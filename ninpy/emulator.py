@@ -4,16 +4,18 @@
 `--device gpu` runs above CuPy: functional.py's GPU branches, every launcher in gpu_kernels.py and
 the unchanged kernels/*.cu. The .cu sources are compiled by the host C++ compiler (g++ -std=c++20)
 after a small shim that defines the CUDA built-ins they use: __global__/__device__,
-threadIdx/blockIdx/blockDim/gridDim, min/max, and __shfl_xor_sync (a warp is 32 std::threads meeting
-at a barrier). A launch runs every block and every thread of the grid, one after another, so
-grid-stride loops and the index formulas run as written.
+threadIdx/blockIdx/blockDim/gridDim, min/max, __shfl_xor_sync (a warp is 32 std::threads meeting
+at a barrier), and __syncthreads with __shared__ arrays (a block's threads are fibers on one OS
+thread, switched at each barrier). A launch runs every block and every thread of the grid, one after
+another, so grid-stride loops and the index formulas run as written.
 
 `EmulatedCupy` is the stand-in for the `cupy` module: NumPy's functions, with array results turned
 into `EmulatedArray` (a NumPy array that backend.py takes for a device array), and a `RawModule`
 whose `get_function("kernel<float, int>")` returns a launcher with CuPy's calling convention
 `kernel(grid, block, args)`. Before each launch it checks every argument against the kernel's C
 parameter list parsed from the source (pointer: a contiguous array of the right dtype; scalar: a
-NumPy scalar of exactly the C type; a Python int would become long long in CuPy, a float double),
+NumPy scalar of exactly the C type; a Python int would become long long in CuPy, a float double;
+a struct passed by value: a 1-element NumPy record array of the struct's size, as CuPy takes one),
 then passes them the way cuLaunchKernel does, as an array of pointers to the values. As on a GPU,
 a host (NumPy) array handed to a device function is refused, and reading a device value on the host
 (`.get()`, `float()`, `.item()`) is a synchronisation, which `forbid_synchronize()` turns into an
@@ -55,7 +57,9 @@ SHIM = r"""
 #include <cstdio>
 #include <functional>
 #include <math.h>
+#include <memory>
 #include <thread>
+#include <ucontext.h>
 #include <vector>
 struct Dim3 { unsigned x = 1, y = 1, z = 1; };
 thread_local Dim3 threadIdx, blockIdx;
@@ -73,6 +77,47 @@ template <typename T> T __shfl_xor_sync(unsigned, T v, int lane_mask) {
     warp_slots[lane] = (double)v;              // float and double both fit exactly
     warp_barrier->arrive_and_wait();
     return (T)warp_slots[lane ^ lane_mask];
+}
+// __syncthreads: the threads of a block run as fibers (ucontext) on one OS thread. Each runs until it
+// reaches the barrier or ends, then the next one runs; a round ends when all have, so no thread passes
+// a barrier before every thread of its block has reached it. __shared__ arrays are static: one per
+// kernel instantiation, owned by the block running at the time.
+#define __shared__ static
+static ucontext_t fiber_scheduler;
+static std::vector<ucontext_t> fibers;
+static std::vector<char> fiber_finished;
+static unsigned fiber_current;
+static const std::function<void()>* fiber_body;
+static void fiber_start() { (*fiber_body)(); fiber_finished[fiber_current] = 1; }
+inline void __syncthreads() { swapcontext(&fibers[fiber_current], &fiber_scheduler); }
+static void launch_blocks(unsigned grid, unsigned block, const std::function<void()>& body) {
+    gridDim.x = grid;
+    blockDim.x = block;
+    const size_t stack_size = 64 * 1024;
+    std::unique_ptr<char[]> stacks(new char[block * stack_size]);
+    fibers.assign(block, ucontext_t{});
+    fiber_body = &body;
+    for (unsigned b = 0; b < grid; ++b) {
+        fiber_finished.assign(block, 0);
+        for (unsigned t = 0; t < block; ++t) {
+            getcontext(&fibers[t]);
+            fibers[t].uc_stack.ss_sp = stacks.get() + t * stack_size;
+            fibers[t].uc_stack.ss_size = stack_size;
+            fibers[t].uc_link = &fiber_scheduler;
+            makecontext(&fibers[t], fiber_start, 0);
+        }
+        for (bool running = true; running;) {  // a round: every unfinished thread to its next barrier
+            running = false;
+            for (unsigned t = 0; t < block; ++t) {
+                if (fiber_finished[t]) continue;
+                fiber_current = t;
+                blockIdx.x = b;
+                threadIdx.x = t;
+                swapcontext(&fiber_scheduler, &fibers[t]);
+                running = running || !fiber_finished[t];
+            }
+        }
+    }
 }
 static void launch(unsigned grid, unsigned block, bool warps, const std::function<void()>& body) {
     gridDim.x = grid;
@@ -176,7 +221,8 @@ def _param_types(kernels, expression):
     args = [a.strip() for a in args.rstrip(">").split(",")]
     template_names, params = kernels[name]
     substitute = dict(zip(template_names, args))
-    return [(substitute.get(base, base), pointer, const) for base, pointer, const in params]
+    return [(re.sub(r"\b\w+\b", lambda word: substitute.get(word[0], word[0]), base), pointer, const)
+            for base, pointer, const in params]  # T alone, and inside a struct's type: Table<T>
 
 
 @functools.lru_cache(maxsize=None)
@@ -188,6 +234,8 @@ def _build(sources, sanitize):
         kernels = parse_kernels(source)
         parts.append(f'#include "{Path(path).resolve()}"')
         warps = "__shfl" in source
+        launcher = ("launch_blocks(grid, block, " if "__syncthreads" in source
+                    else f"launch(grid, block, {str(warps).lower()}, ")
         for expression in expressions:
             wrapper = f"wrap_{len(wrappers)}"
             params = _param_types(kernels, expression)
@@ -195,7 +243,11 @@ def _build(sources, sanitize):
             args = ", ".join(f"*reinterpret_cast<{'const ' if const else ''}{base}{'*' if pointer else ''}*>(a[{i}])"
                              for i, (base, pointer, const) in enumerate(params))
             parts.append(f'extern "C" void {wrapper}(unsigned grid, unsigned block, void** a) '
-                         f'{{ launch(grid, block, {str(warps).lower()}, [&] {{ {expression}({args}); }}); }}')
+                         f'{{ {launcher}[&] {{ {expression}({args}); }}); }}')
+            for i, (base, pointer, _) in enumerate(params):  # a struct passed by value: its size
+                if not pointer and base not in _C_TO_NUMPY:
+                    parts.append(f'extern "C" unsigned long long {wrapper}_sizeof_{i}() '
+                                 f'{{ return sizeof({base}); }}')
     code = "\n".join(parts) + "\n"
     what = code + "".join(s for _, s, _ in sources)
     return compile_once(code, what, "emulator", sanitize), wrappers
@@ -241,6 +293,7 @@ class Kernel:
 
     def __init__(self, lib, expression, wrapper, params):
         self.expression = expression
+        self.lib, self.wrapper = lib, wrapper
         self.function = getattr(lib, wrapper)
         self.params = params
 
@@ -250,6 +303,11 @@ class Kernel:
             raise TypeError(f"{self.expression}: {len(args)} arguments for {len(self.params)} parameters")
         keep, pointers = [], []
         for i, (arg, (base, pointer, _)) in enumerate(zip(args, self.params)):
+            if not pointer and base not in _C_TO_NUMPY:
+                value = self._struct(i, arg, base)
+                keep.append(value)
+                pointers.append(ctypes.cast(value, ctypes.c_void_p))
+                continue
             expected = np.dtype(_C_TO_NUMPY[base])
             if pointer:
                 if not isinstance(arg, EmulatedArray) or arg.dtype != expected or not arg.flags.c_contiguous:
@@ -267,6 +325,18 @@ class Kernel:
         array = (ctypes.c_void_p * len(pointers))(*pointers)
         launches.append(self.expression)
         self.function(ctypes.c_uint(int(grid[0])), ctypes.c_uint(int(block[0])), array)
+
+    def _struct(self, i, arg, base):
+        """A struct passed by value, as CuPy passes one: a 1-element NumPy record array (host
+        memory) whose dtype has the struct's fields and size; a pointer to a copy of its bytes."""
+        size = getattr(self.lib, f"{self.wrapper}_sizeof_{i}")
+        size.restype = ctypes.c_ulonglong
+        if (not isinstance(arg, np.ndarray) or isinstance(arg, EmulatedArray) or arg.size != 1
+                or arg.dtype.names is None or arg.dtype.itemsize != size()):
+            raise TypeError(f"{self.expression}: argument {i} must be a 1-element NumPy record array "
+                            f"of {size()} bytes (for the struct {base}), got {type(arg).__name__} "
+                            f"{getattr(arg, 'dtype', '')}")
+        return ctypes.create_string_buffer(arg.tobytes(), size())
 
 
 # Every launch made in this process, by name expression ("sgd_update_kernel<float, int>"): what a

@@ -24,7 +24,9 @@ A launch, step by step (every public function below does this, in `_launch`):
    arguments marked `_Index(...)` are converted to that type, since it is only known here;
 3. `_function`: the compiled kernel "name<float, int>", compiling its .cu file on first use;
 4. call it with `_grid(count)` blocks of `_BLOCK` threads (grid-stride loops cover the rest).
-Cross-entropy launches one warp per row instead, so it builds its grid in `_row_launch`.
+Cross-entropy launches one warp per row instead, so it builds its grid in `_row_launch`;
+`relu_bias_backward` one block per channel (its threads then add up the channel's sum together);
+`sgd_update_many_` passes up to 32 tensors' addresses to one launch in a struct (`_sgd_launch`).
 """
 import math
 import re
@@ -66,7 +68,8 @@ _KERNELS = {
                          "cross_entropy_backward_kernel": INTEGERS},
     "elementwise.cu": {"bias_relu_kernel": INTEGERS, "add_bias_kernel": INTEGERS,
                        "relu_backward_kernel": INTEGERS, "dropout_mask_kernel": INTEGERS},
-    "sgd.cu": {"sgd_update_kernel": INTEGERS},
+    "relu_bias_backward.cu": {"relu_bias_backward_kernel": INTEGERS},
+    "sgd.cu": {"sgd_update_kernel": INTEGERS, "sgd_update_many_kernel": INTEGERS},
 }
 
 _C_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
@@ -425,9 +428,36 @@ def relu_backward(dy, y):
 
 
 def relu_bias_backward(dy, y):
-    """dx = relu_backward(dy, y) and db[c] = sum of dx[:, c]; on the GPU the sum is CuPy's reduction."""
-    dx = relu_backward(dy, y)
-    return dx, dx.sum(axis=(0,) + tuple(range(2, dx.ndim)))
+    """dx = relu_backward(dy, y) and db[c] = sum of dx[:, c], in one launch: a block per channel
+    sums its part of dx as it writes it (kernels/relu_bias_backward.cu)."""
+    cupy = backend.array_module(dy)
+    dy = _contiguous(dy)
+    y = _contiguous(y)
+    if dy.shape != y.shape or dy.dtype != y.dtype or dy.ndim < 2:
+        raise ValueError(f"dy ({dy.shape}, {dy.dtype}) and y ({y.shape}, {y.dtype}) must have one "
+                         "shape (N, C, ...) and dtype")
+    N, C = dy.shape[:2]
+    L = math.prod(dy.shape[2:])
+    dx = cupy.empty_like(dy)
+    db = cupy.empty((C,), dtype=dy.dtype)
+    if C == 0:
+        return dx, db
+    index_c, index_np = _index(dy.size, (dy,))
+    threads = _threads_for(N * L)
+    function = _function(cupy, "relu_bias_backward.cu", "relu_bias_backward_kernel",
+                         _c_type(dy.dtype), index_c)
+    function((min(C, _MAX_BLOCKS),), (threads,),
+             (dy, y, dx, db, np.int32(C), index_np(L), index_np(N * L)))
+    return dx, db
+
+
+def _threads_for(per_block):
+    """Threads of a block that reduces `per_block` elements: a power of two from one warp to 1024,
+    about one thread for every 16 elements (a few loads in flight each, none left idle)."""
+    threads = _WARP
+    while threads < 1024 and threads * 16 < per_block:
+        threads *= 2
+    return threads
 
 
 def dropout_mask(shape, p, seed, offset, dtype, device="gpu"):
@@ -448,15 +478,19 @@ def dropout_mask(shape, p, seed, offset, dtype, device="gpu"):
 
 # --- optimiser ------------------------------------------------------------------------------------
 
-def sgd_update_(param, grad, buf, lr, momentum, weight_decay, nesterov):
-    """torch.optim.SGD (dampening 0) in place: g = grad + wd*param; buf = m*buf + g;
-    param -= lr * (g + m*buf if nesterov else buf)."""
+def _check_sgd_arrays(param, grad, buf):
     _require_contiguous(param, "param")
     _require_contiguous(buf, "buf")
     if grad.shape != param.shape or buf.shape != param.shape:
         raise ValueError(f"param {param.shape}, grad {grad.shape} and buf {buf.shape} must have one shape")
     if grad.dtype != param.dtype or buf.dtype != param.dtype:
         raise TypeError(f"param ({param.dtype}), grad ({grad.dtype}) and buf ({buf.dtype}) must share a dtype")
+
+
+def sgd_update_(param, grad, buf, lr, momentum, weight_decay, nesterov):
+    """torch.optim.SGD (dampening 0) in place: g = grad + wd*param; buf = m*buf + g;
+    param -= lr * (g + m*buf if nesterov else buf)."""
+    _check_sgd_arrays(param, grad, buf)
     grad = _contiguous(grad)
     scalar = param.dtype.type
     _launch("sgd.cu", "sgd_update_kernel", param.dtype, param.size,
@@ -465,3 +499,57 @@ def sgd_update_(param, grad, buf, lr, momentum, weight_decay, nesterov):
     return param
 
 
+_SGD_TENSORS = 32  # kernels/sgd.cu's SGD_TENSORS: the tensors one sgd_update_many_kernel launch takes
+
+
+def _sgd_tensors_type(dtype):
+    """The NumPy twin of sgd.cu's `SgdTensors<T>` (the same fields, C's alignment)."""
+    n = _SGD_TENSORS
+    return np.dtype([("param", np.uint64, n), ("grad", np.uint64, n), ("buf", np.uint64, n),
+                     ("end", np.int64, n), ("lr", dtype, n), ("momentum", dtype, n),
+                     ("weight_decay", dtype, n), ("nesterov", np.int32, n)], align=True)
+
+
+def sgd_update_many_(params, grads, bufs, settings):
+    """sgd_update_(params[t], grads[t], bufs[t], *settings[t]) for every t, settings[t] =
+    (lr, momentum, weight_decay, nesterov): one launch for up to 32 tensors of one dtype, which
+    receives their addresses and settings as an argument (kernels/sgd.cu). Returns params."""
+    if not (len(params) == len(grads) == len(bufs) == len(settings)):
+        raise ValueError(f"{len(params)} params, {len(grads)} grads, {len(bufs)} bufs and "
+                         f"{len(settings)} settings: expected one of each per tensor")
+    grads = [_contiguous(g) for g in grads]
+    for param, grad, buf in zip(params, grads, bufs):
+        _check_sgd_arrays(param, grad, buf)
+        if param.dtype != params[0].dtype:
+            raise TypeError(f"sgd_update_many_: every tensor must share one dtype, got "
+                            f"{params[0].dtype} and {param.dtype}; update each dtype in its own call")
+    for start in range(0, len(params), _SGD_TENSORS):
+        chunk = slice(start, start + _SGD_TENSORS)
+        _sgd_launch(params[chunk], grads[chunk], bufs[chunk], settings[chunk])
+    return params
+
+
+def _sgd_launch(params, grads, bufs, settings):
+    dtype = params[0].dtype
+    tensors = np.zeros(1, _sgd_tensors_type(dtype))   # CuPy passes a 1-element record array by value
+    count = len(params)
+    ends = np.cumsum([p.size for p in params])
+    for field, values in (("param", params), ("grad", grads), ("buf", bufs)):
+        tensors[field][0, :count] = [_address(a) for a in values]
+    tensors["end"][0, :count] = ends
+    for i, field in enumerate(("lr", "momentum", "weight_decay", "nesterov")):
+        tensors[field][0, :count] = [s[i] for s in settings]
+    total = int(ends[-1])
+    if total == 0:
+        return
+    index_c, index_np = _index(total, params)
+    function = _function(backend.array_module(params[0]), "sgd.cu", "sgd_update_many_kernel",
+                         _c_type(dtype), index_c)
+    function((_grid(total),), (_BLOCK,), (tensors, index_np(total)))
+
+
+def _address(array):
+    """The device address of an array's first element (CuPy: .data.ptr; the emulator's NumPy
+    arrays: their ctypes address)."""
+    data = array.data
+    return data.ptr if hasattr(data, "ptr") else array.ctypes.data

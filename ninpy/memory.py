@@ -34,11 +34,11 @@ other. One Python thread at a time.
 """
 import os
 import sys
-import warnings
 
 import numpy as np
 
 from . import backend
+from .notices import warn
 
 MIN_BYTES = 1 << 20
 
@@ -48,7 +48,7 @@ def _limit_from_environment(default_mb=4096):
     try:
         return max(int(float(text or default_mb) * 2**20), 0)
     except (ValueError, OverflowError):
-        warnings.warn(f"NINPY_MEMORY_POOL_MB={text!r} is not a number of megabytes (0 turns the "
+        warn(f"NINPY_MEMORY_POOL_MB={text!r} is not a number of megabytes (0 turns the "
                       f"pool off); using {default_mb}", stacklevel=2)
         return default_mb * 2**20
 

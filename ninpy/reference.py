@@ -92,7 +92,8 @@ def col2im(col, x_shape, kh, kw, sh, sw, ph, pw, layout="NCHW"):
 
 
 def max_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow):
-    """y[n, c, oy, ox] = max of x[n, c, h, w] over the window's real elements (NaN wins); argmax = h*W + w of it."""
+    """y[n, c, oy, ox] = max of x[n, c, h, w] over the window's real elements (NaN wins); argmax = h*W + w of it.
+    x (N, C, H, W) or channels first (C, N, H, W): a stack of (H, W) planes either way."""
     check_pool_output(x.shape, kh, kw, sh, sw, ph, pw, oh, ow)
     N, C, H, W = x.shape
     h0 = np.maximum(np.arange(oh) * sh - ph, 0)[:, None]   # each window's first real element
@@ -132,7 +133,8 @@ def _avg_pool_divisors(H, W, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad):
 
 
 def avg_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad=True):
-    """y[n, c, oy, ox] = (sum of the window's real elements) / divisor(oy, ox) (padding counted if count_include_pad)."""
+    """y[n, c, oy, ox] = (sum of the window's real elements) / divisor(oy, ox) (padding counted if count_include_pad).
+    x (N, C, H, W) or channels first (C, N, H, W): a stack of (H, W) planes either way."""
     check_pool_output(x.shape, kh, kw, sh, sw, ph, pw, oh, ow)
     N, C, H, W = x.shape
     xp = _pad(x, 0, kh, kw, sh, sw, ph, pw, oh, ow)
@@ -145,7 +147,9 @@ def avg_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad=True):
 
 
 def avg_pool_backward(dy, x_shape, kh, kw, sh, sw, ph, pw, count_include_pad=True):
-    """dx[n, c, h, w] = sum of dy[n, c, oy, ox] / divisor(oy, ox) over the windows covering (h, w)."""
+    """dx[n, c, h, w] = sum of dy[n, c, oy, ox] / divisor(oy, ox) over the windows covering (h, w).
+    Planes in either layout. A scatter, one window offset at a time; Numba scatters within the
+    plane an iteration owns, CUDA gathers (cpu_kernels' docstring: three algorithms)."""
     check_pool_output(x_shape, kh, kw, sh, sw, ph, pw, *dy.shape[2:])
     N, C, H, W = x_shape
     oh, ow = dy.shape[2:]
@@ -221,6 +225,14 @@ def sgd_update_(param, grad, buf, lr, momentum, weight_decay, nesterov):
     step = g + t(momentum) * buf if nesterov else buf
     param -= t(lr) * step
     return param
+
+
+def sgd_update_many_(params, grads, bufs, settings):
+    """sgd_update_(params[t], grads[t], bufs[t], *settings[t]) for every t, settings[t] =
+    (lr, momentum, weight_decay, nesterov). Returns params."""
+    for param, grad, buf, (lr, momentum, weight_decay, nesterov) in zip(params, grads, bufs, settings):
+        sgd_update_(param, grad, buf, lr, momentum, weight_decay, nesterov)
+    return params
 
 
 # =================================================================================================

@@ -19,9 +19,13 @@ may simply be started again. (The other order -- metrics line first, checkpoint 
 folder with metrics but no checkpoint when a run dies in epoch 1's save: neither resumable nor,
 without deleting files by hand, restartable.)
 
-Lock: `fcntl.flock` on `.lock`, held from open() until release() or the end of the process. The OS
-drops it when the process dies however it dies, so a killed run never leaves a stale lock, and a
-second run on the same folder is refused at once with the holder's pid (written into the file).
+Lock: `fcntl.flock` on the folder itself, held from open() until release() or the end of the
+process. The OS drops it when the process dies however it dies, so a killed run never leaves a
+stale lock, and a second run on the same folder is refused at once. The lock is on the folder, not
+on a file in it, so deleting a file cannot let a second run in; the folder's inode is checked
+after the lock is taken and at every commit, so a folder replaced under the path is noticed. The
+holder's pid is written into `.lock` for the refusal message; a `.lock` that is a symbolic link or
+not a regular file is refused, never followed (its target would be overwritten).
 `--eval-only` takes no lock: it only reads the checkpoint and writes `eval.json` atomically.
 
 Stop signals (StopSignals): Ctrl-C (SIGINT), SIGTERM (`kill`, `timeout`, batch schedulers) and
@@ -35,13 +39,14 @@ import fcntl
 import json
 import os
 import signal
+import stat
 from pathlib import Path
 
 from . import checkpoint
 from .files import is_temporary_of, require_regular_file, write_atomically
 
 __all__ = ["RunFolder", "RunFolderError", "StopSignals", "METRICS", "FINAL", "EVAL", "LOCK",
-           "STOP_SIGNALS", "exit_status", "signal_name"]
+           "STOP_SIGNALS", "exit_status", "signal_name", "parse_metrics", "is_intact_record"]
 
 METRICS = "metrics.jsonl"
 FINAL = "final.json"
@@ -63,9 +68,9 @@ def exit_status(signum):
 class RunFolder:
     """A locked run folder; see the module docstring for what it holds and why in that order."""
 
-    def __init__(self, path, lock_file=None, created=False):
+    def __init__(self, path, lock_fd=None, created=False):
         self.path = Path(path)
-        self._lock_file = lock_file
+        self._lock_fd = lock_fd      # the folder, opened and flock()ed
         self._created = created
 
     @classmethod
@@ -88,11 +93,11 @@ class RunFolder:
         created = not path.exists()
         try:
             path.mkdir(parents=True, exist_ok=True)
-            lock_file = open(path / LOCK, "a+")
+            lock_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as error:
             raise RunFolderError(f"--out {path} is not writable ({error.strerror or error}); choose "
                                  "another directory") from None
-        folder = cls(path, lock_file, created)
+        folder = cls(path, lock_fd, created)
         try:
             folder._lock()
             folder._check_holds_no_other_run(state, log)
@@ -104,22 +109,55 @@ class RunFolder:
 
     def _lock(self):
         try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
             if error.errno not in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
-                raise RunFolderError(f"--out {self.path}: cannot lock {LOCK} "
+                raise RunFolderError(f"--out {self.path}: cannot lock the folder "
                                      f"({error.strerror or error}); choose another --out") from None
-            self._lock_file.seek(0)
-            holder = self._lock_file.read(32).strip()
-            self._lock_file.close()
-            self._lock_file = None
-            who = f"process {holder}" if holder.isdigit() else "another process"
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            holder = _read_pid(self.path / LOCK)
+            who = f"process {holder}" if holder else "another process"
             raise RunFolderError(f"--out {self.path} is in use by {who} (another train.py run); wait "
                                  "for it to end, or choose another --out (nothing was changed)") from None
-        self._lock_file.seek(0)
-        self._lock_file.truncate()
-        self._lock_file.write(f"{os.getpid()}\n")
-        self._lock_file.flush()
+        self.check_still_locked()
+        self._write_pid()
+
+    def check_still_locked(self):
+        """Raise RunFolderError unless the folder at the path is still the one this run locked
+        (renamed or deleted and made again, it would be another folder that another run may hold)."""
+        if self._lock_fd is None:  # --eval-only, or released: nothing is held
+            return
+        try:
+            here, held = os.stat(self.path), os.fstat(self._lock_fd)
+            same = (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
+        except OSError:
+            same = False
+        if not same:
+            raise RunFolderError(f"--out {self.path} was moved, deleted or replaced while this run "
+                                 "held it; stopping without writing into whatever is there now")
+
+    def _write_pid(self):
+        """Our pid into .lock, which must be a regular file: a symbolic link is not followed."""
+        try:
+            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                         | os.O_CLOEXEC, 0o666)
+        except OSError as error:
+            kind = ("a symbolic link" if error.errno == errno.ELOOP else "a folder"
+                    if error.errno == errno.EISDIR else None)
+            if kind is None:
+                raise RunFolderError(f"--out {self.path} is not writable: cannot write {LOCK} "
+                                     f"({error.strerror or error}); choose another --out") from None
+            raise _not_a_lock_file(self.path, kind) from None
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise _not_a_lock_file(self.path, "a FIFO" if stat.S_ISFIFO(mode)
+                                       else "not a regular file")
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        finally:
+            os.close(fd)
 
     def _check_holds_no_other_run(self, state, log):
         existing = self.path / checkpoint.FILENAME
@@ -147,12 +185,13 @@ class RunFolder:
     def release(self, abandon=False):
         """Drop the lock. abandon: also remove the folder if open() created it and nothing was
         written there (a start that failed leaves no empty folder behind)."""
-        if self._lock_file is not None:
-            self._lock_file.close()  # closing the only descriptor drops the flock
-            self._lock_file = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the only descriptor drops the flock
+            self._lock_fd = None
         if abandon and self._created:
             try:
-                (self.path / LOCK).unlink()
+                if (self.path / LOCK).is_file() and not (self.path / LOCK).is_symlink():
+                    (self.path / LOCK).unlink()
                 self.path.rmdir()
             except OSError:
                 pass
@@ -163,9 +202,10 @@ class RunFolder:
 
         Checkpoints carry their records; one written before they did falls back on the
         metrics.jsonl beside it, read leniently (a line that is not UTF-8 or JSON, or whose epoch
-        is not a whole number within the checkpoint's, is dropped)."""
+        is not a whole number within the checkpoint's, is dropped). Either way a record whose
+        metrics are not numbers in their range is dropped as damaged (is_intact_record)."""
         if state.metrics is not None:
-            records = list(state.metrics)
+            records = [record for record in state.metrics if is_intact_record(record)]
         else:
             records = _read_records(state.path.parent / METRICS, state.epoch)
         self.write_metrics(records)
@@ -174,6 +214,7 @@ class RunFolder:
     # ---- commit ----------------------------------------------------------------------------
     def commit(self, save_checkpoint, records, final):
         """Commit an epoch: save_checkpoint() (which stores `records`) first, then the views."""
+        self.check_still_locked()
         save_checkpoint()
         self.write_metrics(records)
         self.write_final(final)
@@ -190,6 +231,25 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         text = json.dumps(record, indent=1) + "\n"
         write_atomically(self.path / EVAL, lambda file: file.write(text.encode()))
+
+
+def _not_a_lock_file(path, kind):
+    return RunFolderError(f"--out {path}: {LOCK} is {kind}, not the regular file a run writes its "
+                          f"pid into; remove it (nothing was changed)")
+
+
+def _read_pid(path):
+    """The pid in a .lock file, or None (missing, unreadable, a link or not a regular file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        text = os.read(fd, 32).decode("ascii", "replace").strip() \
+            if stat.S_ISREG(os.fstat(fd).st_mode) else ""
+    finally:
+        os.close(fd)
+    return text if text.isdigit() else None
 
 
 def _same_file(a, b):
@@ -212,7 +272,8 @@ def parse_metrics(lines, up_to_epoch=None):
     """The epoch records in metrics.jsonl's lines (bytes), in epoch order.
 
     A line that is not a UTF-8 JSON object whose epoch is a whole number >= 1 (a torn or damaged
-    line, an epoch of NaN, "1", true or 2.5) is skipped; when an epoch appears twice, its last line
+    line, an epoch of NaN, "1", true or 2.5), or whose metrics are not numbers in their range (a
+    test_acc of "0.9", null, [1] or 1e308), is skipped; when an epoch appears twice, its last line
     wins; epochs past up_to_epoch are left out.
     """
     by_epoch = {}
@@ -221,10 +282,35 @@ def parse_metrics(lines, up_to_epoch=None):
             record = json.loads(line.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError):
             continue
-        epoch = record.get("epoch") if isinstance(record, dict) else None
-        if type(epoch) is int and 1 <= epoch and (up_to_epoch is None or epoch <= up_to_epoch):
-            by_epoch[epoch] = record
+        if is_intact_record(record) and (up_to_epoch is None or record["epoch"] <= up_to_epoch):
+            by_epoch[record["epoch"]] = record
     return [by_epoch[epoch] for epoch in sorted(by_epoch)]
+
+
+# The metrics of an epoch record and the range of each: what a resume reports and train.py prints
+# (a test_acc of 1e308 would print as "inf%", a string would crash the print).
+_FRACTIONS = ("train_acc", "test_acc", "val_acc")
+_AMOUNTS = ("train_loss", "test_loss", "val_loss", "lr", "seconds", "images_per_s")
+
+
+def is_intact_record(record):
+    """Whether `record` is an epoch record as the trainer writes it: a JSON object whose epoch is a
+    whole number >= 1, whose accuracies are numbers in [0, 1] and whose losses, lr, seconds and
+    speed are numbers >= 0 (images_per_s may be null: an epoch that took no measurable time)."""
+    if not isinstance(record, dict):
+        return False
+    epoch = record.get("epoch")
+    if type(epoch) is not int or epoch < 1:
+        return False
+    for key in _FRACTIONS + _AMOUNTS:
+        if key not in record or (key == "images_per_s" and record[key] is None):
+            continue
+        value = record[key]
+        if type(value) not in (int, float) or not value >= 0:   # NaN fails value >= 0
+            return False
+        if key in _FRACTIONS and value > 1:
+            return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,7 +319,8 @@ def parse_metrics(lines, up_to_epoch=None):
 class StopSignals:
     """While active, the first SIGINT, SIGTERM or SIGHUP only sets `requested` to its number
     (checked between steps); a second one raises KeyboardInterrupt(signum) at once. Installed only
-    from the main thread (elsewhere signals are left alone)."""
+    from the main thread (elsewhere signals are left alone), and not for a signal that is ignored
+    (SIG_IGN, as nohup leaves SIGHUP): the process was started not to stop on it."""
 
     def __init__(self):
         self.requested = None
@@ -242,7 +329,8 @@ class StopSignals:
     def __enter__(self):
         self.requested = None
         try:
-            self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS
+                              if signal.getsignal(signum) != signal.SIG_IGN}
         except ValueError:  # not the main thread
             self._previous = {}
         return self

@@ -13,14 +13,19 @@ Exact resume. Everything random is a function of saved state: the batch order an
 draws of epoch e are a pure function of (seed, e) (ninpy.data), dropout draws come from
 ninpy.random whose state is in the checkpoint, and the learning rate is a function of the epoch
 and step. So `Trainer(config, resume=...)` continues with the same numbers an uninterrupted run
-would have produced. A checkpoint written on Ctrl-C in the middle of an epoch records how many
-batches were done and the epoch's running sums; the resumed run replays the epoch's batch stream
-(skipping the batches already trained on) so the remaining batches and draws are identical.
+would have produced: bit for bit on the same device, machine and BLAS build with the same BLAS
+thread count (docs/design.md, Determinism). A checkpoint written on Ctrl-C in the middle of an
+epoch records how many batches were done and the epoch's running sums; the resumed run replays the
+epoch's batch stream (skipping the batches already trained on) so the remaining batches and draws
+are identical.
 
 Faults. A NaN/inf loss stops the run with the step named (TrainingError) and nothing is written:
-the last good checkpoint stays as it was. Once the lr has reached its peak (not during the warm-up,
-when a net that has not learnt yet is no sign of anything), a training loss that sits at ln(C) for a
-whole epoch gets a warning (the class maps died), and so do class maps that are zero on every test
+the last checkpoint stays as it was. So does an epoch whose mean training, test or validation loss
+is not finite: it is never committed, and so every checkpoint a run writes holds finite metrics.
+A finite but huge loss (7.6e29 after --lr 1e4) is a measurement, committed like any other; the
+messages that name the last checkpoint give its epoch and test loss rather than calling it good.
+Once the lr has reached its peak (not during the warm-up, when a net that has not learnt yet is no
+sign of anything), a training loss that sits at ln(C) for a whole epoch gets a warning (the class maps died), and so do class maps that are zero on every test
 image while the others live (those classes can no longer be predicted). Ctrl-C, SIGTERM or SIGHUP
 finishes the current step, saves a resumable checkpoint and raises Interrupted; a second one stops at
 once without saving. A checkpoint whose state this run cannot continue (a batch count beyond the
@@ -154,6 +159,12 @@ class Config:
         if self.svhn_extra and self.dataset != "svhn":
             raise TrainingError(f"--svhn-extra applies to --dataset svhn only, not {self.dataset}")
         return self
+
+
+def format_loss(value):
+    """A loss for a message: 4 decimals, or 4 significant digits once it is too large for that to
+    be readable (7.6e+29, not 30 digits)."""
+    return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.4g}"
 
 
 def _is_limit(value):
@@ -380,9 +391,13 @@ class Trainer:
             raise TrainingError(f"the test loss of {self.state.path} is {test.loss}: its weights "
                                 "overflow on these images, so its accuracy means nothing; "
                                 "evaluate an earlier checkpoint")
-        record = {"epoch": self.state.epoch, "test_loss": test.loss, "test_acc": test.accuracy,
+        # A checkpoint saved in mid-epoch holds the weights after batch `batch` of epoch epoch + 1.
+        state = self.state
+        record = {"epoch": state.epoch + 1 if state.batch else state.epoch,
+                  **({"batch": state.batch, "batches": self.steps_per_epoch} if state.batch else {}),
+                  "test_loss": test.loss, "test_acc": test.accuracy,
                   "dataset": self.config.dataset, "device": self.device,
-                  "checkpoint": str(self.state.path), "test_images": len(self.x_test)}
+                  "checkpoint": str(state.path), "test_images": len(self.x_test)}
         if self.x_val is not None:
             val = self.evaluate(self.x_val, self.y_val)
             record["val_loss"], record["val_acc"] = val.loss, val.accuracy
@@ -483,6 +498,8 @@ class Trainer:
     def _end_epoch(self, epoch, steps, scheduled, tally, test, val):
         """Check for dead class maps, then write the epoch's metrics line, final.json, checkpoint."""
         train_loss, train_acc = tally.means()
+        self._check_finite_epoch(epoch, {"training loss": train_loss, "test loss": test.loss,
+                                         **({"validation loss": val.loss} if val else {})})
         self._warn_if_dead(epoch, train_loss, train_acc)
         self._stop_if_dead(epoch, test.dead_classes)
         self._warn_if_partly_dead(epoch, test.dead_classes)
@@ -502,8 +519,9 @@ class Trainer:
                                    self.optimizer, self.schedule, epoch + 1, flags=self._flags(),
                                    metrics=self._records),
                            self._records, self._final(record))
-        self.log(f"epoch {epoch + 1}/{self.config.epochs}  train loss {train_loss:.4f} acc "
-                 f"{train_acc:.4f}  test loss {test[0]:.4f} acc {test[1]:.4f}  lr {record['lr']:.4g}  "
+        self.log(f"epoch {epoch + 1}/{self.config.epochs}  train loss {format_loss(train_loss)} acc "
+                 f"{train_acc:.4f}  test loss {format_loss(test.loss)} acc {test.accuracy:.4f}  "
+                 f"lr {record['lr']:.4g}  "
                  f"{record['images_per_s'] or 0:.0f} img/s  {record['seconds']:.0f}s")
         return record
 
@@ -520,12 +538,33 @@ class Trainer:
         bad = np.flatnonzero(~np.isfinite(values))
         if bad.size:
             index = pending[bad[0]][0]
-            kept = (f"the last good checkpoint, {self.out / checkpoint.FILENAME}, is untouched"
-                    if (self.out / checkpoint.FILENAME).exists() else "no checkpoint was written")
             raise TrainingError(
                 f"the loss became {values[bad[0]]} at epoch {epoch + 1}, batch {index + 1} (step "
-                f"{epoch * self.steps_per_epoch + index + 1}): training diverged; {kept}. Lower "
-                f"--lr (now {self.config.lr}) or lengthen --warmup-steps")
+                f"{epoch * self.steps_per_epoch + index + 1}): training diverged; "
+                f"{self._last_checkpoint()}. Lower --lr (now {self.config.lr}) or lengthen "
+                "--warmup-steps")
+
+    def _check_finite_epoch(self, epoch, losses):
+        """An epoch whose mean losses (name -> value) are not all finite is not committed: its
+        checkpoint would hold weights whose every prediction is meaningless."""
+        bad = [(name, value) for name, value in losses.items() if not math.isfinite(value)]
+        if bad:
+            name, value = bad[0]
+            raise TrainingError(
+                f"the {name} of epoch {epoch + 1} is {value}: the weights overflow, so the epoch is "
+                f"not committed; {self._last_checkpoint()}. Lower --lr (now {self.config.lr}) or "
+                "lengthen --warmup-steps")
+
+    def _last_checkpoint(self):
+        """What a message says of the checkpoint in --out: where it is and what its last epoch
+        measured (never "good": a finite loss can still be absurd), or that there is none."""
+        path = self.out / checkpoint.FILENAME
+        if not path.exists():
+            return "no checkpoint was written"
+        last = self._records[-1] if getattr(self, "_records", None) else None
+        measured = (f" (epoch {last['epoch']}: test loss {format_loss(last['test_loss'])})"
+                    if last and "test_loss" in last else "")
+        return f"the last checkpoint, {path}{measured}, is untouched"
 
     def _warming_up(self, epoch):
         """True while the lr has not yet reached its peak at the end of this epoch: a net that has
@@ -554,9 +593,9 @@ class Trainer:
                 "and no gradient can revive them; lengthen --warmup-steps, or check the data and "
                 "the initialisation")
         if len(dead) == self.num_classes:
-            kept = (f"the last good checkpoint, {self.out / checkpoint.FILENAME}, is untouched; "
-                    f"resume it with a lower lr: python train.py --resume {self.out} --lr "
-                    f"{self.config.lr / 2:g}" if (self.out / checkpoint.FILENAME).exists()
+            kept = (f"{self._last_checkpoint()}; resume it with a lower lr: python train.py "
+                    f"--resume {self.out} --lr {self.config.lr / 2:g}"
+                    if (self.out / checkpoint.FILENAME).exists()
                     else "no checkpoint was written; lower --lr or lengthen --warmup-steps")
             raise TrainingError(
                 f"the class maps died in epoch {epoch + 1}: every one is zero on every test image "
@@ -584,6 +623,7 @@ class Trainer:
         # `requested` is the signal's number (a test's stand-in guard may just say True)
         signum = requested if type(requested) is not bool and requested in run_folder.STOP_SIGNALS \
             else signal.SIGINT
+        self.folder.check_still_locked()
         path = checkpoint.save(self.out / checkpoint.FILENAME, self.model, self.optimizer,
                                self.schedule, epoch, batch=batch, progress=progress,
                                flags=self._flags(), metrics=self._records)

@@ -2,6 +2,7 @@
 import io
 import json
 import os
+import tracemalloc
 import zipfile
 
 import numpy as np
@@ -14,15 +15,15 @@ from ninpy.checkpoint import CheckpointError
 from ninpy.recipes import param_groups
 
 
-def small_net(seed=0):
+def small_net(seed=0, widths=((4, 3, 3), (4, 3, None))):
     ninpy.manual_seed(seed)
-    return models.nin(in_channels=1, num_classes=3, widths=((4, 3, 3), (4, 3, None)),
+    return models.nin(in_channels=1, num_classes=3, widths=widths,
                       kernel_sizes=(3, 3), pools=("max",))
 
 
-def trained(seed=0):
+def trained(seed=0, widths=((4, 3, 3), (4, 3, None))):
     """A model, SGD with momentum buffers and a schedule a few epochs in."""
-    model = small_net(seed)
+    model = small_net(seed, widths)
     sgd = optim.SGD(param_groups(model, 0.1, 1e-4), lr=0.1, momentum=0.9)
     schedule = optim.MultiStepLR(sgd, [2, 4])
     for p in model.parameters():
@@ -53,7 +54,7 @@ def test_round_trip_restores_model_optimizer_schedule_random_and_metadata(tmp_pa
     state.restore(model2, sgd2, schedule2)
     for (name, a), (_, b) in zip(model.named_parameters(), model2.named_parameters()):
         assert np.array_equal(a.data, b.data), name
-    assert schedule2.epoch == 3 and schedule2.get_last_lr() == schedule.get_last_lr()
+    assert schedule2.last_epoch == 3 and schedule2.get_last_lr() == schedule.get_last_lr()
     saved, loaded = sgd.state_dict(), sgd2.state_dict()
     assert saved["param_groups"] == loaded["param_groups"]
     assert saved["momentum_buffers"].keys() == loaded["momentum_buffers"].keys()
@@ -208,3 +209,119 @@ def test_checkpoint_of_another_model_does_not_fit(tmp_path):
                        kernel_sizes=(3, 3), pools=("max",))
     with pytest.raises(CheckpointError, match="does not fit"):
         checkpoint.load(path).restore(other)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every member is read to its end, so its CRC-32 is checked; what zipfile or NumPy's header parser
+# cannot read is the same one line as any other damage.
+
+def _wide(tmp_path):
+    """A checkpoint with an entry of 9 kB, larger than what zipfile reads ahead (4 kB): NumPy
+    alone then stops reading it before its end, where zipfile would check its CRC."""
+    model, sgd, schedule = trained(widths=((4, 3, 3), (48, 48, None)))
+    return checkpoint.save(tmp_path / "c.npz", model, sgd, schedule, epoch=1)
+
+
+ENTRY = "model/features.3.cccp1.weight.npy"   # the 48x48 1x1 convolution: 9,344 bytes
+
+
+def _data_offset(path, name=ENTRY):
+    """Where the member's bytes (its .npy file) start in the archive."""
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(name)
+    assert info.file_size > 8192
+    local = path.read_bytes()[info.header_offset:info.header_offset + 30]
+    name_length = int.from_bytes(local[26:28], "little")
+    extra_length = int.from_bytes(local[28:30], "little")
+    return info.header_offset + 30 + name_length + extra_length
+
+
+def _one_line_error(path, match):
+    with pytest.raises(CheckpointError, match=match) as info:
+        checkpoint.load(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message and len(message) < 800
+    return message
+
+
+def test_a_changed_header_length_byte_is_refused_not_loaded_as_other_weights(tmp_path):
+    path = _wide(tmp_path)
+    data = bytearray(path.read_bytes())
+    at = _data_offset(path) + 8                 # after b"\x93NUMPY\x01\x00": the header's length
+    assert data[at] == 118
+    data[at] = 114                              # NumPy would read the weights 4 bytes early
+    path.write_bytes(bytes(data))
+    _one_line_error(path, "announces|CRC")
+
+
+def test_a_duplicate_entry_is_refused_rather_than_the_last_one_winning(tmp_path):
+    path = _wide(tmp_path)
+    with zipfile.ZipFile(path) as archive:
+        entries = [(name, archive.read(name)) for name in archive.namelist()]
+    other = io.BytesIO()
+    np.save(other, np.zeros_like(np.load(io.BytesIO(dict(entries)[ENTRY]))))
+    path.unlink()
+    with pytest.warns(UserWarning, match="Duplicate name"), zipfile.ZipFile(path, "w") as archive:
+        for name, blob in entries + [(ENTRY, other.getvalue())]:
+            archive.writestr(name, blob)
+    _one_line_error(path, "appears twice")
+
+
+def _set_flag_bits(path, name, bits, method=None):
+    """OR `bits` into the member's general-purpose flags (and set its compression method), in its
+    local header and its central-directory record, as a damaged or foreign zip would have them."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(name)
+    records = [i for i in range(len(data)) if data[i:i + 4] == b"PK\x01\x02"]
+    central = next(i for i in records if data[i + 46:i + 46 + len(name)] == name.encode())
+    for flags_at in (info.header_offset + 6, central + 8):
+        data[flags_at] |= bits
+        if method is not None:
+            data[flags_at + 2:flags_at + 4] = method.to_bytes(2, "little")
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("bits, method, match", [
+    (0x01, None, "encrypted"),                  # zipfile: "is encrypted, password required"
+    (0x20, None, "truncated or corrupt"),       # zipfile: NotImplementedError (patched data)
+    (0x00, 99, "compression method 99"),        # zipfile: NotImplementedError (AES)
+])
+def test_encrypted_or_unsupported_entries_are_one_line(tmp_path, bits, method, match):
+    path = _wide(tmp_path)
+    _set_flag_bits(path, ENTRY, bits, method)
+    _one_line_error(path, match)
+
+
+def test_a_mangled_npy_header_is_one_line_not_a_tokenizer_traceback(tmp_path):
+    path = _wide(tmp_path)
+    data = bytearray(path.read_bytes())
+    start = _data_offset(path) + 10             # the header's text: "{'descr': '<f4', ...}"
+    end = data.index(b"}", start)
+    data[end] = ord(" ")                        # unclosed: NumPy's fallback parser tokenizes it
+    path.write_bytes(bytes(data))
+    _one_line_error(path, "unreadable .npy header")
+
+
+def test_a_negative_dimension_cannot_lift_the_allocation_bound(tmp_path):
+    """(-1, N) would make the running total negative and let a deflated giant entry past it."""
+    path = _valid(tmp_path)
+    with zipfile.ZipFile(path) as archive:
+        entries = {name: archive.read(name) for name in archive.namelist()}
+    negative = io.BytesIO()
+    np.lib.format.write_array_header_1_0(negative, {"descr": "<f4", "fortran_order": False,
+                                                    "shape": (-1, 5_000_000)})
+    giant = io.BytesIO()
+    np.save(giant, np.zeros(8_000_000, np.float32))      # deflates to a few kB
+    entries = {"model/a.npy": negative.getvalue(), "model/b.npy": giant.getvalue(), **entries}
+    path.unlink()
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, blob in entries.items():
+            archive.writestr(name, blob)
+    tracemalloc.start()
+    try:
+        _one_line_error(path, "negative")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5_000_000

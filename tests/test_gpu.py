@@ -232,6 +232,28 @@ def test_bias_and_relu_kernels_match_reference(where, N, C, spatial, dtype, seed
 
 
 @pytest.mark.parametrize("where", BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 3, 20000), (3, 2, 7, 5), (2, 5, 1), (0, 4, 3), (1, 1, 1)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_relu_bias_backward_matches_reference(where, shape, dtype):
+    """One block per channel sums dx as it writes it: every block size (32 to 1024 threads, from
+    the elements per channel), channels first as Conv2d passes them, NaN, and an empty batch
+    (db = 0, as a sum over nothing). Twice the same bits: the sum's order is fixed."""
+    rng = np.random.default_rng(5)
+    y = np.maximum(rng.standard_normal(shape), 0).astype(dtype)
+    y.flat[:3] = np.nan                                       # NaN passes dy on
+    dy = rng.standard_normal(shape).astype(dtype)
+    with kernels_on(where) as dev:
+        dx, db = gpu_kernels.relu_bias_backward(dev.put(dy, "transposed"), dev.put(y))
+        again = gpu_kernels.relu_bias_backward(dev.put(dy), dev.put(y, "strided"))
+        expected_dx, expected_db = R.relu_bias_backward(dy, y)
+        assert dx.dtype == db.dtype == dtype and db.shape == (shape[1],)
+        np.testing.assert_array_equal(dev.get(dx), expected_dx)
+        np.testing.assert_allclose(dev.get(db), expected_db, **tolerance(dtype))
+        np.testing.assert_array_equal(dev.get(again[1]), dev.get(db))
+        np.testing.assert_array_equal(dev.get(again[0]), dev.get(dx))
+
+
+@pytest.mark.parametrize("where", BACKENDS)
 def test_long_long_index_instantiations_agree(where, monkeypatch):
     """Sizes past 2**31 switch every kernel to 64-bit indices; force that path on small arrays."""
     rng = np.random.default_rng(0)
@@ -251,7 +273,10 @@ def test_long_long_index_instantiations_agree(where, monkeypatch):
             mask = gpu_kernels.dropout_mask((5, 7), 0.5, 3, 11, np.float64, dev.name)
             p, buf = dev.put(x), dev.put(np.zeros_like(x))
             gpu_kernels.sgd_update_(p, dev.put(x), buf, 0.1, 0.9, 1e-4, True)
-            results.append([dev.get(v) for v in (col, dx, y, argmax, mdx, a, adx, out, mask, p, buf)])
+            many, many_buf = dev.put(x), dev.put(np.zeros_like(x))
+            gpu_kernels.sgd_update_many_([many], [dev.put(x)], [many_buf], [(0.1, 0.9, 1e-4, True)])
+            results.append([dev.get(v) for v in (col, dx, y, argmax, mdx, a, adx, out, mask, p, buf,
+                                                  many, many_buf)])
         np.testing.assert_array_equal(dev.get(results[0][0]), R.im2col(x, *geometry))
         for int_result, long_result in zip(*results):
             np.testing.assert_array_equal(int_result, long_result)
@@ -363,6 +388,90 @@ def test_sgd_update_matches_torch_itself(where, dtype, momentum, weight_decay, n
                                        **rounding)
 
 
+def _param_groups_like_nin(rng, dtype):
+    """Tensors of NIN-like shapes (an empty one too) in groups with their own lr, decay and momentum."""
+    shapes = [(6, 3, 5, 5), (6,), (0,), (4, 6, 1, 1), (4,), (3, 4, 1, 1), (3,)]
+    settings = [(0.1, 0.9, 1e-4, False), (0.2, 0.9, 0.0, False), (0.1, 0.9, 1e-4, False),
+                (0.01, 0.9, 1e-4, True), (0.02, 0.5, 0.0, True), (0.01, 0.0, 5e-4, False),
+                (0.3, 0.0, 0.0, False)]
+    return [rng.standard_normal(s).astype(dtype) for s in shapes], settings
+
+
+@pytest.mark.parametrize("where", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sgd_update_many_matches_the_reference_tensor_by_tensor(where, dtype):
+    """One launch for every tensor gives each tensor's own update, with its own settings."""
+    rng = np.random.default_rng(3)
+    params, settings = _param_groups_like_nin(rng, dtype)
+    bufs = [np.zeros_like(p) for p in params]
+    with kernels_on(where) as dev:
+        on_device = [dev.put(p) for p in params]
+        device_bufs = [dev.put(b) for b in bufs]
+        for step in range(3):
+            grads = [rng.standard_normal(p.shape).astype(dtype) for p in params]
+            layout = "transposed" if step == 1 else "c_order"
+            assert gpu_kernels.sgd_update_many_(on_device, [dev.put(g, layout) for g in grads],
+                                                device_bufs, settings) is on_device
+            R.sgd_update_many_(params, grads, bufs, settings)
+        for got, got_buf, want, want_buf in zip(on_device, device_bufs, params, bufs):
+            np.testing.assert_allclose(dev.get(got), want, **tolerance(dtype))
+            np.testing.assert_allclose(dev.get(got_buf), want_buf, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("where", BACKENDS)
+def test_sgd_update_many_takes_more_tensors_than_one_launch_holds(where):
+    """Past gpu_kernels._SGD_TENSORS tensors the update goes on in a second launch."""
+    rng = np.random.default_rng(6)
+    count = gpu_kernels._SGD_TENSORS + 8
+    params = [rng.standard_normal(int(rng.integers(1, 9))) for _ in range(count)]
+    grads = [rng.standard_normal(p.shape) for p in params]
+    settings = [(0.01 * (t + 1), 0.9, 1e-4 * t, t % 2 == 0) for t in range(count)]
+    with kernels_on(where) as dev:
+        on_device = [dev.put(p) for p in params]
+        bufs = [dev.put(np.ones_like(p)) for p in params]
+        gpu_kernels.sgd_update_many_(on_device, [dev.put(g) for g in grads], bufs, settings)
+        R.sgd_update_many_(params, grads, [np.ones_like(p) for p in params], settings)
+        for got, want in zip(on_device, params):
+            np.testing.assert_allclose(dev.get(got), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("where", BACKENDS)
+def test_sgd_update_many_matches_torch_optim_sgd(where):
+    """Against torch.optim.SGD itself, one parameter group per setting (skipped without torch)."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(4)
+    params, settings = _param_groups_like_nin(rng, np.float64)
+    weights = [torch.nn.Parameter(torch.tensor(p)) for p in params]
+    optimizer = torch.optim.SGD([{"params": [w], "lr": lr, "momentum": m, "weight_decay": wd,
+                                  "nesterov": nesterov}
+                                 for w, (lr, m, wd, nesterov) in zip(weights, settings)], lr=0.1)
+    with kernels_on(where) as dev:
+        on_device = [dev.put(p) for p in params]
+        bufs = [dev.put(np.zeros_like(p)) for p in params]
+        for _ in range(3):
+            grads = [rng.standard_normal(p.shape) for p in params]
+            for w, g in zip(weights, grads):
+                w.grad = torch.tensor(g)
+            optimizer.step()
+            gpu_kernels.sgd_update_many_(on_device, [dev.put(g) for g in grads], bufs, settings)
+        for got, w in zip(on_device, weights):
+            np.testing.assert_allclose(dev.get(got), w.detach().numpy(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("where", BACKENDS)
+def test_sgd_update_many_rejects_mixed_or_mismatched_arrays(where):
+    with kernels_on(where) as dev:
+        p32, p64 = dev.put(np.zeros(3, np.float32)), dev.put(np.zeros(3, np.float64))
+        with pytest.raises(TypeError, match="one dtype"):
+            gpu_kernels.sgd_update_many_([p32, p64], [p32, p64], [p32.copy(), p64.copy()],
+                                         [(0.1, 0, 0, False)] * 2)
+        with pytest.raises(ValueError, match="one of each per tensor"):
+            gpu_kernels.sgd_update_many_([p32], [p32, p32], [p32], [(0.1, 0, 0, False)])
+        with pytest.raises(ValueError, match="must have one shape"):
+            gpu_kernels.sgd_update_many_([p32], [dev.put(np.zeros(4, np.float32))], [p32.copy()],
+                                         [(0.1, 0, 0, False)])
+
+
 @pytest.mark.parametrize("where", BACKENDS)
 def test_kernels_reject_wrong_dtypes_clearly(where):
     with kernels_on(where) as dev:
@@ -402,9 +511,13 @@ def _every_kernel_once(inputs):
     results += [gpu_kernels.bias_relu_(x.copy(), inputs["bias"]),
                 gpu_kernels.add_bias_(x.copy(), inputs["bias"]),
                 gpu_kernels.relu_backward(x, x),
+                *gpu_kernels.relu_bias_backward(x, x),
                 gpu_kernels.dropout_mask((4, 5), 0.5, 1, 2, np.float32, inputs["device"])]
     p, buf = x.copy(), x * 0
     results += [gpu_kernels.sgd_update_(p, x, buf, 0.1, 0.9, 1e-4, False), buf]
+    many, many_buf = x.copy(), x * 0
+    results += [gpu_kernels.sgd_update_many_([many], [x], [many_buf], [(0.1, 0.9, 1e-4, True)])[0],
+                many_buf]
     return results
 
 
@@ -583,6 +696,30 @@ def test_nin_training_step_is_deterministic_on_the_gpu_path(where):
     assert losses_a == losses_b
     for name in weights_a:
         np.testing.assert_array_equal(weights_a[name], weights_b[name], err_msg=name)
+
+
+@pytest.mark.parametrize("where", ["cpu", *GPU_PATHS])
+def test_nin_parameter_gradients_are_arrays_of_their_own(where):
+    """A NIN backward leaves each parameter the gradient its backward made, without a copy (on the
+    GPU a copy is a launch per parameter per step), yet an in-place edit of one gradient changes no
+    other."""
+    import ninpy
+    import ninpy.functional as F
+    from ninpy import Tensor, models
+
+    device = require_device(where) if where != "cpu" else "cpu"
+    ninpy.random.manual_seed(0)
+    model = models.nin(widths=((8, 6, 4), (8, 8, 8), (8, 8, None))).eval().to(device)
+    x, labels = _small_batch(np.float32, n=2)
+    F.cross_entropy(model(Tensor(x, device=device)), backend.to_device(labels, device)).backward()
+    grads = [p.grad for p in model.parameters()]
+    for i, grad in enumerate(grads):
+        before = [backend.to_device(g, "cpu").copy() for g in grads]
+        grad += 1
+        for j, other in enumerate(grads):
+            expected = before[j] + 1 if j == i else before[j]
+            np.testing.assert_array_equal(backend.to_device(other, "cpu"), expected,
+                                          err_msg=f"editing gradient {i} changed gradient {j}")
 
 
 # --- every operator through ninpy's GPU path: any layout, and an empty batch ----------------------

@@ -102,3 +102,17 @@ def test_the_limit_from_the_environment(monkeypatch, text, expected_mb):
             assert memory._limit_from_environment() == expected_mb * 2**20
     else:
         assert memory._limit_from_environment() == expected_mb * 2**20
+
+
+def test_a_bad_limit_is_one_warning_line_at_import():
+    # Python's own format is two lines (file:line: UserWarning: ..., then the source line).
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    result = subprocess.run([sys.executable, "-c", "import ninpy.memory"], capture_output=True,
+                            text=True, timeout=120, cwd=Path(__file__).resolve().parents[1],
+                            env={**os.environ, "NINPY_MEMORY_POOL_MB": "lots"})
+    assert result.returncode == 0
+    assert result.stderr.startswith("warning: NINPY_MEMORY_POOL_MB='lots' is not a number")
+    assert result.stderr.count("\n") == 1, result.stderr

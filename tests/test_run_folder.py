@@ -14,13 +14,15 @@ import subprocess
 import sys
 import time
 import tracemalloc
+import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from ninpy import checkpoint, data, datasets, plot, training
+from ninpy import checkpoint, data, datasets, plot, run_folder, training
 from ninpy.checkpoint import CheckpointError
 from ninpy.training import Trainer
 from test_training import (QUIET, _config, arrays, env, metrics, one_line_error,  # noqa: F401
@@ -174,6 +176,9 @@ def test_a_second_run_on_a_held_folder_is_refused(env, tmp_path):
         one_line_error(second, "in use", f"process {first.pid}")
         again = train(env, "--resume", str(out), "--epochs", "50", data=False)
         one_line_error(again, "in use", f"process {first.pid}")
+        (out / ".lock").unlink()                # the lock is the folder's: this frees nothing
+        third = train(env, "--resume", str(out), "--epochs", "50", data=False)
+        one_line_error(third, "in use")
         assert metrics(out)[:len(before)] == before
     finally:
         first.send_signal(signal.SIGTERM)
@@ -181,6 +186,56 @@ def test_a_second_run_on_a_held_folder_is_refused(env, tmp_path):
     assert first.returncode == 143
     records = metrics(out)
     assert [r["epoch"] for r in records] == list(range(1, len(records) + 1))  # no interleaving
+
+
+def test_deleting_the_lock_file_does_not_let_a_second_run_in(tmp_path):
+    # flock conflicts between two open file descriptions even in one process: the second
+    # RunFolder.open stands in for a second train.py (the test above runs real ones).
+    held = run_folder.RunFolder.open(tmp_path / "run")
+    try:
+        (tmp_path / "run" / ".lock").unlink()
+        with pytest.raises(run_folder.RunFolderError, match="in use by another process"):
+            run_folder.RunFolder.open(tmp_path / "run")
+    finally:
+        held.release()
+    run_folder.RunFolder.open(tmp_path / "run").release()   # free again once released
+
+
+@pytest.mark.parametrize("kind", ["symlink", "dangling symlink", "folder", "fifo"])
+def test_a_lock_file_that_is_not_a_regular_file_is_refused_and_never_followed(tmp_path, kind):
+    out = tmp_path / "run"
+    out.mkdir()
+    victim = tmp_path / "thesis.tex"
+    if kind == "symlink":
+        victim.write_text("a user's precious file\n")
+        (out / ".lock").symlink_to(victim)
+    elif kind == "dangling symlink":
+        (out / ".lock").symlink_to(victim)
+    elif kind == "folder":
+        (out / ".lock").mkdir()
+    else:
+        os.mkfifo(out / ".lock")
+    with pytest.raises(run_folder.RunFolderError, match=r"\.lock is .*remove it") as info:
+        run_folder.RunFolder.open(out)
+    assert "\n" not in str(info.value)
+    if kind == "symlink":
+        assert victim.read_text() == "a user's precious file\n"
+    else:
+        assert not victim.exists()
+    assert sorted(os.listdir(out)) == [".lock"]
+
+
+def test_a_folder_replaced_under_a_run_is_noticed_before_the_next_commit(tmp_path):
+    folder = run_folder.RunFolder.open(tmp_path / "run")
+    try:
+        (tmp_path / "run").rename(tmp_path / "moved")
+        (tmp_path / "run").mkdir()              # another run could now lock this one
+        saved = []
+        with pytest.raises(run_folder.RunFolderError, match="moved, deleted or replaced"):
+            folder.commit(lambda: saved.append(1), [], {})
+        assert saved == [] and os.listdir(tmp_path / "run") == []
+    finally:
+        folder.release()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,6 +374,12 @@ def test_a_cache_array_that_is_a_fifo_is_rebuilt_without_hanging(cache):
 
 def run_main(argv, capsys):
     """train.py's main in-process; returns (exit status, stderr)."""
+    status, _, err = run_main_with_output(argv, capsys)
+    return status, err
+
+
+def run_main_with_output(argv, capsys):
+    """train.py's main in-process; returns (exit status, stdout, stderr)."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("train_cli", REPO / "train.py")
     cli = importlib.util.module_from_spec(spec)
@@ -329,7 +390,8 @@ def run_main(argv, capsys):
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
-    return status, capsys.readouterr().err
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
 
 
 @pytest.mark.parametrize("pad", ["28", "30000", "1000000000"])
@@ -340,6 +402,105 @@ def test_a_crop_pad_beyond_the_image_is_one_clear_line(patched_sources, tmp_path
     assert status == 1 and err.count("\n") == 1 and f"--crop-pad {pad}" in err, err
     assert "memory" not in err and "below the image side, 28" in err
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Smaller lies: what a message or a record says is what the file holds.
+
+def test_eval_only_of_a_mid_epoch_checkpoint_names_the_epoch_its_weights_are_in(saved,
+                                                                              patched_sources):
+    path, entries = saved
+    meta = meta_of(entries)        # saved after epoch 1; now: after batch 2 of epoch 2
+    meta.update(batch=2, progress={"loss_sum": 4.0, "correct": 5, "seen": 32})
+    rewrite(path, with_meta(entries, meta))
+    record = Trainer(_config(patched_sources, None, epochs=2), resume=path, eval_only=True,
+                     **QUIET).evaluate_only()
+    assert (record["epoch"], record["batch"], record["batches"]) == (2, 2, 3)
+    assert json.loads((path.parent / "eval.json").read_text())["epoch"] == 2
+
+
+@pytest.mark.parametrize("test_acc", ["0.9", None, [1], 1e308, -0.5, float("nan")])
+def test_a_damaged_metrics_record_in_the_checkpoint_is_dropped_not_a_crash(
+        saved, patched_sources, capsys, test_acc):
+    path, entries = saved
+    meta = meta_of(entries)
+    meta["metrics"][0]["test_acc"] = test_acc
+    rewrite(path, with_meta(entries, meta))
+    status, out, err = run_main_with_output(["--resume", str(path), "--epochs", "1", "--device",
+                                             "cpu", "--data-dir", str(patched_sources)], capsys)
+    assert status == 0 and err == "", err
+    assert "nothing to do" in out and "inf%" not in out and "nan%" not in out
+    assert metrics(path.parent) == []           # the damaged record is not shown as a measurement
+
+
+def test_an_epoch_with_a_non_finite_test_loss_is_not_committed(saved, patched_sources,
+                                                              monkeypatch):
+    path, _ = saved                             # epoch 1 done; epoch 2's test pass overflows
+    out = path.parent
+    overflowed = training.Evaluation(float("inf"), 0.1)
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, x, y, guard=None: overflowed)
+    with pytest.raises(training.TrainingError, match="test loss of epoch 2 is inf") as info:
+        Trainer(_config(patched_sources, None, epochs=2), resume=path, **QUIET).fit()
+    message = str(info.value)
+    assert "not committed" in message and "good" not in message and "(epoch 1: test loss" in message
+    assert checkpoint.load(out).epoch == 1 and [r["epoch"] for r in metrics(out)] == [1]
+
+
+def test_metrics_lines_whose_metrics_are_not_numbers_in_range_are_skipped():
+    lines = [b'{"epoch": 1, "test_acc": 0.5, "images_per_s": null}', b'{"epoch": 2, "test_acc": "0.9"}',
+             b'{"epoch": 3, "test_acc": null}', b'{"epoch": 4, "train_loss": [1]}',
+             b'{"epoch": 5, "val_acc": 1e308}', b'{"epoch": 6, "lr": true}']
+    assert [r["epoch"] for r in run_folder.parse_metrics(lines)] == [1]
+
+
+@pytest.mark.parametrize("saved_on, says", [
+    ("cpu", "bit for bit, as an uninterrupted run on the same device, machine and BLAS build with "
+            "the same BLAS thread count"),
+    ("gpu", "trained on the gpu, this run continues on the cpu"),
+])
+def test_a_resume_says_exactly_what_it_reproduces(saved, patched_sources, capsys, saved_on, says):
+    path, entries = saved
+    meta = meta_of(entries)
+    meta["flags"]["device"] = saved_on
+    rewrite(path, with_meta(entries, meta))
+    status, out, err = run_main_with_output(["--resume", str(path), "--epochs", "1", "--device",
+                                             "cpu", "--data-dir", str(patched_sources)], capsys)
+    assert status == 0, err
+    assert says in " ".join(out.split())
+
+
+def test_a_huge_finite_loss_prints_as_a_number_not_thirty_digits():
+    assert training.format_loss(7.6e29) == "7.6e+29" and training.format_loss(2.30258) == "2.3026"
+
+
+SIGINT_IGNORED = """
+import os, runpy, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)   # as a shell without job control starts a job
+class Interrupt:  # Ctrl-C while train.py imports ninpy.training
+    def find_spec(self, name, path, target=None):
+        if name == "ninpy.training":
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+sys.meta_path.insert(0, Interrupt())
+sys.argv = [{launcher!r}, *sys.argv[1:]]
+runpy.run_path({launcher!r}, run_name="__main__")
+"""
+
+
+def test_an_inherited_ignored_sigint_stays_ignored_in_import_and_training(env, tmp_path):
+    script = tmp_path / "ignoring.py"
+    script.write_text(SIGINT_IGNORED.format(launcher=str(env["launcher"])))
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, str(script), "--dataset", "mnist", "--device", "cpu", "--batch-size", "16",
+         "--epochs", "2", "--out", str(out), *AS_GIVEN], cwd=env["root"],
+        env={**env["env"], "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    wait_for_first_epoch(process)
+    process.send_signal(signal.SIGINT)          # in training: ignored as well
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert [r["epoch"] for r in metrics(out)] == [1, 2]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -448,6 +609,56 @@ def test_a_huge_bad_checkpoint_gives_a_short_line(saved):
     with pytest.raises(CheckpointError) as info:
         checkpoint.load(path).restore(models.nin_for("mnist"))
     assert len(str(info.value)) < 600
+
+
+def test_a_cache_with_an_empty_split_is_rebuilt(cache):
+    """A consistent cache (arrays, CRCs, manifest) of 0 training images: a run would divide by 0."""
+    data_dir, folder, reference = cache
+    manifest = json.loads((folder / "ninpy-cache.json").read_text())
+    for part, array in (("x", np.zeros((0, 1, 28, 28), np.uint8)), ("y", np.zeros(0, np.int64))):
+        np.save(folder / f"{part}_train.npy", array)
+        manifest["splits"]["train"][part].update(shape=list(array.shape), crc32=zlib.crc32(array))
+    (folder / "ninpy-cache.json").write_text(json.dumps(manifest))
+    same_dataset(reload(data_dir, "holds 0 images"), reference)
+
+
+def test_a_cache_of_part_of_a_published_dataset_is_not_used(tmp_path, monkeypatch):
+    """A consistent cache of 5 Fashion-MNIST images under the published files' digests would train
+    on 5 images silently: it is refused, and rebuilding it needs the raw files."""
+    monkeypatch.setattr(datasets, "SYSTEM_DIRS", {})   # not Debian's copy: that would rebuild it
+    folder = tmp_path / "fashion-mnist"
+    folder.mkdir()
+    splits = {}
+    for split in ("train", "test"):
+        entry = {}
+        for part, array in (("x", np.zeros((5, 1, 28, 28), np.uint8)), ("y", np.zeros(5, np.int64))):
+            np.save(folder / f"{part}_{split}.npy", array)
+            entry[part] = {"shape": list(array.shape), "dtype": str(array.dtype),
+                           "crc32": zlib.crc32(array)}
+        splits[split] = entry
+    sources = {source.filename: source.digest for source in datasets.SOURCES["fashion-mnist"]}
+    (folder / "ninpy-cache.json").write_text(json.dumps({
+        "format": 1, "sources": sources, "classes": list(map(str, range(10))), "splits": splits}))
+    with pytest.warns(UserWarning, match="holds 5 images, the dataset's has 60,000"), \
+            pytest.raises(datasets.DataError, match="missing"):
+        datasets.load_dataset("fashion-mnist", tmp_path, download=False, progress=False)
+
+
+def test_a_cache_warning_is_one_line(cache, monkeypatch):
+    data_dir, folder, reference = cache
+    (folder / "ninpy-cache.json").unlink()
+
+    def disk_full(path, array):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(datasets, "_atomic_save", disk_full)
+    with pytest.warns(UserWarning, match="cannot write the dataset cache") as caught:
+        same_dataset(datasets.load_dataset("mnist", data_dir, download=False, progress=False),
+                     reference)
+    (warning,) = caught
+    text = warnings.formatwarning(warning.message, warning.category, warning.filename,
+                                  warning.lineno, warning.line)
+    assert text.startswith("warning: cannot write the dataset cache") and text.count("\n") == 1
 
 
 def test_a_malformed_cache_manifest_is_rebuilt(cache):

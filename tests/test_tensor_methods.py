@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import ninpy
-from ninpy import Tensor
+from conftest import GPU_PATHS, require_device
+from ninpy import Tensor, backend
 
 rng = np.random.default_rng(0)
 X = rng.standard_normal((3, 4, 5))
@@ -120,3 +121,24 @@ def test_bad_arguments_are_one_clear_error():
         x[3]
     with pytest.raises(ValueError, match=r"\(3, 4, 5\) and \(4, 2\) cannot be multiplied"):
         x @ Tensor(np.ones((4, 2)))
+
+
+@pytest.mark.parametrize("device", GPU_PATHS)
+def test_the_gpu_code_path_gives_the_cpu_values_and_gradients(device):
+    """The methods use the array's own module (CuPy, or the emulator's stand-in) for everything."""
+    require_device(device)
+
+    def on(device_name):
+        def const(array):
+            return Tensor(array, device=device_name)
+        return const
+
+    for name, x, fn in CASES:
+        cpu, dev = Tensor(x, requires_grad=True), Tensor(x, requires_grad=True, device=device)
+        y_cpu, y_dev = fn(cpu, on("cpu")), fn(dev, on(device))
+        dy = np.random.default_rng(1).standard_normal(y_cpu.shape)
+        y_cpu.backward(dy)
+        y_dev.backward(backend.to_device(dy, device))
+        np.testing.assert_allclose(y_dev.detach().numpy(), y_cpu.data, rtol=1e-12, atol=1e-14, err_msg=name)
+        np.testing.assert_allclose(backend.to_device(dev.grad, "cpu"), cpu.grad, rtol=1e-12,
+                                   atol=1e-14, err_msg=name)
