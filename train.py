@@ -220,9 +220,10 @@ def _main(args):
             ninpy.use_kernels(args.kernels)
         config.device = choose_device(config.device)
         trainer = Trainer(config, resume=state, eval_only=args.eval_only, progress=progress)
+        plain = " (the plain path: reference.py's NumPy)" if ninpy.kernel_set() == "reference" else ""
         print(f"NIN for {config.dataset}: {trainer.num_parameters():,} parameters, device "
-              f"{trainer.device}, {len(trainer.x_train):,} training / {len(trainer.x_test):,} test "
-              f"images", flush=True)
+              f"{trainer.device}{plain}, {len(trainer.x_train):,} training / {len(trainer.x_test):,} "
+              f"test images", flush=True)
         if args.eval_only:
             r = trainer.evaluate_only()
             when = (f"epoch {r['epoch']}, after batch {r['batch']} of {r['batches']}" if "batch" in r

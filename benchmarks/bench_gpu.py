@@ -328,7 +328,7 @@ def _time_ops(args, cupy, torch):
             x = Tensor(cupy.asarray(np.ascontiguousarray(data.transpose(1, 0, 2, 3))), requires_grad=True)
             forward = lambda: conv_relu(x, w, b, 1, pad, layout="CNHW")  # noqa: E731
         elif kind == "max_pool":
-            forward = lambda: F.max_pool2d(x, 3, 2, 0, True)  # noqa: E731
+            forward = lambda: F.max_pool2d(x, 3, 2, 0, ceil_mode=True)  # noqa: E731
         elif kind == "avg_pool":
             forward = lambda: F.avg_pool2d(x, 3, 2, 0, True)  # noqa: E731
         elif kind == "dropout":

@@ -91,7 +91,7 @@ def _is_advanced(index):
 _VIEWS = {"broadcast_to", "expand_dims", "reshape", "transpose", "squeeze", "swapaxes", "moveaxis"}
 _ALLOCATIONS = {"empty", "empty_like"}
 _FILLS = {"zeros", "ones", "full", "zeros_like", "ones_like", "full_like"}
-_ELEMENTWISE = {"where", "arange", "stack", "concatenate", "clip", "sqrt", "exp", "log"}
+_ELEMENTWISE = {"where", "arange", "stack", "concatenate", "clip"}  # ufuncs count themselves
 _GEMMS = {"matmul", "dot", "tensordot", "inner"}
 _FROM_HOST = {"array", "asarray", "asanyarray", "ascontiguousarray"}
 
@@ -322,8 +322,16 @@ def main(argv=None):
     parser.add_argument("--device", choices=["emulated", "gpu"], default="emulated")
     args = parser.parse_args(argv)
     if args.device == "gpu":
-        backend.require_gpu()
-        nodes = count_on_gpu(args.dataset, args.batch_size)
+        try:
+            backend.require_gpu()
+        except backend.DeviceError as error:
+            sys.exit(f"count_launches: {error}")
+        try:
+            nodes = count_on_gpu(args.dataset, args.batch_size)
+        except Exception as error:  # a capture CUDA refuses: say so in one line
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            sys.exit(f"count_launches: the CUDA graph capture of a step failed "
+                     f"({type(error).__name__}: {first}); --device emulated counts without a GPU")
         print_table(nodes, f"CUDA graph nodes of one NIN {args.dataset} training step (forward, loss, "
                            f"backward, SGD, tally), batch {args.batch_size}:")
         return

@@ -32,6 +32,77 @@ def no_grad():
         _grad_enabled = previous
 
 
+def refuse_unimplemented(op, **options):
+    """Raise NotImplementedError naming the first option given a value other than its default.
+
+    options: name=(value, default). PyTorch's parameters that ninpy does not implement are
+    accepted at PyTorch's default, so a PyTorch line either computes PyTorch's result or says why not.
+    """
+    for name, (value, default) in options.items():
+        if not (value is default or (value == default if default is not None else value is None)):
+            raise NotImplementedError(f"{op}: {name}={value!r} is not implemented in ninpy "
+                                      f"(only {name}={default!r})")
+
+
+# ---- type promotion: PyTorch's rule ------------------------------------------------------------
+DEFAULT_FLOAT = np.dtype(np.float32)   # torch.get_default_dtype(): what a Python float becomes
+
+
+def _category(dtype):
+    """0 bool, 1 integer, 2 floating point: the order in which PyTorch promotes categories."""
+    return 0 if dtype.kind == "b" else 1 if dtype.kind in "iu" else 2
+
+
+def _promote(a, b):
+    """torch.promote_types: within a category the wider type; across, the higher category's type
+    (int64 with float16 is float16, where NumPy would say float64)."""
+    if a is None or b is None:
+        return b if a is None else a
+    if _category(a) != _category(b):
+        return a if _category(a) > _category(b) else b
+    return np.promote_types(a, b)
+
+
+def _scalar_dtype(value):
+    """The dtype a Python number takes part in promotion with: bool, int64, or the default float."""
+    if isinstance(value, (bool, np.bool_)):
+        return np.dtype(bool)
+    if isinstance(value, (int, np.integer)):
+        return np.dtype(np.int64)
+    if isinstance(value, (float, np.floating)):
+        return DEFAULT_FLOAT
+    raise TypeError(f"unsupported operand: {type(value).__name__}; expected a Tensor or a Python number")
+
+
+def result_type(*operands):
+    """The dtype of an arithmetic result, by PyTorch's rule (torch.result_type): tensors with
+    dimensions decide; 0-d tensors only when of a higher category; Python numbers only when of a
+    higher category still, and then as int64 or the default float (float32)."""
+    tiers = [None, None, None]   # dimensioned tensors, 0-d tensors, Python numbers
+    for x in operands:
+        if isinstance(x, Tensor):
+            tier, dtype = (0 if x.ndim else 1), x.dtype
+        else:
+            tier, dtype = 2, _scalar_dtype(x)
+        tiers[tier] = _promote(tiers[tier], dtype)
+    result = None
+    for dtype in tiers:                            # each lower tier counts only if higher category
+        if result is None or (dtype is not None and _category(dtype) > _category(result)):
+            result = dtype if result is None or result.kind == "b" else _promote(result, dtype)
+    return result
+
+
+@contextlib.contextmanager
+def enable_grad():
+    """Inside this block the graph is recorded again, even within no_grad() (an optimiser's closure)."""
+    global _grad_enabled
+    previous, _grad_enabled = _grad_enabled, True
+    try:
+        yield
+    finally:
+        _grad_enabled = previous
+
+
 def _as_array(value, device, dtype):
     """Turn an array, a nested list or a number into an array on `device`."""
     if isinstance(value, Tensor):
@@ -50,15 +121,44 @@ def _as_array(value, device, dtype):
 
 
 class Tensor:
-    """An array plus what autograd needs: requires_grad, grad, and the Function that made it."""
+    """An array plus what autograd needs: requires_grad, grad, and the Function that made it.
+
+    Tensor(data, dtype=None, device=None, requires_grad=False) is torch.tensor(data, ...): Python
+    floats become float32 (the default dtype), integers int64, a NumPy array keeps its dtype.
+    `x.data` is the array itself: changing it (`x.data[...] = v`) is invisible to autograd, as
+    `.data` is in PyTorch. The operations that change a tensor in place (optimizer.step(),
+    Module.load_state_dict) raise its version; backward() refuses a Function whose saved input
+    changed version since the forward pass (Function.saved_inputs).
+    """
 
     __array_priority__ = 1000  # so `ndarray * Tensor` calls Tensor.__rmul__
 
-    def __init__(self, data, requires_grad=False, device=None, dtype=None):
+    def __init__(self, data, *, dtype=None, device=None, requires_grad=False, pin_memory=False):
+        refuse_unimplemented("Tensor", pin_memory=(pin_memory, False))
         self.data = _as_array(data, device, dtype)
-        self.requires_grad = bool(requires_grad)
+        self.requires_grad = requires_grad
         self.grad = None
         self.creator = None  # the Function that computed this tensor; None for a leaf
+        self._version = 0    # raised by every tracked in-place change (bump_version)
+
+    @property
+    def requires_grad(self):
+        return self._requires_grad
+
+    @requires_grad.setter
+    def requires_grad(self, value):
+        if value and self.data.dtype.kind not in "fc":
+            raise RuntimeError(f"only Tensors of floating point dtype can require gradients, "
+                               f"this one is {self.data.dtype}; cast it first (dtype=np.float32)")
+        self._requires_grad = bool(value)
+
+    def requires_grad_(self, requires_grad=True):
+        self.requires_grad = requires_grad
+        return self
+
+    def bump_version(self):
+        """Record an in-place change of this tensor's values (what torch's version counter counts)."""
+        self._version += 1
 
     # ---- what it is -------------------------------------------------------------------------
     @property
@@ -73,9 +173,15 @@ class Tensor:
     def ndim(self):
         return self.data.ndim
 
-    @property
-    def size(self):
+    def size(self, dim=None):
+        """The shape, or its length along `dim`, as torch.Tensor.size."""
+        return self.shape if dim is None else self.shape[dim]
+
+    def numel(self):
         return self.data.size
+
+    def dim(self):
+        return self.data.ndim
 
     @property
     def device(self):
@@ -90,15 +196,22 @@ class Tensor:
         return f"Tensor(shape={self.shape}, dtype={self.dtype}, device={self.device!r}{grad})"
 
     def __len__(self):
+        if self.ndim == 0:
+            raise TypeError("len() of a 0-d tensor")
         return len(self.data)
 
     # ---- moving and copying -----------------------------------------------------------------
-    def numpy(self):
+    def numpy(self, *, force=False):
         """The values as a NumPy array (copied from the GPU if needed)."""
+        if self.requires_grad and not force:
+            raise RuntimeError("Can't call numpy() on Tensor that requires grad. "
+                               "Use tensor.detach().numpy() instead.")
         return backend.to_device(self.data, "cpu")
 
     def item(self):
-        return self.numpy().item()
+        if self.numel() != 1:
+            raise RuntimeError(f"a Tensor with {self.numel()} elements cannot be converted to Scalar")
+        return backend.to_device(self.data, "cpu").item()
 
     def to(self, device):
         """This tensor on `device` ("cpu" / "gpu" / "emulated"); gradients flow back to the original."""
@@ -111,28 +224,26 @@ class Tensor:
         """The same values with no graph behind them."""
         return Tensor(self.data)
 
-    def zero_grad(self):
-        self.grad = None
-
     # ---- the graph walk ---------------------------------------------------------------------
-    def backward(self, grad=None, retain_graph=False):
+    def backward(self, gradient=None, retain_graph=None, create_graph=False, inputs=None):
         """Fill `.grad` of every leaf that requires it with d(self)/d(leaf), accumulating (+=).
 
-        grad: the gradient flowing into this tensor; may be omitted only for a one-element tensor.
-        Unless retain_graph, each Function drops what it saved once used, as PyTorch does, so the
-        activations of one step are freed before the next step's forward; a second backward()
-        through those Functions is then an error, as in PyTorch.
-        A leaf's .grad is always an array of its own: never the array passed in as `grad`, nor one
-        shared with another leaf, so changing one gradient in place cannot change another.
+        gradient: the gradient flowing into this tensor; may be omitted only for a one-element
+        tensor. Unless retain_graph, each Function drops what it saved once used, as PyTorch does,
+        so the activations of one step are freed before the next step's forward; a second
+        backward() through those Functions is then an error, as in PyTorch.
+        A leaf's .grad is always an array of its own, with the leaf's dtype and shape: never the
+        array passed in as `gradient`, nor one shared with another leaf.
         """
+        refuse_unimplemented("backward", create_graph=(create_graph, False), inputs=(inputs, None))
         if not self.requires_grad:
-            raise RuntimeError("backward() on a tensor that does not require grad: no input of the "
-                               "computation had requires_grad=True (or it ran under no_grad())")
-        given = grad is not None
-        grad = self._initial_grad(grad)
+            raise RuntimeError("element 0 of tensors does not require grad and does not have a "
+                               "grad_fn: no input of the computation had requires_grad=True (or it "
+                               "ran under no_grad())")
+        grad = self._initial_grad(gradient)
         grads = {id(self): grad}
         owners = _MemoryOwners()
-        if given:
+        if gradient is not None:
             owners.claim(grad)  # the caller's array: a leaf gets a copy of it
         for tensor in reversed(self._topological_order()):
             g = grads.pop(id(tensor), None)
@@ -142,31 +253,25 @@ class Tensor:
             if fn is None:
                 tensor.grad = owners.own(g) if tensor.grad is None else tensor.grad + g
                 continue
-            if fn.released:
-                raise RuntimeError(
-                    "Trying to backward through the graph a second time: the first backward() freed "
-                    f"what {type(fn).__name__} saved for it. Pass retain_graph=True to the first "
-                    "backward() if you need to call it again")
-            for parent, parent_grad in zip(fn.inputs, fn.backward(g)):
+            for parent, parent_grad in zip(fn.inputs, fn._checked_backward(g)):
                 if parent is None or parent_grad is None or not parent.requires_grad:
                     continue
-                _check_grad_shape(fn, parent, parent_grad)
                 key = id(parent)
                 grads[key] = parent_grad if key not in grads else grads[key] + parent_grad
             if not retain_graph:
-                fn.release()
+                fn._release()
 
     def _initial_grad(self, grad):
         xp = backend.array_module(self.data)
         if grad is None:
-            if self.size != 1:
-                raise RuntimeError(f"backward() without a gradient needs a one-element tensor, but "
-                                   f"this one has shape {self.shape}; pass grad= of that shape")
+            if self.numel() != 1:
+                raise RuntimeError(f"grad can be implicitly created only for scalar outputs, but "
+                                   f"this tensor has shape {self.shape}; pass gradient= of that shape")
             return xp.ones_like(self.data)
         grad = _as_array(grad, self.device, self.dtype)
         if grad.shape != self.shape:
-            raise RuntimeError(f"backward(): grad has shape {grad.shape} but the tensor has shape "
-                               f"{self.shape}; they must match")
+            raise RuntimeError(f"backward(): gradient has shape {grad.shape} but the tensor has "
+                               f"shape {self.shape}; they must match")
         return grad
 
     def _topological_order(self):
@@ -188,42 +293,58 @@ class Tensor:
                         stack.append((parent, False))
         return order
 
-    # ---- operators (the Functions are defined below) ---------------------------------------
+    # ---- operators (the Functions are defined below), with PyTorch's type promotion ----------
     def __add__(self, other):
-        return Add.apply(self, self._lift(other))
+        return _arithmetic(Add, self, other)
 
     def __radd__(self, other):
-        return Add.apply(self._lift(other), self)
+        return _arithmetic(Add, other, self)
 
     def __sub__(self, other):
-        return Sub.apply(self, self._lift(other))
+        return _arithmetic(Sub, self, other)
 
     def __rsub__(self, other):
-        return Sub.apply(self._lift(other), self)
+        return _arithmetic(Sub, other, self)
 
     def __mul__(self, other):
-        return Mul.apply(self, self._lift(other))
+        return _arithmetic(Mul, self, other)
 
     def __rmul__(self, other):
-        return Mul.apply(self._lift(other), self)
+        return _arithmetic(Mul, other, self)
 
     def __truediv__(self, other):
-        return Div.apply(self, self._lift(other))
+        return _arithmetic(Div, self, other)
 
     def __rtruediv__(self, other):
-        return Div.apply(self._lift(other), self)
+        return _arithmetic(Div, other, self)
 
     def __neg__(self):
+        if self.dtype.kind == "b":
+            raise RuntimeError("Negation, the `-` operator, on a bool tensor is not supported. If "
+                               "you are trying to invert a mask, use the `~` operator instead.")
         return Neg.apply(self)
 
     def __pow__(self, exponent):
-        return Pow.apply(self, exponent=float(exponent))
+        if isinstance(exponent, Tensor) or not isinstance(exponent, (int, float, np.number)):
+            raise NotImplementedError("Tensor ** Tensor is not implemented in ninpy; the exponent "
+                                      f"must be a Python number, got {type(exponent).__name__}")
+        dtype = result_type(self, exponent)
+        if dtype.kind in "iub" and exponent < 0:
+            raise RuntimeError("Integers to negative integer powers are not allowed.")
+        return Pow.apply(self, exponent=exponent, dtype=dtype)
 
     def __matmul__(self, other):
-        return MatMul.apply(self, self._lift(other))
+        other = other if isinstance(other, Tensor) else Tensor(other, device=self.device)
+        if self.dtype != other.dtype:
+            raise RuntimeError(f"expected m1 and m2 to have the same dtype, but got: {self.dtype} "
+                               f"!= {other.dtype}")
+        if self.dtype.kind == "b":
+            raise RuntimeError("matmul of bool tensors is not supported (nor in PyTorch); cast "
+                               "them to a number dtype first")
+        return MatMul.apply(self, other)
 
     def __rmatmul__(self, other):
-        return MatMul.apply(self._lift(other), self)
+        return Tensor(other, device=self.device) @ self
 
     # ---- what a loss is written with: PyTorch's names, parameters and defaults ---------------
     def matmul(self, other):
@@ -231,10 +352,15 @@ class Tensor:
         return self @ other
 
     def exp(self):
-        return Exp.apply(self)
+        return Exp.apply(self._floating())
 
     def log(self):
-        return Log.apply(self)
+        return Log.apply(self._floating())
+
+    def _floating(self):
+        """self, or self as the default float (float32) if it holds integers or bool: what
+        PyTorch computes exp and log of an integer tensor in."""
+        return self if self.dtype.kind in "fc" else Cast.apply(self, dtype=DEFAULT_FLOAT)
 
     def sum(self, dim=None, keepdim=False, *, dtype=None):
         """The sum of every element, or over dim (an int or a tuple of ints)."""
@@ -258,7 +384,7 @@ class Tensor:
         if dim is None:
             if keepdim:
                 raise TypeError("max(): keepdim needs a dim; use max(dim, keepdim=True)")
-            if self.size == 0:
+            if self.numel() == 0:
                 raise RuntimeError("max(): the tensor is empty, so it has no largest element")
             return Max.apply(self)
         (axis,) = _dims(dim, self.ndim, "max")
@@ -292,11 +418,20 @@ class Tensor:
             raise RuntimeError(f"{op}(): dtype={np.dtype(dtype)} is not supported; use a float dtype")
         return Cast.apply(self, dtype=np.dtype(dtype))
 
-    def _lift(self, value):
-        """A number or array next to a tensor becomes a constant tensor of the same dtype/device."""
-        if isinstance(value, Tensor):
-            return value
-        return Tensor(_as_array(value, self.device, self.dtype))
+
+def _arithmetic(op, a, b):
+    """a op b for tensors and Python numbers: both cast to PyTorch's result dtype
+    (torch.result_type), true division of integers in the default float, a number as a constant."""
+    dtype = result_type(a, b)
+    if op is Div and dtype.kind in "iub":
+        dtype = DEFAULT_FLOAT
+    if op is Sub and dtype.kind == "b" or op is Sub and any(
+            isinstance(x, Tensor) and x.dtype.kind == "b" or isinstance(x, (bool, np.bool_)) for x in (a, b)):
+        raise RuntimeError("Subtraction, the `-` operator, with a bool tensor is not supported. "
+                           "If you are trying to invert a mask, use the `~` operator instead.")
+    like = a if isinstance(a, Tensor) else b
+    a, b = (x if isinstance(x, Tensor) else Tensor(_as_array(x, like.device, dtype)) for x in (a, b))
+    return op.apply(a, b, dtype=dtype)
 
 
 class _MemoryOwners:
@@ -365,18 +500,15 @@ def _index_on(index, device):
     return index
 
 
-def _check_grad_shape(fn, parent, grad):
-    if grad.shape != parent.shape:
-        raise RuntimeError(f"{type(fn).__name__}.backward returned a gradient of shape {grad.shape} "
-                           f"for an input of shape {parent.shape}")
-
-
 class Function:
     """One differentiable operation. Subclasses define forward (arrays in, one array out) and
     backward (gradient of the output in, one gradient per input out, None where not needed).
 
     `forward` stores on `self` only what `backward` needs (as Chainer's retain_inputs does);
     `self.needs_input_grad` (one bool per input, as in PyTorch) lets backward skip unneeded work.
+    `saved_inputs` names the positions of the inputs whose values backward reads (all, unless a
+    subclass says fewer): if one of them is changed in place between forward and backward,
+    backward raises, as PyTorch's version counter makes it do.
     `backward` returns new arrays, or the gradient it was given and views of it, and never writes
     into that gradient: a leaf then keeps what reaches it without a copy (`_MemoryOwners`).
     """
@@ -384,18 +516,23 @@ class Function:
     inputs = ()
     needs_input_grad = ()
     released = False
+    saved_inputs = None   # None: every input
 
     @classmethod
-    def apply(cls, *inputs, **params):
-        """Run forward on the inputs' arrays; link the result into the graph if gradients are needed."""
+    def apply(cls, *args, **kwargs):
+        """Run forward on the input tensors' arrays (args) with the options (kwargs); link the
+        result into the graph if gradients are needed."""
+        inputs, params = args, kwargs
         fn = cls()
         fn.needs_input_grad = tuple(t is not None and t.requires_grad for t in inputs)
         arrays = [None if t is None else t.data for t in inputs]
         out = fn.forward(*arrays, **params)
-        needs_grad = _grad_enabled and any(t is not None and t.requires_grad for t in inputs)
-        result = Tensor(out, requires_grad=needs_grad)
-        if needs_grad:
+        needs_grad = _grad_enabled and any(fn.needs_input_grad)
+        result = Tensor(out, requires_grad=needs_grad and out.dtype.kind in "fc")
+        if result.requires_grad:
             fn.inputs = inputs
+            positions = range(len(inputs)) if cls.saved_inputs is None else cls.saved_inputs
+            fn.versions = {i: inputs[i]._version for i in positions if inputs[i] is not None}
             result.creator = fn
         return result
 
@@ -405,10 +542,47 @@ class Function:
     def backward(self, grad):
         raise NotImplementedError
 
-    def release(self):
+    def _checked_backward(self, grad):
+        """backward(grad), checked as PyTorch checks it: the graph was not freed, no saved input
+        changed in place since forward, one gradient per input, each of its input's shape and
+        dtype (a float64 gradient reaching a float32 input is cast to float32)."""
+        name = type(self).__name__
+        if self.released:
+            raise RuntimeError(
+                "Trying to backward through the graph a second time: the first backward() freed "
+                f"what {name} saved for it. Pass retain_graph=True to the first backward() if "
+                "you need to call it again")
+        for i, version in self.versions.items():
+            if self.inputs[i]._version != version:
+                t = self.inputs[i]
+                raise RuntimeError(
+                    "one of the variables needed for gradient computation has been modified by an "
+                    f"inplace operation: input {i} of {name}, of shape {t.shape} and dtype "
+                    f"{t.dtype}, is at version {t._version}; expected version {version} instead. "
+                    "Hint: call optimizer.step() (or change a saved tensor) only after backward()")
+        grads = self.backward(grad)
+        if not isinstance(grads, (tuple, list)):
+            grads = (grads,)
+        if len(grads) != len(self.inputs):
+            raise RuntimeError(f"function {name}.backward returned an incorrect number of "
+                               f"gradients (expected {len(self.inputs)}, got {len(grads)})")
+        return [None if g is None or t is None else _fit_grad(self, t, g)
+                for t, g in zip(self.inputs, grads)]
+
+    def _release(self):
         """Drop the inputs and everything forward saved (its arrays): backward has used them."""
         self.__dict__.clear()
         self.released = True
+
+
+def _fit_grad(fn, parent, grad):
+    """The gradient as its input's own dtype and an array (NumPy turns 0-d results into scalars)."""
+    xp = backend.array_module(parent.data)
+    grad = xp.asarray(grad)
+    if grad.shape != parent.shape:
+        raise RuntimeError(f"{type(fn).__name__}.backward returned a gradient of shape {grad.shape} "
+                           f"for an input of shape {parent.shape}")
+    return grad if grad.dtype == parent.dtype else grad.astype(parent.dtype)
 
 
 def unbroadcast(grad, shape):
@@ -430,13 +604,19 @@ def _broadcast_shapes(a, b, op):
         raise ValueError(f"{op}: shapes {a.shape} and {b.shape} cannot be broadcast together") from None
 
 
+def _cast(array, dtype):
+    return array if dtype is None or array.dtype == dtype else array.astype(dtype)
+
+
 class Add(Function):
     """z = a + b;  dz/da = 1, dz/db = 1 (summed over broadcast axes)."""
 
-    def forward(self, a, b):
+    saved_inputs = ()
+
+    def forward(self, a, b, dtype=None):
         _broadcast_shapes(a, b, "add")
         self.shapes = a.shape, b.shape
-        return a + b
+        return _cast(a, dtype) + _cast(b, dtype)
 
     def backward(self, grad):
         return unbroadcast(grad, self.shapes[0]), unbroadcast(grad, self.shapes[1])
@@ -445,10 +625,12 @@ class Add(Function):
 class Sub(Function):
     """z = a - b;  dz/da = 1, dz/db = -1."""
 
-    def forward(self, a, b):
+    saved_inputs = ()
+
+    def forward(self, a, b, dtype=None):
         _broadcast_shapes(a, b, "sub")
         self.shapes = a.shape, b.shape
-        return a - b
+        return _cast(a, dtype) - _cast(b, dtype)
 
     def backward(self, grad):
         return unbroadcast(grad, self.shapes[0]), unbroadcast(-grad, self.shapes[1])
@@ -457,10 +639,10 @@ class Sub(Function):
 class Mul(Function):
     """z = a * b;  dz/da = b, dz/db = a."""
 
-    def forward(self, a, b):
+    def forward(self, a, b, dtype=None):
         _broadcast_shapes(a, b, "mul")
-        self.a, self.b = a, b
-        return a * b
+        self.a, self.b = _cast(a, dtype), _cast(b, dtype)
+        return self.a * self.b
 
     def backward(self, grad):
         return unbroadcast(grad * self.b, self.a.shape), unbroadcast(grad * self.a, self.b.shape)
@@ -469,10 +651,10 @@ class Mul(Function):
 class Div(Function):
     """z = a / b;  dz/da = 1/b, dz/db = -a/b^2."""
 
-    def forward(self, a, b):
+    def forward(self, a, b, dtype=None):
         _broadcast_shapes(a, b, "div")
-        self.a, self.b = a, b
-        return a / b
+        self.a, self.b = _cast(a, dtype), _cast(b, dtype)
+        return self.a / self.b
 
     def backward(self, grad):
         grad_a = grad / self.b
@@ -483,6 +665,8 @@ class Div(Function):
 class Neg(Function):
     """z = -a;  dz/da = -1."""
 
+    saved_inputs = ()
+
     def forward(self, a):
         return -a
 
@@ -491,14 +675,17 @@ class Neg(Function):
 
 
 class Pow(Function):
-    """z = a^p for a constant p;  dz/da = p a^(p-1)."""
+    """z = a^p for a constant p;  dz/da = p a^(p-1) (0 when p = 0, as in PyTorch)."""
 
-    def forward(self, a, exponent):
-        self.a, self.exponent = a, exponent
-        return a ** exponent
+    def forward(self, a, exponent, dtype=None):
+        self.a, self.exponent = _cast(a, dtype), exponent
+        return self.a ** self.a.dtype.type(exponent)
 
     def backward(self, grad):
-        return (grad * self.exponent * self.a ** (self.exponent - 1),)
+        if self.exponent == 0:
+            return (grad * 0,)
+        p = self.a.dtype.type(self.exponent)
+        return (grad * p * self.a ** (p - 1),)
 
 
 class MatMul(Function):
@@ -556,6 +743,8 @@ class Log(Function):
 class Sum(Function):
     """z = sum of a over `dim` (every axis when None);  da = dz at every summed element."""
 
+    saved_inputs = ()
+
     def forward(self, a, dim=None, keepdim=False):
         self.shape, self.dim, self.keepdim = a.shape, dim, keepdim
         return a.sum(axis=dim, keepdims=keepdim)
@@ -569,6 +758,8 @@ class Sum(Function):
 
 class Mean(Function):
     """z = mean of a over `dim` (every axis when None);  da = dz / count at every averaged element."""
+
+    saved_inputs = ()
 
     def forward(self, a, dim=None, keepdim=False):
         self.shape, self.dim, self.keepdim = a.shape, dim, keepdim
@@ -656,6 +847,8 @@ class Cast(Function):
 class Reshape(Function):
     """z = a viewed with a new shape;  the gradient is reshaped back."""
 
+    saved_inputs = ()
+
     def forward(self, a, shape):
         self.shape = a.shape
         try:
@@ -669,6 +862,8 @@ class Reshape(Function):
 
 class ToDevice(Function):
     """z = a copied to another device;  the gradient is copied back."""
+
+    saved_inputs = ()
 
     def forward(self, a, device):
         self.source = backend.device_of(a)

@@ -54,7 +54,7 @@ def class_activation_maps(model, x, batch_size=64):
     if not callable(getattr(model, "class_maps", None)):
         raise TypeError(f"{type(model).__name__} has no class_maps(x): class activation maps need a "
                         "model whose head is global average pooling (ninpy.models.NIN)")
-    params = model.parameters()
+    params = list(model.parameters())
     device = params[0].device if params else "cpu"
     data = x.data if isinstance(x, Tensor) else x
     if len(data) == 0:

@@ -9,18 +9,18 @@ Shapes follow PyTorch: images NCHW, conv weights (C_out, C_in, kh, kw).
 
 Two paths. By default ("fast") the operators are this module's Functions on the Numba and CUDA
 kernels, with the convolution channels first and its big arrays from ninpy.memory's pool
-(docs/design.md, "Array layouts"). `use_kernels("reference")` (or NINPY_KERNELS=reference) makes every
-public function here apply the plain NumPy Function of the same name in `reference` instead: the
+(docs/design.md, "Array layouts"). `use_kernels("reference")` (or NINPY_KERNELS=reference) makes each
+operator's function here apply the plain NumPy Function of the same name in `reference` instead: the
 whole network in one readable file, in the public layout, on the CPU.
 """
 import os
-import warnings
 
 import numpy as np
 
 from . import backend, cpu_kernels, memory, random, reference
 from .gemm import matmul
-from .autograd import Function, Tensor
+from .autograd import Function, Tensor, refuse_unimplemented
+from .notices import warn
 from .shapes import batch_and_channels, conv_output_size, pair, pool_output_size
 
 # ---- which kernels: the fast path or the plain path ---------------------------------------------
@@ -31,8 +31,7 @@ KERNEL_SETS = ("fast", "reference")
 def _kernel_set_from_environment():
     name = os.environ.get("NINPY_KERNELS", "").strip() or "fast"
     if name not in KERNEL_SETS:
-        warnings.warn(f"NINPY_KERNELS={name!r} is not one of {KERNEL_SETS}; using 'fast'",
-                      stacklevel=2)
+        warn(f"NINPY_KERNELS={name!r} is not one of {KERNEL_SETS}; using 'fast'")
         return "fast"
     return name
 
@@ -101,6 +100,25 @@ def _require_4d(x, op):
         raise ValueError(f"{op}: expected an (N, C, H, W) input, got shape {x.shape}")
 
 
+# The dtype contract (docs/design.md, "The kernel contract"): what every path computes in.
+KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _require_kernel_dtypes(op, *tensors):
+    """The one dtype check of every operator, made by its public function before it picks a path
+    (reference, Numba or CUDA): float32 or float64, all of one dtype. Anything else (float16,
+    integers, bool, a float32 input with a float64 weight) is a TypeError naming the cast, so no
+    path computes in a dtype another refuses."""
+    dtypes = [t.dtype for t in tensors if t is not None]
+    for dtype in dtypes:
+        if dtype not in KERNEL_DTYPES:
+            raise TypeError(f"{op}: {dtype} input is not supported: ninpy's operators compute in "
+                            "float32 or float64; cast it first, e.g. Tensor(a.astype(np.float32))")
+    if len(set(dtypes)) > 1:
+        raise TypeError(f"{op}: inputs of different dtypes ({', '.join(map(str, dtypes))}); cast "
+                        "them to one dtype first (PyTorch refuses this too)")
+
+
 # ---- convolution --------------------------------------------------------------------------------
 
 LAYOUTS = ("NCHW", "CNHW")
@@ -115,6 +133,8 @@ def _swapped(array):
 
 class SwapBatchAndChannels(Function):
     """y = x with axes 0 and 1 exchanged ((N, C, H, W) <-> (C, N, H, W));  dx = dy exchanged back."""
+
+    saved_inputs = ()
 
     def forward(self, x):
         _require_4d(x, "swap_batch_and_channels")
@@ -145,6 +165,8 @@ class Conv2d(Function):
     col is recomputed in backward rather than kept: keeping it costs far more memory than the time
     it saves (docs/why-fast.md). reference.Conv2d is the same convolution without any of this.
     """
+
+    saved_inputs = (0, 1)   # x and the weight (torch's convolution saves both)
 
     def forward(self, x, w, b, stride, padding, relu, layout):
         _check_conv_inputs(x, w, b, layout)
@@ -226,20 +248,46 @@ def _plain_conv2d(x, weight, bias, stride, padding, layout):
     return swap_batch_and_channels(y) if layout == "CNHW" else y
 
 
-def conv2d(x, weight, bias=None, stride=1, padding=0, layout="NCHW"):
-    """2-D convolution (cross-correlation) of x (N, C, H, W) with weight (C_out, C, kh, kw).
-    layout="CNHW": x and the result are channels first, (C, N, H, W)."""
-    if _plain(x):
-        return _plain_conv2d(x, weight, bias, stride, padding, layout)
-    return Conv2d.apply(x, weight, bias, stride=stride, padding=padding, relu=False, layout=layout)
+def _conv_padding(padding, weight, stride, dilation, groups, op):
+    """PyTorch's conv options: dilation and groups only at 1; padding a number, a pair, "valid"
+    (none) or "same" (odd kernels at stride 1: k // 2 on each side)."""
+    refuse_unimplemented(op, dilation=(pair(dilation, "dilation"), (1, 1)), groups=(groups, 1))
+    if padding == "valid":
+        return 0
+    if padding == "same":
+        kh, kw = weight.shape[2:]
+        if pair(stride, "stride") != (1, 1) or kh % 2 == 0 or kw % 2 == 0:
+            raise NotImplementedError(f"{op}: padding='same' is implemented for stride 1 and odd "
+                                      f"kernels only, got stride={stride}, kernel ({kh}, {kw})")
+        return kh // 2, kw // 2
+    if isinstance(padding, str):
+        raise ValueError(f"{op}: invalid padding string {padding!r}, should be one of "
+                         "{'valid', 'same'}")
+    return padding
 
 
-def conv2d_relu(x, weight, bias=None, stride=1, padding=0, layout="NCHW"):
-    """relu(conv2d(x, weight, bias, stride, padding, layout)) in one Function: bias and ReLU in one
-    pass (the plain path runs the two operators one after the other)."""
-    if _plain(x):
-        return relu(_plain_conv2d(x, weight, bias, stride, padding, layout))
-    return Conv2d.apply(x, weight, bias, stride=stride, padding=padding, relu=True, layout=layout)
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, layout="NCHW"):
+    """2-D convolution (cross-correlation) of input (N, C, H, W) with weight (C_out, C, kh, kw),
+    as torch.nn.functional.conv2d (dilation and groups only 1).
+    layout="CNHW" (ninpy's): input and result are channels first, (C, N, H, W)."""
+    _require_kernel_dtypes("conv2d", input, weight, bias)
+    padding = _conv_padding(padding, weight, stride, dilation, groups, "conv2d")
+    if _plain(input):
+        return _plain_conv2d(input, weight, bias, stride, padding, layout)
+    return Conv2d.apply(input, weight, bias, stride=stride, padding=padding, relu=False,
+                        layout=layout)
+
+
+def conv2d_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
+                layout="NCHW"):
+    """relu(conv2d(input, weight, bias, ...)) in one Function: bias and ReLU in one pass (the
+    plain path runs the two operators one after the other)."""
+    _require_kernel_dtypes("conv2d_relu", input, weight, bias)
+    padding = _conv_padding(padding, weight, stride, dilation, groups, "conv2d_relu")
+    if _plain(input):
+        return relu(_plain_conv2d(input, weight, bias, stride, padding, layout))
+    return Conv2d.apply(input, weight, bias, stride=stride, padding=padding, relu=True,
+                        layout=layout)
 
 
 # ---- activation ---------------------------------------------------------------------------------
@@ -247,16 +295,22 @@ def conv2d_relu(x, weight, bias=None, stride=1, padding=0, layout="NCHW"):
 class ReLU(Function):
     """y = max(x, 0);  dx = dy where y > 0, else 0."""
 
+    saved_inputs = ()   # backward reads y, which nothing changes in place
+
     def forward(self, x):
         self.y = backend.array_module(x).maximum(x, 0)
         return self.y
 
     def backward(self, grad):
-        return (kernels_for(grad).relu_backward(grad, self.y),)
+        dx = kernels_for(grad).relu_backward(grad, self.y)
+        return (dx.reshape(grad.shape),)   # the compiled kernels give a 0-d input back as (1,)
 
 
-def relu(x):
-    return (reference.ReLU if _plain(x) else ReLU).apply(x)
+def relu(input, inplace=False):
+    """max(input, 0), as torch.nn.functional.relu (not in place)."""
+    refuse_unimplemented("relu", inplace=(inplace, False))
+    _require_kernel_dtypes("relu", input)
+    return (reference.ReLU if _plain(input) else ReLU).apply(input)
 
 
 # ---- pooling ------------------------------------------------------------------------------------
@@ -285,9 +339,19 @@ class MaxPool2d(Function):
         return (self.kernels.max_pool_backward(grad, self.argmax, self.x_shape, *self.geometry),)
 
 
-def max_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False):
-    window, out_hw = _pool_geometry(x, kernel_size, stride, padding, ceil_mode, "max_pool2d")
-    return (reference.MaxPool2d if _plain(x) else MaxPool2d).apply(x, window=window, out_hw=out_hw)
+def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+               return_indices=False):
+    """Max pooling of input (N, C, H, W), as torch.nn.functional.max_pool2d (dilation only 1).
+    return_indices: also each window's argmax, the flat index h*W + w in its plane (int64)."""
+    refuse_unimplemented("max_pool2d", dilation=(pair(dilation, "dilation"), (1, 1)))
+    _require_kernel_dtypes("max_pool2d", input)
+    window, out_hw = _pool_geometry(input, kernel_size, stride, padding, ceil_mode, "max_pool2d")
+    y = (reference.MaxPool2d if _plain(input) else MaxPool2d).apply(input, window=window,
+                                                                    out_hw=out_hw)
+    if not return_indices:
+        return y
+    _, argmax = kernels_for(input.data).max_pool_forward(input.data, *window, *out_hw)
+    return y, Tensor(argmax.astype(np.int64))   # the argmax again: a rare option, kept simple
 
 
 class AvgPool2d(Function):
@@ -297,6 +361,8 @@ class AvgPool2d(Function):
     only the real elements (False); a ceil-mode overhang past the padding never counts
     (shapes.avg_pool_divisor).
     """
+
+    saved_inputs = ()   # backward needs only the shape
 
     def forward(self, x, window, out_hw, count_include_pad):
         self.geometry = window
@@ -309,14 +375,20 @@ class AvgPool2d(Function):
                                                self.count_include_pad),)
 
 
-def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
-    window, out_hw = _pool_geometry(x, kernel_size, stride, padding, ceil_mode, "avg_pool2d")
-    return (reference.AvgPool2d if _plain(x) else AvgPool2d).apply(
-        x, window=window, out_hw=out_hw, count_include_pad=bool(count_include_pad))
+def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+               divisor_override=None):
+    """Average pooling of input (N, C, H, W), as torch.nn.functional.avg_pool2d (no divisor_override)."""
+    refuse_unimplemented("avg_pool2d", divisor_override=(divisor_override, None))
+    _require_kernel_dtypes("avg_pool2d", input)
+    window, out_hw = _pool_geometry(input, kernel_size, stride, padding, ceil_mode, "avg_pool2d")
+    return (reference.AvgPool2d if _plain(input) else AvgPool2d).apply(
+        input, window=window, out_hw=out_hw, count_include_pad=bool(count_include_pad))
 
 
 class GlobalAvgPool2d(Function):
     """y[n, c] = mean of x[n, c] over H and W;  dx = dy / (H*W) at every position."""
+
+    saved_inputs = ()
 
     def forward(self, x):
         self.x_shape = x.shape
@@ -328,9 +400,11 @@ class GlobalAvgPool2d(Function):
         return (xp.broadcast_to((grad / (h * w))[:, :, None, None], self.x_shape).copy(),)
 
 
-def global_avg_pool2d(x):
-    _require_4d(x, "global_avg_pool2d")
-    return (reference.GlobalAvgPool2d if _plain(x) else GlobalAvgPool2d).apply(x)
+def global_avg_pool2d(input):
+    """(N, C, H, W) -> (N, C): torch's adaptive_avg_pool2d(input, 1).flatten(1), NIN's classifier."""
+    _require_kernel_dtypes("global_avg_pool2d", input)
+    _require_4d(input, "global_avg_pool2d")
+    return (reference.GlobalAvgPool2d if _plain(input) else GlobalAvgPool2d).apply(input)
 
 
 # ---- regularisation -----------------------------------------------------------------------------
@@ -338,6 +412,8 @@ def global_avg_pool2d(x):
 class Dropout(Function):
     """y = x * mask, mask = Bernoulli(1 - p) / (1 - p) (inverted dropout);  dx = dy * mask.
     The mask is drawn by `dropout`, so both paths draw the same numbers."""
+
+    saved_inputs = ()
 
     def forward(self, x, mask):
         self.mask = mask
@@ -358,56 +434,115 @@ def _dropout_mask(x, p):
     return keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - p))
 
 
-def dropout(x, p=0.5, training=True):
-    """Zero each element with probability p while training; identity in evaluation."""
+def dropout(input, p=0.5, training=True, inplace=False):
+    """Zero each element with probability p while training and scale the rest by 1/(1 - p);
+    identity in evaluation (the same tensor, as in PyTorch)."""
+    refuse_unimplemented("dropout", inplace=(inplace, False))
     if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout: p must be in [0, 1], got {p}")
-    if not training or p == 0.0:
-        return x
-    mask = _dropout_mask(x.data, float(p))
-    return (reference.Dropout if _plain(x) else Dropout).apply(x, mask=mask)
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if not training or p == 0.0:   # p = 0 keeps every element: the values torch returns, no draw
+        return input
+    _require_kernel_dtypes("dropout", input)
+    mask = _dropout_mask(input.data, float(p))
+    return (reference.Dropout if _plain(input) else Dropout).apply(input, mask=mask)
 
 
 # ---- loss ---------------------------------------------------------------------------------------
 
 class CrossEntropy(Function):
-    """loss = mean_n (logsumexp(z_n) - (1 - eps) z_n[label_n] - eps mean_k z_n[k]);
-    dz = (softmax(z) - (1 - eps) onehot(label) - eps / K) / N.  eps = label_smoothing (0: plain)."""
+    """loss_n = logsumexp(z_n) - (1 - eps) z_n[label_n] - eps mean_k z_n[k] (0 where label_n is
+    ignore_index; eps = label_smoothing), then reduced;
+    dz_n = (softmax(z_n) - (1 - eps) onehot(label_n) - eps / K) * (d loss / d loss_n: 1, or
+    1/count for the mean)."""
 
-    def forward(self, logits, labels, label_smoothing):
-        self.kernels = kernels_for(logits)
-        self.logits, self.labels, self.label_smoothing = logits, labels, label_smoothing
-        if logits.shape[0] == 0:   # the mean of no losses is NaN, as in PyTorch (without a warning)
-            return backend.array_module(logits).full((), np.nan, dtype=logits.dtype)
-        return self.kernels.cross_entropy_forward(logits, labels, label_smoothing).mean()
+    saved_inputs = (0,)
+
+    def forward(self, logits, labels, ignore_index, reduction, label_smoothing):
+        xp = backend.array_module(logits)
+        self.kernels, self.logits, self.reduction = kernels_for(logits), logits, reduction
+        self.label_smoothing = label_smoothing
+        self.kept = labels != ignore_index
+        self.labels = xp.where(self.kept, labels, 0)    # an ignored row reads class 0, then counts 0
+        losses = self.kernels.cross_entropy_forward(logits, self.labels, label_smoothing)
+        losses = xp.where(self.kept, losses, 0)
+        if reduction == "none":
+            return losses
+        if reduction == "sum":
+            return losses.sum()
+        self.count = self.kept.sum().astype(logits.dtype)
+        with np.errstate(invalid="ignore"):   # no examples (an empty batch, all ignored): NaN, as in torch
+            return losses.sum() / self.count
 
     def backward(self, grad):
-        scale = grad / max(self.logits.shape[0], 1)   # an empty batch has an empty gradient
-        return self.kernels.cross_entropy_backward(self.logits, self.labels, scale,
-                                                   self.label_smoothing), None
+        one = self.logits.dtype.type(1)
+        row_scale = grad * self.kept                          # (N,): d loss / d loss_n
+        if self.reduction == "mean":                          # every row ignored: a zero gradient,
+            row_scale = row_scale / backend.array_module(grad).maximum(self.count, one)  # as torch
+        dz = self.kernels.cross_entropy_backward(self.logits, self.labels, one, self.label_smoothing)
+        return dz * row_scale[:, None], None
 
 
-def cross_entropy(logits, labels, *, label_smoothing=0.0):
-    """Softmax cross-entropy of logits (N, K) against integer labels (N,), averaged over the batch.
+def _legacy_reduction(size_average, reduce, reduction):
+    """PyTorch's deprecated size_average/reduce, as it reads them: either given overrides reduction."""
+    if size_average is None and reduce is None:
+        return reduction
+    reduce = True if reduce is None else reduce
+    size_average = True if size_average is None else size_average
+    return "none" if not reduce else "mean" if size_average else "sum"
 
-    label_smoothing (PyTorch's): eps in [0, 1]; the target becomes (1 - eps) onehot + eps / K, so the
-    loss is (1 - eps) * the plain loss + eps * the mean over the K classes of -log softmax(z)."""
-    if logits.ndim != 2:
-        raise ValueError(f"cross_entropy: logits must be (N, K), got shape {logits.shape}")
+
+def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
+                  reduction="mean", label_smoothing=0.0):
+    """Softmax cross-entropy of logits input (N, K) (or (K,)) against class indices target (N,)
+    (or 0-d), as torch.nn.functional.cross_entropy: rows whose target is ignore_index count
+    nothing; reduction "mean" (over the rows counted), "sum" or "none" (one loss per row).
+
+    label_smoothing: eps in [0, 1]; the target becomes (1 - eps) onehot + eps / K, so the loss is
+    (1 - eps) * the plain loss + eps * the mean over the K classes of -log softmax(z)."""
+    refuse_unimplemented("cross_entropy", weight=(weight, None))
     label_smoothing = _label_smoothing(label_smoothing)
-    label_array = labels.data if isinstance(labels, Tensor) else labels
-    xp = backend.array_module(logits.data)
-    label_array = backend.to_device(label_array, logits.device)
-    if label_array.shape != (logits.shape[0],):
-        raise ValueError(f"cross_entropy: labels of shape {label_array.shape} do not match logits "
-                         f"of shape {logits.shape}; expected ({logits.shape[0]},)")
+    _require_kernel_dtypes("cross_entropy", input)
+    reduction = _legacy_reduction(size_average, reduce, reduction)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    label_array = target.data if isinstance(target, Tensor) else target
+    xp = backend.array_module(input.data)
+    label_array = backend.to_device(xp.asarray(label_array), input.device)
+    if input.ndim == 1:                                   # one example without a batch axis
+        loss = cross_entropy(input.reshape(1, -1), Tensor(label_array.reshape(1)),
+                             ignore_index=ignore_index, reduction=reduction,
+                             label_smoothing=label_smoothing)
+        return loss.reshape(()) if reduction == "none" else loss
+    if input.ndim != 2:
+        raise NotImplementedError(f"cross_entropy: input of shape {input.shape} is not implemented; "
+                                  "ninpy takes logits (N, K) or (K,)")
+    if label_array.dtype.kind == "f" and label_array.shape == input.shape:
+        raise NotImplementedError("cross_entropy: class-probability targets are not implemented; "
+                                  "pass class indices (N,)")
+    if label_array.shape != (input.shape[0],):
+        raise ValueError(f"cross_entropy: target of shape {label_array.shape} does not match input "
+                         f"of shape {input.shape}; expected ({input.shape[0]},)")
     if label_array.dtype.kind not in "iu":
-        raise TypeError(f"cross_entropy: labels must be integers, got dtype {label_array.dtype}")
-    if xp is np and label_array.size and not 0 <= label_array.min() <= label_array.max() < logits.shape[1]:
-        raise ValueError(f"cross_entropy: labels must lie in [0, {logits.shape[1]}), got "
-                         f"[{label_array.min()}, {label_array.max()}]")
-    loss = reference.CrossEntropy if _plain(logits) else CrossEntropy
-    return loss.apply(logits, Tensor(xp.ascontiguousarray(label_array)), label_smoothing=label_smoothing)
+        raise TypeError(f"cross_entropy: target must hold integer class indices, got dtype "
+                        f"{label_array.dtype}; cast it with .astype(np.int64)")
+    _check_labels(label_array, input.shape[1], ignore_index)
+    labels = Tensor(xp.ascontiguousarray(label_array))
+    if _plain(input) and reduction == "mean" and not (label_array == ignore_index).any():
+        return reference.CrossEntropy.apply(input, labels, label_smoothing=label_smoothing)
+    # (Under use_kernels("reference") this Function runs reference's loss functions as well.)
+    return CrossEntropy.apply(input, labels, ignore_index=ignore_index, reduction=reduction,
+                              label_smoothing=label_smoothing)
+
+
+def _check_labels(labels, classes, ignore_index):
+    """On the CPU: every label in [0, classes) or ignore_index (the GPU kernel writes NaN instead
+    of waiting for the device to check)."""
+    if not isinstance(labels, np.ndarray) or not labels.size:
+        return
+    bad = labels[(labels != ignore_index) & ((labels < 0) | (labels >= classes))]
+    if bad.size:
+        raise ValueError(f"cross_entropy: target {bad[0]} is out of bounds: class indices must lie "
+                         f"in [0, {classes}) or be ignore_index ({ignore_index})")
 
 
 def _label_smoothing(value):

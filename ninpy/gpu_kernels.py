@@ -24,7 +24,9 @@ A launch, step by step (every public function below does this, in `_launch`):
    arguments marked `_Index(...)` are converted to that type, since it is only known here;
 3. `_function`: the compiled kernel "name<float, int>", compiling its .cu file on first use;
 4. call it with `_grid(count)` blocks of `_BLOCK` threads (grid-stride loops cover the rest).
-Cross-entropy launches one warp per row instead, so it builds its grid in `_row_launch`.
+Cross-entropy launches one warp per row instead, so it builds its grid in `_row_launch`;
+`relu_bias_backward` one block per channel (its threads then add up the channel's sum together);
+`sgd_update_many_` passes up to 32 tensors' addresses to one launch in a struct (`_sgd_launch`).
 """
 import math
 import re

@@ -7,7 +7,7 @@ element i of every input that requires grad. Float64 only: in float32 the differ
 import numpy as np
 
 from . import backend
-from .autograd import Tensor, no_grad
+from .autograd import Tensor, no_grad, refuse_unimplemented
 
 
 class GradcheckError(AssertionError):
@@ -36,9 +36,30 @@ def numerical_grad(fn, inputs, index, v, eps):
     return grad
 
 
-def gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4, seed=0):
-    """Check every requires_grad input's gradient; return True or raise GradcheckError."""
-    inputs = list(inputs)
+def gradcheck(func, inputs, *, eps=1e-6, atol=1e-5, rtol=1e-3, raise_exception=True,
+              nondet_tol=0.0, check_undefined_grad=True, check_grad_dtypes=False,
+              check_batched_grad=False, check_batched_forward_grad=False, check_forward_ad=False,
+              check_backward_ad=True, fast_mode=False, masked=None, seed=0):
+    """torch.autograd.gradcheck's call: check every requires_grad input's gradient; return True,
+    or raise GradcheckError (return False if not raise_exception). PyTorch's other checks only
+    at their defaults. seed (ninpy's): the random direction v the output is projected on."""
+    refuse_unimplemented("gradcheck", nondet_tol=(nondet_tol, 0.0),
+                         check_grad_dtypes=(check_grad_dtypes, False),
+                         check_batched_grad=(check_batched_grad, False),
+                         check_batched_forward_grad=(check_batched_forward_grad, False),
+                         check_forward_ad=(check_forward_ad, False),
+                         check_backward_ad=(check_backward_ad, True), fast_mode=(fast_mode, False),
+                         masked=(masked, None))
+    try:
+        return _gradcheck(func, [inputs] if isinstance(inputs, Tensor) else list(inputs), eps,
+                          atol, rtol, seed)
+    except GradcheckError:
+        if raise_exception:
+            raise
+        return False
+
+
+def _gradcheck(fn, inputs, eps, atol, rtol, seed):
     for position, tensor in enumerate(inputs):
         if isinstance(tensor, Tensor) and tensor.requires_grad and tensor.dtype != np.float64:
             raise TypeError(f"gradcheck: input {position} is {tensor.dtype}; finite differences "

@@ -19,9 +19,9 @@ class NIN(nn.Module):
     Between its layers NIN keeps the activations in F.working_layout(): channels first,
     (C, N, H, W), on the fast path, where every convolution is then one GEMM over the batch with
     no layout copy (functional.Conv2d); (N, C, H, W) on the plain path (reference.py). Pooling and
-    dropout work per image plane or per element, so they take either layout as it is. The input
-    and the class maps are (N, C, H, W); `features` works in the working layout. The layout
-    story: docs/design.md, "Array layouts".
+    dropout work per image plane or per element, so they take either layout as it is. Every
+    public entry takes (N, C, H, W), `model.features(x)` included; the working layout is the
+    modules' private `_forward_working`. The layout story: docs/design.md, "Array layouts".
     """
 
     def __init__(self, in_channels, num_classes, widths, kernel_sizes, pools, dropout, init_std,
@@ -30,7 +30,7 @@ class NIN(nn.Module):
         for index, (block_widths, k) in enumerate(zip(widths, kernel_sizes)):
             block_widths = tuple(num_classes if w is None else w for w in block_widths)
             blocks.append(nn.MLPConv(channels, block_widths, k, padding=k // 2, init_std=init_std,
-                                     dtype=dtype, layout="working"))
+                                     dtype=dtype))
             channels = block_widths[-1]
             if index < len(pools):
                 blocks.append(_pool(pools[index]))
@@ -41,8 +41,9 @@ class NIN(nn.Module):
     def class_maps(self, x):
         """The last block's output: one (H, W) map per class (the class activation maps), (N, K, H, W)."""
         if F.working_layout() == "NCHW":
-            return self.features(x)
-        return F.swap_batch_and_channels(self.features(F.swap_batch_and_channels(x)))
+            return self.features._forward_working(x)
+        channels_first = F.swap_batch_and_channels(x)
+        return F.swap_batch_and_channels(self.features._forward_working(channels_first))
 
     def forward(self, x):
         return self.gap(self.class_maps(x))

@@ -34,7 +34,7 @@ def in_layout(array, layout, xp=np):
     strided: every other element of a buffer twice as large along each axis (a strided slice).
     xp: the array module that holds `array` (numpy, cupy, or the host emulator's stand-in).
     """
-    array = xp.ascontiguousarray(array)
+    array = xp.ascontiguousarray(array).reshape(array.shape)   # ascontiguousarray makes 0-d 1-d
     if layout == "c_order" or array.ndim < 2:   # one axis: C order is the only dense layout
         return array if layout != "strided" or array.ndim == 0 else _strided(array, xp)
     if layout == "transposed":

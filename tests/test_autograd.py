@@ -35,7 +35,7 @@ def test_gradients_accumulate_across_backward_calls_and_zero_grad_clears():
     (x * 2.0).sum().backward()
     (x * 3.0).sum().backward()
     np.testing.assert_allclose(x.grad, [5.0, 5.0])
-    x.zero_grad()
+    x.grad = None   # what torch does to clear a tensor's gradient
     assert x.grad is None
 
 
@@ -105,7 +105,7 @@ def test_deep_chain_does_not_hit_recursion_limit():
 
 def test_backward_on_non_scalar_without_grad_says_so():
     x = leaf(np.ones((2, 2)))
-    with pytest.raises(RuntimeError, match=r"one-element tensor.*\(2, 2\)"):
+    with pytest.raises(RuntimeError, match=r"scalar outputs.*\(2, 2\)"):
         (x * 2.0).backward()
 
 
@@ -266,3 +266,138 @@ def test_numpy_and_to_cpu():
     x = Tensor([[1.0, 2.0]], device="cpu")
     assert x.device == "cpu" and x.to("cpu") is x
     np.testing.assert_array_equal(x.numpy(), [[1.0, 2.0]])
+
+
+# ---- PyTorch's autograd semantics (docs/design.md, "Public API") ---------------------------------
+
+def _conv_model_loss():
+    from ninpy import functional as F, nn
+    ninpy.manual_seed(0)
+    conv = nn.Conv2d(1, 2, 3, dtype=np.float64)
+    x = Tensor(np.random.default_rng(0).standard_normal((2, 1, 5, 5)))
+    return conv, F.cross_entropy(F.global_avg_pool2d(conv(x)), np.array([0, 1]))
+
+
+def test_optimizer_step_before_backward_is_refused_as_in_pytorch():
+    """The conv saved its weight for backward; the step changes it in place (version 0 -> 1)."""
+    conv, loss = _conv_model_loss()
+    opt = ninpy.optim.SGD(conv.parameters(), lr=0.1)
+    conv.weight.grad = np.ones(conv.weight.shape)       # a gradient from an earlier step
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation.*version 1; expected "
+                                           "version 0"):
+        loss.backward()
+
+
+def test_load_state_dict_before_backward_is_refused():
+    conv, loss = _conv_model_loss()
+    conv.load_state_dict(conv.state_dict())
+    with pytest.raises(RuntimeError, match="inplace operation"):
+        loss.backward()
+
+
+def test_an_input_no_function_saved_may_change_and_data_writes_are_untracked():
+    """Add keeps no input, so changing one is no error (as in torch); writes through .data are
+    invisible to autograd, as torch's .data is."""
+    a, b = leaf([1.0, 2.0]), leaf([3.0, 4.0])
+    y = (a + b).sum()
+    a.bump_version()
+    y.backward()
+    np.testing.assert_allclose(a.grad, [1.0, 1.0])
+    x = leaf([2.0])
+    z = (x * x).sum()
+    x.data[...] = 5.0                       # untracked: the gradient uses the new value
+    z.backward()
+    np.testing.assert_allclose(x.grad, [10.0])
+
+
+class _TwoInputsOneGradient(ninpy.Function):
+    def forward(self, a, b):
+        return a * b
+
+    def backward(self, grad):
+        return (grad,)
+
+
+class _OneInputBareGradient(ninpy.Function):
+    def forward(self, a):
+        return 3 * a
+
+    def backward(self, grad):
+        return 3 * grad            # not a tuple: fine for one input, as in torch
+
+
+def test_function_backward_must_return_one_gradient_per_input():
+    y = _TwoInputsOneGradient.apply(leaf([1.0]), leaf([2.0]))
+    with pytest.raises(RuntimeError, match=r"incorrect number of gradients \(expected 2, got 1\)"):
+        y.backward()
+    x = leaf([1.0, 2.0])
+    _OneInputBareGradient.apply(x).sum().backward()
+    np.testing.assert_allclose(x.grad, [3.0, 3.0])
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.bool_, np.uint8])
+def test_integer_and_bool_tensors_cannot_require_grad(dtype):
+    with pytest.raises(RuntimeError, match="floating point"):
+        Tensor(np.zeros(2, dtype=dtype), requires_grad=True)
+    t = Tensor(np.zeros(2, dtype=dtype))
+    with pytest.raises(RuntimeError, match="floating point"):
+        t.requires_grad = True
+    assert not (t * 2).requires_grad
+
+
+@pytest.mark.parametrize("make, dtype, values", [
+    (lambda: Tensor(np.array([1, 2, 3])) * 0.5, np.float32, [0.5, 1.0, 1.5]),
+    (lambda: 0.5 * Tensor(np.array([1, 2, 3])), np.float32, [0.5, 1.0, 1.5]),
+    (lambda: Tensor(np.array([1, 2, 3])) / Tensor(np.array([2])), np.float32, [0.5, 1.0, 1.5]),
+    (lambda: Tensor(np.array([1, 2])) + Tensor(np.ones(2, np.float16)), np.float16, [2, 3]),
+    (lambda: Tensor(np.ones(2, np.float32)) + Tensor(np.float64(1)), np.float32, [2, 2]),
+    (lambda: Tensor(np.array([1, 2])) + Tensor(np.float64(0.5)), np.float64, [1.5, 2.5]),
+    (lambda: Tensor(np.array([True, False])) * 2, np.int64, [2, 0]),
+    (lambda: Tensor(np.array([2, 3])) ** 2, np.int64, [4, 9]),
+    (lambda: Tensor(np.array([4, 9])) ** 0.5, np.float32, [2, 3]),
+    (lambda: Tensor(np.ones(2, np.float32)) * 3, np.float32, [3, 3]),
+])
+def test_python_numbers_and_mixed_dtypes_promote_as_in_pytorch(make, dtype, values):
+    result = make()
+    assert result.dtype == dtype
+    np.testing.assert_allclose(result.data, values)
+
+
+def test_operations_pytorch_refuses_are_refused():
+    with pytest.raises(RuntimeError, match="Subtraction.*bool"):
+        Tensor(np.array([True])) - Tensor(np.array([True]))
+    with pytest.raises(RuntimeError, match="Negation.*bool"):
+        -Tensor(np.array([True]))
+    with pytest.raises(RuntimeError, match="negative integer powers"):
+        Tensor(np.array([2])) ** -1
+    with pytest.raises(RuntimeError, match="same dtype"):
+        Tensor(np.ones((2, 2), np.float32)) @ Tensor(np.ones((2, 2)))
+
+
+def test_leaf_grad_has_the_leaf_dtype_and_shape():
+    x = Tensor(np.ones((2, 3), np.float32), requires_grad=True)
+    y = (x * Tensor(np.full((3,), 2.0))).sum()     # float64 product: the gradient comes back float32
+    assert y.dtype == np.float64
+    y.backward()
+    assert x.grad.dtype == np.float32 and x.grad.shape == (2, 3)
+    np.testing.assert_allclose(x.grad, 2.0)
+
+
+ZERO_D_OPERATIONS = {
+    "add": lambda a, b: a + b, "radd": lambda a, b: 2.0 + a, "sub": lambda a, b: a - b,
+    "rsub": lambda a, b: 2.0 - a, "mul": lambda a, b: a * b, "div": lambda a, b: a / b,
+    "rdiv": lambda a, b: 2.0 / a, "neg": lambda a, b: -a, "pow": lambda a, b: a ** 3,
+    "sum": lambda a, b: a.sum(), "mean": lambda a, b: a.mean(), "reshape": lambda a, b: a.reshape(1),
+    "relu": lambda a, b: ninpy.functional.relu(a), "dropout": lambda a, b: ninpy.functional.dropout(a, 0.0),
+}
+
+
+@pytest.mark.parametrize("name", list(ZERO_D_OPERATIONS))
+def test_zero_d_tensors_work_through_every_operator(name):
+    a, b = Tensor(np.float64(1.5), requires_grad=True), Tensor(np.float64(-2.0), requires_grad=True)
+    out = ZERO_D_OPERATIONS[name](a, b)
+    assert isinstance(out.data, np.ndarray)
+    out.sum().backward()
+    assert isinstance(a.grad, np.ndarray) and a.grad.shape == () and a.grad.dtype == np.float64
+    assert ninpy.gradcheck(lambda a, b: ZERO_D_OPERATIONS[name](a, b), [a, b])

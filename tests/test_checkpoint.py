@@ -54,7 +54,7 @@ def test_round_trip_restores_model_optimizer_schedule_random_and_metadata(tmp_pa
     state.restore(model2, sgd2, schedule2)
     for (name, a), (_, b) in zip(model.named_parameters(), model2.named_parameters()):
         assert np.array_equal(a.data, b.data), name
-    assert schedule2.epoch == 3 and schedule2.get_last_lr() == schedule.get_last_lr()
+    assert schedule2.last_epoch == 3 and schedule2.get_last_lr() == schedule.get_last_lr()
     saved, loaded = sgd.state_dict(), sgd2.state_dict()
     assert saved["param_groups"] == loaded["param_groups"]
     assert saved["momentum_buffers"].keys() == loaded["momentum_buffers"].keys()

@@ -182,7 +182,7 @@ def test_cross_entropy_rejects_bad_labels():
         F.cross_entropy(logits, np.array([0, 3]))
     with pytest.raises(ValueError, match=r"\(3,\).*\(2, 3\)"):
         F.cross_entropy(logits, np.array([0, 1, 2]))
-    with pytest.raises(TypeError, match="integers"):
+    with pytest.raises(TypeError, match="integer class indices"):
         F.cross_entropy(logits, np.array([0.0, 1.0]))
 
 
@@ -200,7 +200,7 @@ def test_dropout_gradient_scaling_and_modes():
     assert 0.55 < kept.mean() < 0.85
     assert F.dropout(x, 0.3, training=False) is x
     assert not F.dropout(x, 1.0).data.any()
-    with pytest.raises(ValueError, match="p must be in"):
+    with pytest.raises(ValueError, match="between 0 and 1"):
         F.dropout(x, 1.5)
 
 
@@ -576,3 +576,50 @@ class TestAgainstTorch:
         ny.backward(dy)
         np.testing.assert_array_equal(ny.data, ty.detach().numpy())          # NaN == NaN here
         np.testing.assert_allclose(nx.grad, tx.grad.numpy(), rtol=1e-12, atol=1e-14)  # via argmax
+
+
+KERNEL_OPERATORS = {
+    "conv2d": lambda x: F.conv2d(x, Tensor(np.ones((1, 2, 1, 1), x.dtype))),
+    "relu": F.relu,
+    "max_pool2d": lambda x: F.max_pool2d(x, 2),
+    "avg_pool2d": lambda x: F.avg_pool2d(x, 2),
+    "global_avg_pool2d": F.global_avg_pool2d,
+    "dropout": lambda x: F.dropout(x, 0.5),
+    "cross_entropy": lambda x: F.cross_entropy(x.reshape(2, -1), np.zeros(2, np.int64)),
+}
+
+
+@pytest.mark.parametrize("name", list(KERNEL_OPERATORS))
+@pytest.mark.parametrize("dtype", [np.float16, np.int64, np.int32, np.bool_])
+@pytest.mark.parametrize("kernels", ["fast", "reference"])
+def test_one_dtype_contract_checked_before_any_kernel(name, dtype, kernels, monkeypatch):
+    """float32 and float64 only, on every path: the public function checks, before kernels_for
+    or the plain path's Functions see an array (docs/design.md, "Dtypes")."""
+    def no_kernel(array):
+        raise AssertionError("a kernel was reached")
+    monkeypatch.setattr(F, "kernels_for", no_kernel)
+    x = Tensor(np.ones((2, 2, 2, 2), dtype=dtype))
+    with ninpy.use_kernels(kernels), pytest.raises(
+            TypeError, match=f"{np.dtype(dtype).name} input is not supported.*float32"):
+        KERNEL_OPERATORS[name](x)
+
+
+def test_mixed_dtypes_are_refused_at_the_boundary():
+    x = Tensor(np.ones((1, 2, 3, 3), np.float32))
+    with pytest.raises(TypeError, match="float32, float64"):
+        F.conv2d(x, Tensor(np.ones((1, 2, 1, 1))))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_ignore_index_and_reduction_match_torch(reduction):
+    torch = pytest.importorskip("torch")
+    z = np.random.default_rng(0).standard_normal((4, 3))
+    for labels in (np.array([0, 2, 1, 2]), np.array([1, 1, 0, 1]), np.array([1, 1, 1, 1])):
+        ours_z, theirs_z = Tensor(z, requires_grad=True), torch.tensor(z, requires_grad=True)
+        ours = F.cross_entropy(ours_z, labels, ignore_index=1, reduction=reduction)
+        theirs = torch.nn.functional.cross_entropy(theirs_z, torch.tensor(labels), ignore_index=1,
+                                                   reduction=reduction)
+        np.testing.assert_allclose(ours.data, theirs.detach().numpy(), rtol=1e-12)   # NaN: all ignored
+        ours.sum().backward()
+        theirs.sum().backward()
+        np.testing.assert_allclose(ours_z.grad, theirs_z.grad.numpy(), rtol=1e-12, atol=1e-15)

@@ -698,6 +698,30 @@ def test_nin_training_step_is_deterministic_on_the_gpu_path(where):
         np.testing.assert_array_equal(weights_a[name], weights_b[name], err_msg=name)
 
 
+@pytest.mark.parametrize("where", ["cpu", *GPU_PATHS])
+def test_nin_parameter_gradients_are_arrays_of_their_own(where):
+    """A NIN backward leaves each parameter the gradient its backward made, without a copy (on the
+    GPU a copy is a launch per parameter per step), yet an in-place edit of one gradient changes no
+    other."""
+    import ninpy
+    import ninpy.functional as F
+    from ninpy import Tensor, models
+
+    device = require_device(where) if where != "cpu" else "cpu"
+    ninpy.random.manual_seed(0)
+    model = models.nin(widths=((8, 6, 4), (8, 8, 8), (8, 8, None))).eval().to(device)
+    x, labels = _small_batch(np.float32, n=2)
+    F.cross_entropy(model(Tensor(x, device=device)), backend.to_device(labels, device)).backward()
+    grads = [p.grad for p in model.parameters()]
+    for i, grad in enumerate(grads):
+        before = [backend.to_device(g, "cpu").copy() for g in grads]
+        grad += 1
+        for j, other in enumerate(grads):
+            expected = before[j] + 1 if j == i else before[j]
+            np.testing.assert_array_equal(backend.to_device(other, "cpu"), expected,
+                                          err_msg=f"editing gradient {i} changed gradient {j}")
+
+
 # --- every operator through ninpy's GPU path: any layout, and an empty batch ----------------------
 
 def _run_operator(op, values, grad, device, x_layout="c_order", grad_layout="c_order"):

@@ -1,11 +1,13 @@
 """benchmarks/count_launches.py on the emulated device: the launches of a NIN training step stay
 within their budget, and the count follows the network's layers, not the batch."""
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import require_device
+from conftest import GPU_PROBLEM, require_device
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "count_launches.py"
 spec = importlib.util.spec_from_file_location("count_launches", SCRIPT)
@@ -13,7 +15,7 @@ count_launches = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(count_launches)
 
 # Launches of one CIFAR-10 NIN training step (forward, loss, backward, SGD; batch and tally apart),
-# as counted today: 26 GEMMs, 2 x 9 bias + ReLU kernels and the rest (docs/gpu/README.md has the
+# as counted today: 26 GEMMs, 2 x 9 bias + ReLU kernels and the rest (docs/gpu-launches.md has the
 # table). A change that adds one must say why here.
 STEP_BUDGET = 74
 
@@ -43,3 +45,11 @@ def test_no_phase_reads_the_device_or_does_unclassified_work(counts):
 
 def test_the_count_follows_the_layers_not_the_batch(counts):
     assert count_launches.count_emulated("cifar10", batch_size=3) == counts
+
+
+@pytest.mark.skipif(GPU_PROBLEM is None, reason="a GPU is usable here: it would count on it")
+def test_without_a_gpu_the_device_count_is_refused_in_one_line():
+    result = subprocess.run([sys.executable, str(SCRIPT), "--device", "gpu"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "count_launches: device 'gpu'" in result.stderr

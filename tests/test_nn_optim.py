@@ -1,5 +1,7 @@
 """Modules, the NIN model and its presets, SGD and schedules (against torch.optim when installed)."""
+import inspect
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -188,9 +190,9 @@ def test_sgd_state_dict_round_trip_continues_identically():
 
 def test_sgd_rejects_bad_settings():
     p = [nn.Parameter(np.zeros(1))]
-    with pytest.raises(ValueError, match="lr"):
+    with pytest.raises(ValueError, match="learning rate"):
         optim.SGD(p, lr=-1.0)
-    with pytest.raises(ValueError, match="nesterov"):
+    with pytest.raises(ValueError, match="Nesterov"):
         optim.SGD(p, lr=0.1, nesterov=True)
     with pytest.raises(ValueError, match="more than once"):   # as torch.optim.SGD refuses it
         optim.SGD([{"params": p}, {"params": p, "lr": 0.2}], lr=0.1)
@@ -224,3 +226,42 @@ def test_cosine_schedule_matches_torch():
         topt.step()
         ours.step()
         theirs.step()
+
+
+def _small_nin():
+    ninpy.manual_seed(0)
+    return models.nin(in_channels=2, num_classes=3, widths=((4, 3, 4), (4, 4, 4), (4, 4, None)),
+                      kernel_sizes=(3, 3, 3), dropout=0.0)
+
+
+def test_public_model_methods_take_n_c_h_w():
+    """model.features(x) is the class maps of an (N, C, H, W) x, even with N == C (where reading
+    x channels first would compute something else without an error)."""
+    model = _small_nin().eval()
+    x = Tensor(np.random.default_rng(1).standard_normal((2, 2, 8, 8)).astype(np.float32))
+    np.testing.assert_allclose(model.features(x).data, model.class_maps(x).data, rtol=1e-6)
+    np.testing.assert_allclose(model.features[0](x).data,
+                               model.features[0]._forward_working(
+                                   F.swap_batch_and_channels(x)).data.transpose(1, 0, 2, 3),
+                               rtol=1e-6)
+    assert "layout" not in inspect.signature(nn.MLPConv).parameters
+
+
+def test_a_checkpoint_written_before_the_layout_change_still_loads():
+    """tests/data/nin_checkpoint_v1.npz was saved by the code whose features() took channels
+    first; its parameter names are unchanged, and the restored model computes what it did."""
+    from ninpy import checkpoint
+    data = Path(__file__).parent / "data"
+    state = checkpoint.load(data / "nin_checkpoint_v1.npz")
+    model = _small_nin()
+    sgd = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    schedule = optim.MultiStepLR(sgd, [2])
+    state.restore(model, sgd, schedule)
+    assert schedule.last_epoch == 1 and len(sgd.momentum_buffers) == model_parameter_count(model)
+    x = np.random.default_rng(0).standard_normal((2, 2, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(model.eval()(Tensor(x)).data,
+                               np.load(data / "nin_checkpoint_v1_logits.npy"), rtol=1e-5, atol=1e-6)
+
+
+def model_parameter_count(model):
+    return len(list(model.parameters()))

@@ -139,6 +139,6 @@ def test_the_gpu_code_path_gives_the_cpu_values_and_gradients(device):
         dy = np.random.default_rng(1).standard_normal(y_cpu.shape)
         y_cpu.backward(dy)
         y_dev.backward(backend.to_device(dy, device))
-        np.testing.assert_allclose(y_dev.numpy(), y_cpu.data, rtol=1e-12, atol=1e-14, err_msg=name)
+        np.testing.assert_allclose(y_dev.detach().numpy(), y_cpu.data, rtol=1e-12, atol=1e-14, err_msg=name)
         np.testing.assert_allclose(backend.to_device(dev.grad, "cpu"), cpu.grad, rtol=1e-12,
                                    atol=1e-14, err_msg=name)

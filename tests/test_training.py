@@ -490,7 +490,7 @@ def test_param_groups_follow_the_caffe_multipliers(patched_sources, tmp_path):
     last = [p for name, p in trainer.model.named_parameters()][-2:]
     assert groups["last.weight"]["params"] == last[:1] and groups["last.bias"]["params"] == last[1:]
     n = sum(len(g["params"]) for g in trainer.optimizer.param_groups)
-    assert n == len(trainer.model.parameters())
+    assert n == len(list(trainer.model.parameters()))
 
 
 def test_warmup_raises_the_lr_linearly_then_hands_back_to_the_schedule():
@@ -543,3 +543,12 @@ def test_fashion_mnist_subset_reaches_80_percent_on_the_cpu(tmp_path):
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
     assert records[-1]["test_acc"] >= 0.80, records
     assert records[-1]["train_loss"] < records[0]["train_loss"]
+
+
+def test_kernels_reference_trains_on_the_plain_path(env, tmp_path):
+    """train.py --kernels reference: the same run on reference.py's operators, and it says so."""
+    result = train(env, "--out", str(tmp_path / "run"), "--epochs", "1", "--limit", "16,8",
+                   "--kernels", "reference")
+    assert result.returncode == 0, result.stderr
+    assert "device cpu (the plain path: reference.py's NumPy), 16 training / 8 test images" in result.stdout
+    assert "test accuracy" in result.stdout
