@@ -1,18 +1,19 @@
 """One training run, twice: NIN trained by ninpy (train.py's Trainer) and the same NIN in torch.nn.
 
     python benchmarks/compare_training.py --dataset fashion-mnist --epochs 10 --json cmp.json
-    python benchmarks/compare_training.py --dataset fashion-mnist --epochs 2 --limit 2000,500 \\
-        --batch-size 32 --last-lr-mult 0.1 --threads 1 --parallel
+    python benchmarks/compare_training.py --dataset fashion-mnist --epochs 2 --limit 2000,1000 \\
+        --batch-size 64 --lr 0.01 --threads 1 --parallel      # tests/test_compare_training.py's run
 
 The flags are train.py's (the recipe and its overrides), plus the ones below. What is the same in
 both runs: the initial weights (ninpy's, copied into torch), the batches, their order and every
 augmentation draw (ninpy.data for (seed, epoch), made once per engine from the same numbers), the
 preprocessing, the recipe (per-group lr with the biases' and the class maps' multipliers, weight
-decay on weights only, momentum, the warm-up and the epoch schedule: torch's lrs are set every step
-from ninpy's own schedule objects), and the dropout masks (torch's dropout draws ninpy's masks from
-ninpy.random, in the (C, N, H, W) layout ninpy's NIN keeps). What differs: each engine's kernels,
-so the order of float32 sums; the two runs therefore drift apart, and the table shows whether their
-accuracy does. Images/s count the training loop only (batches made, steps taken), as train.py's do.
+decay on weights only, momentum, label smoothing, the warm-up and the epoch schedule: torch's lrs
+are set every step from ninpy's own schedule objects), and the dropout masks (torch's dropout
+draws ninpy's masks from ninpy.random, in the (C, N, H, W) layout ninpy's NIN keeps). What
+differs: each engine's kernels, so the order of float32 sums; the two runs therefore drift apart,
+and the table shows whether their accuracy does. Images/s count the training loop only (batches
+made, steps taken), as train.py's do. The test loss is the plain cross-entropy on both sides.
 
 Each engine alone in its own process, both at once (--parallel), or one after the other here.
 """
