@@ -458,24 +458,32 @@ class CrossEntropy(Function):
     saved_inputs = (0,)
 
     def forward(self, logits, labels, ignore_index, reduction, label_smoothing):
-        xp = backend.array_module(logits)
+        """ignore_index None: no row is ignored (the training step's case, with no extra work)."""
+        xp, n = backend.array_module(logits), logits.shape[0]
         self.kernels, self.logits, self.reduction = kernels_for(logits), logits, reduction
         self.label_smoothing = label_smoothing
-        self.kept = labels != ignore_index
-        self.labels = xp.where(self.kept, labels, 0)    # an ignored row reads class 0, then counts 0
+        self.kept = None if ignore_index is None else labels != ignore_index
+        self.labels = labels if self.kept is None else xp.where(self.kept, labels, 0)
         losses = self.kernels.cross_entropy_forward(logits, self.labels, label_smoothing)
-        losses = xp.where(self.kept, losses, 0)
+        if self.kept is not None:
+            losses = xp.where(self.kept, losses, 0)    # an ignored row read class 0; it counts 0
+        self.count = n if self.kept is None else self.kept.sum().astype(logits.dtype)
         if reduction == "none":
             return losses
         if reduction == "sum":
             return losses.sum()
-        self.count = self.kept.sum().astype(logits.dtype)
-        with np.errstate(invalid="ignore"):   # no examples (an empty batch, all ignored): NaN, as in torch
+        if self.kept is None:    # the mean of no losses is NaN, as in PyTorch (without a warning)
+            return losses.mean() if n else xp.full((), np.nan, dtype=logits.dtype)
+        with np.errstate(invalid="ignore"):
             return losses.sum() / self.count
 
     def backward(self, grad):
         one = self.logits.dtype.type(1)
-        row_scale = grad * self.kept                          # (N,): d loss / d loss_n
+        if self.kept is None and self.reduction != "none":   # one scale for every row
+            scale = grad / max(self.count, 1) if self.reduction == "mean" else grad
+            return self.kernels.cross_entropy_backward(self.logits, self.labels, scale,
+                                                       self.label_smoothing), None
+        row_scale = grad if self.kept is None else grad * self.kept   # (N,): d loss / d loss_n
         if self.reduction == "mean":                          # every row ignored: a zero gradient,
             row_scale = row_scale / backend.array_module(grad).maximum(self.count, one)  # as torch
         dz = self.kernels.cross_entropy_backward(self.logits, self.labels, one, self.label_smoothing)
@@ -527,17 +535,28 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
                         f"{label_array.dtype}; cast it with .astype(np.int64)")
     _check_labels(label_array, input.shape[1], ignore_index)
     labels = Tensor(xp.ascontiguousarray(label_array))
-    if _plain(input) and reduction == "mean" and not (label_array == ignore_index).any():
-        return reference.CrossEntropy.apply(input, labels, label_smoothing=label_smoothing)
+    if not _any_ignored(label_array, ignore_index):
+        ignore_index = None
+        if _plain(input) and reduction == "mean":
+            return reference.CrossEntropy.apply(input, labels, label_smoothing=label_smoothing)
     # (Under use_kernels("reference") this Function runs reference's loss functions as well.)
     return CrossEntropy.apply(input, labels, ignore_index=ignore_index, reduction=reduction,
                               label_smoothing=label_smoothing)
 
 
+def _any_ignored(labels, ignore_index):
+    """Whether a row may be ignored. On the device, where looking would wait for it, a negative
+    ignore_index (the default -100) is taken to match no label: labels there are not checked,
+    and one outside [0, K) gives its row a NaN loss (docs/design.md, "Cross-entropy")."""
+    if backend.is_gpu_array(labels):
+        return ignore_index >= 0
+    return bool((labels == ignore_index).any())
+
+
 def _check_labels(labels, classes, ignore_index):
     """On the CPU: every label in [0, classes) or ignore_index (the GPU kernel writes NaN instead
     of waiting for the device to check)."""
-    if not isinstance(labels, np.ndarray) or not labels.size:
+    if backend.is_gpu_array(labels) or not labels.size:
         return
     bad = labels[(labels != ignore_index) & ((labels < 0) | (labels >= classes))]
     if bad.size:

@@ -525,19 +525,24 @@ class TestAgainstTorch:
         F.cross_entropy(nz, labels).backward()
         np.testing.assert_allclose(nz.grad, tz.grad.numpy(), rtol=1e-10, atol=1e-12)
 
+    @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+    @pytest.mark.parametrize("ignored", [False, True])
     @pytest.mark.parametrize("label_smoothing", [0.0, 0.1, 0.37, 1.0])
-    def test_cross_entropy_label_smoothing(self, label_smoothing):
+    def test_cross_entropy_label_smoothing(self, label_smoothing, reduction, ignored):
+        """With every reduction, and with a row at ignore_index (it counts nothing, and the mean
+        is over the other rows: torch's smoothed term too)."""
         torch = self._torch()
         z = arr(1, (6, 10)) * 4
-        labels = np.array([0, 9, 3, 3, 1, 7])
+        labels = np.array([0, 9, -100 if ignored else 3, 3, 1, 7])
+        grad = arr(2, (6,)) if reduction == "none" else np.array(1.0)
         tz = torch.tensor(z, requires_grad=True)
-        theirs = torch.nn.functional.cross_entropy(tz, torch.tensor(labels),
+        theirs = torch.nn.functional.cross_entropy(tz, torch.tensor(labels), reduction=reduction,
                                                    label_smoothing=label_smoothing)
-        theirs.backward()
+        theirs.backward(torch.tensor(grad))
         nz = leaf(z)
-        ours = F.cross_entropy(nz, labels, label_smoothing=label_smoothing)
-        ours.backward()
-        assert ours.item() == pytest.approx(theirs.item(), rel=1e-12)
+        ours = F.cross_entropy(nz, labels, reduction=reduction, label_smoothing=label_smoothing)
+        ours.backward(grad)
+        np.testing.assert_allclose(ours.data, theirs.detach().numpy(), rtol=1e-12, atol=1e-14)
         np.testing.assert_allclose(nz.grad, tz.grad.numpy(), rtol=1e-10, atol=1e-12)
 
     def test_avg_pool_count_include_pad_defaults_to_true_like_torch(self):

@@ -611,6 +611,14 @@ def test_a_huge_bad_checkpoint_gives_a_short_line(saved):
     assert len(str(info.value)) < 600
 
 
+def test_a_cache_array_with_a_mangled_header_is_rebuilt_not_a_traceback(cache):
+    data_dir, folder, reference = cache
+    blob = bytearray((folder / "y_test.npy").read_bytes())
+    blob[blob.index(b"}")] = ord(" ")           # unclosed: NumPy's fallback parser tokenizes it
+    (folder / "y_test.npy").write_bytes(bytes(blob))
+    same_dataset(reload(data_dir, "unreadable .npy header"), reference)
+
+
 def test_a_cache_with_an_empty_split_is_rebuilt(cache):
     """A consistent cache (arrays, CRCs, manifest) of 0 training images: a run would divide by 0."""
     data_dir, folder, reference = cache
