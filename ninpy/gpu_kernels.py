@@ -405,12 +405,12 @@ def _bias(kernel, out, bias):
 
 
 def bias_relu_(out, bias):
-    """out = max(out + bias[c], 0), in place; returns out."""
+    """out = max(out + bias[c], 0), in place; returns out. out (N, C, ...), or channels first as (1, C, L)."""
     return _bias("bias_relu_kernel", out, bias)
 
 
 def add_bias_(out, bias):
-    """out = out + bias[c], in place; returns out."""
+    """out = out + bias[c], in place; returns out. out (N, C, ...), or channels first as (1, C, L)."""
     return _bias("add_bias_kernel", out, bias)
 
 

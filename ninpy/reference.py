@@ -192,14 +192,14 @@ def _per_channel(bias, out):
 
 
 def bias_relu_(out, bias):
-    """out = max(out + bias[c], 0), in place; returns out."""
+    """out = max(out + bias[c], 0), in place; returns out. out (N, C, ...), or channels first as (1, C, L)."""
     out += _per_channel(bias, out)
     np.maximum(out, 0, out=out)
     return out
 
 
 def add_bias_(out, bias):
-    """out = out + bias[c], in place; returns out."""
+    """out = out + bias[c], in place; returns out. out (N, C, ...), or channels first as (1, C, L)."""
     out += _per_channel(bias, out)
     return out
 
@@ -210,7 +210,8 @@ def relu_backward(dy, y):
 
 
 def relu_bias_backward(dy, y):
-    """dx = relu_backward(dy, y) and db[c] = sum of dx[:, c] (the bias gradient of y = relu(z + b[c]))."""
+    """dx = relu_backward(dy, y) and db[c] = sum of dx[:, c] (the bias gradient of y = relu(z + b[c])).
+    dy, y (N, C, ...); a channels-first (C, N*H*W) gradient is passed as (1, C, N*H*W)."""
     dx = relu_backward(dy, y)
     return dx, dx.sum(axis=(0,) + tuple(range(2, dx.ndim)))
 
