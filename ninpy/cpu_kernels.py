@@ -290,10 +290,8 @@ def max_pool_backward(dy, argmax, x_shape, kh, kw, sh, sw, ph, pw):
     """dx[n, c, h, w] = sum of dy[n, c, oy, ox] over the windows whose argmax is h*W + w.
     Planes in either layout. A scatter within the plane an iteration owns, windows in (oy, ox)
     order; the reference is one np.add.at, CUDA a gather through the covering windows."""
-    _expect_image("max_pool_backward", "dy", dy.shape)
-    shapes.check_pool_output(x_shape, kh, kw, sh, sw, ph, pw, *dy.shape[2:])
+    shapes.check_pool_gradient("max_pool_backward", dy.shape, x_shape, kh, kw, sh, sw, ph, pw)
     N, C, H, W = x_shape
-    _expect_shape("max_pool_backward", "dy", dy.shape[:2], (N, C))
     _expect_shape("max_pool_backward", "argmax", argmax.shape, dy.shape, " (the shape of dy)")
     if argmax.dtype.kind not in "iu":
         raise ValueError(f"max_pool_backward: argmax must hold integers, got dtype {argmax.dtype}")
@@ -363,10 +361,8 @@ def avg_pool_backward(dy, x_shape, kh, kw, sh, sw, ph, pw, count_include_pad=Tru
     """dx[n, c, h, w] = sum of dy[n, c, oy, ox] / divisor(oy, ox) over the windows covering (h, w).
     Planes in either layout. A scatter within the plane an iteration owns, windows in (oy, ox)
     order; the reference adds one window offset at a time, CUDA gathers through covering windows."""
-    _expect_image("avg_pool_backward", "dy", dy.shape)
-    shapes.check_pool_output(x_shape, kh, kw, sh, sw, ph, pw, *dy.shape[2:])
+    shapes.check_pool_gradient("avg_pool_backward", dy.shape, x_shape, kh, kw, sh, sw, ph, pw)
     N, C, H, W = x_shape
-    _expect_shape("avg_pool_backward", "dy", dy.shape[:2], (N, C))
     dy = _contiguous(dy)
     P, oh, ow = N * C, dy.shape[2], dy.shape[3]
     dx = memory.pooled_empty(x_shape, dtype=dy.dtype)

@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from ninpy import backend
-from ninpy.shapes import batch_and_channels, conv_output_size
+from ninpy.shapes import (batch_and_channels, check_pool_gradient, check_pool_output,
+                          conv_output_size)
 
 
 def _kernel_dir():
@@ -282,6 +283,7 @@ def col2im(col, x_shape, kh, kw, sh, sw, ph, pw, layout="NCHW"):
 def max_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow):
     """y = max over each window's real elements (NaN wins); argmax (int32) = h*W + w of the winner.
     x (N, C, H, W) or channels first (C, N, H, W): a stack of (H, W) planes either way."""
+    check_pool_output(x.shape, kh, kw, sh, sw, ph, pw, oh, ow)
     cupy = backend.array_module(x)
     x = _contiguous(x)
     N, C, H, W = x.shape
@@ -296,6 +298,10 @@ def max_pool_backward(dy, argmax, x_shape, kh, kw, sh, sw, ph, pw):
     """dx[n, c, h, w] = sum of dy over the windows whose argmax is h*W + w. Planes in either layout.
     A gather through the covering windows, one thread per dx element; the reference scatters with
     np.add.at, Numba within the plane an iteration owns."""
+    check_pool_gradient("max_pool_backward", dy.shape, x_shape, kh, kw, sh, sw, ph, pw)
+    if argmax.shape != dy.shape:
+        raise ValueError(f"max_pool_backward: argmax has shape {tuple(argmax.shape)}, expected "
+                         f"{tuple(dy.shape)} (the shape of dy)")
     cupy = backend.array_module(dy)
     dy = _contiguous(dy)
     argmax = _contiguous(argmax).astype(np.int32, copy=False)
@@ -310,6 +316,7 @@ def max_pool_backward(dy, argmax, x_shape, kh, kw, sh, sw, ph, pw):
 def avg_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad=True):
     """y = sum of each window's real elements / divisor (padding counted if count_include_pad).
     x (N, C, H, W) or channels first (C, N, H, W): a stack of (H, W) planes either way."""
+    check_pool_output(x.shape, kh, kw, sh, sw, ph, pw, oh, ow)
     cupy = backend.array_module(x)
     x = _contiguous(x)
     N, C, H, W = x.shape
@@ -323,6 +330,7 @@ def avg_pool_backward(dy, x_shape, kh, kw, sh, sw, ph, pw, count_include_pad=Tru
     """dx[n, c, h, w] = sum over the windows covering (h, w) of dy / divisor. Planes in either layout.
     A gather, one thread per dx element; the reference and Numba scatter (cpu_kernels: three
     algorithms)."""
+    check_pool_gradient("avg_pool_backward", dy.shape, x_shape, kh, kw, sh, sw, ph, pw)
     cupy = backend.array_module(dy)
     dy = _contiguous(dy)
     N, C, H, W = x_shape

@@ -101,6 +101,18 @@ def check_pool_output(x_shape, kh, kw, sh, sw, ph, pw, oh, ow):
                              f"{sorted(fits)} (shapes.pool_output_size)")
 
 
+def check_pool_gradient(op, dy_shape, x_shape, kh, kw, sh, sw, ph, pw):
+    """Refuse a pooling backward's dy that no forward over an x_shape input with this window gives.
+
+    The backward kernels size dx from x_shape and read dy at every window of every plane: a dy
+    with other planes or another output size would make them read past it.
+    """
+    if len(dy_shape) != 4 or tuple(dy_shape[:2]) != tuple(x_shape[:2]):
+        raise ValueError(f"{op}: dy has shape {tuple(dy_shape)}, expected ({x_shape[0]}, "
+                         f"{x_shape[1]}, out_h, out_w) for an input of shape {tuple(x_shape)}")
+    check_pool_output(x_shape, kh, kw, sh, sw, ph, pw, *dy_shape[2:])
+
+
 def covering_windows(position, kernel, stride, padding, out):
     """The outputs o in [lo, hi) whose window holds input `position` (0 <= position < size).
 

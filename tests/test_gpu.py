@@ -24,6 +24,7 @@ from ninpy import backend, emulator, gpu_kernels
 from ninpy import reference as R
 from strategies import (conv_geometries, dtypes, in_layout, layouts, pool_geometries, random_array,
                         random_labels, seeds)
+from test_cpu_kernels import INCONSISTENT_CALLS
 from test_reference import edge_values
 
 BACKENDS = GPU_PATHS
@@ -909,3 +910,18 @@ def test_a_cupy_call_the_emulator_lacks_is_an_error_not_a_skip():
     require_device("emulated")
     with pytest.raises(emulator.EmulatorLacks, match="cupy.cuda_only_function"):
         backend.require_emulator().cuda_only_function
+
+
+GPU_POOLING_CALLS = [case for case in INCONSISTENT_CALLS
+                     if "pool" in case and "argmax past" not in case and "negative argmax" not in case]
+
+
+@pytest.mark.parametrize("case", GPU_POOLING_CALLS)
+def test_a_pooling_launcher_refuses_arrays_that_do_not_fit(case):
+    """The CUDA pooling launchers check what the Numba wrappers check, before any launch (an argmax
+    outside its plane needs no check there: the backward gathers, and such an argmax matches no
+    element)."""
+    call, message = INCONSISTENT_CALLS[case]
+    with pytest.raises((ValueError, RuntimeError), match=message) as caught:
+        call(gpu_kernels)
+    assert "\n" not in str(caught.value)
