@@ -45,6 +45,7 @@ from numba.core.caching import FunctionCache
 
 from ninpy import memory, shapes
 from ninpy.reference import (cross_entropy_backward, cross_entropy_forward,  # noqa: F401 (re-exported)
+                             cross_entropy_mean, global_avg_pool_backward, global_avg_pool_forward,
                              sgd_update_, sgd_update_many_)
 
 # Threads. NumPy's GEMMs run on OpenBLAS's thread pool and these kernels on Numba's; with Numba's
@@ -56,9 +57,11 @@ from ninpy.reference import (cross_entropy_backward, cross_entropy_forward,  # n
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 
-# cross_entropy_forward / cross_entropy_backward: the reference NumPy code is used as is. The logits
-# are (batch, classes), a few thousand numbers; NumPy's vectorised exp/sum is already as fast as a
-# kernel would be, and the time is nothing next to one convolution.
+# cross_entropy_forward / cross_entropy_mean / cross_entropy_backward: the reference NumPy code is
+# used as is. The logits are (batch, classes), a few thousand numbers; NumPy's vectorised exp/sum is
+# already as fast as a kernel would be, and the time is nothing next to one convolution.
+# global_avg_pool_forward / global_avg_pool_backward: the reference too: one NumPy mean over NIN's
+# last maps (batch x classes x 8 x 8) and one broadcast copy back, already a single pass each.
 # sgd_update_ and sgd_update_many_: the reference too. It is a handful of whole-array NumPy
 # operations on each parameter (about a million numbers for NIN), a few milliseconds next to a
 # training step's seconds; on the CPU a call costs no launch, so many tensors need no kernel of their own.

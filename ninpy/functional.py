@@ -386,25 +386,31 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, coun
 
 
 class GlobalAvgPool2d(Function):
-    """y[n, c] = mean of x[n, c] over H and W;  dx = dy / (H*W) at every position."""
+    """y[n, c] = mean of the (H, W) plane of (n, c);  dx = dy[n, c] / (H*W) at every position of it.
+    x (N, C, H, W), or channels first (C, N, H, W) with layout="CNHW" (NIN's last maps: no swap
+    back before the classifier); y (N, C) either way. One kernel each way on the GPU."""
 
     saved_inputs = ()
 
-    def forward(self, x):
-        self.x_shape = x.shape
-        return x.mean(axis=(2, 3))
+    def forward(self, x, layout):
+        self.kernels, self.x_shape, self.layout = kernels_for(x), x.shape, layout
+        return self.kernels.global_avg_pool_forward(x, layout)
 
     def backward(self, grad):
-        xp = backend.array_module(grad)
-        n, c, h, w = self.x_shape
-        return (xp.broadcast_to((grad / (h * w))[:, :, None, None], self.x_shape).copy(),)
+        return (self.kernels.global_avg_pool_backward(grad, self.x_shape, self.layout),)
 
 
-def global_avg_pool2d(input):
-    """(N, C, H, W) -> (N, C): torch's adaptive_avg_pool2d(input, 1).flatten(1), NIN's classifier."""
+def global_avg_pool2d(input, *, layout="NCHW"):
+    """(N, C, H, W) -> (N, C): torch's adaptive_avg_pool2d(input, 1).flatten(1), NIN's classifier.
+    layout="CNHW" (ninpy's): input channels first, (C, N, H, W); the result is (N, C) still."""
     _require_kernel_dtypes("global_avg_pool2d", input)
     _require_4d(input, "global_avg_pool2d")
-    return (reference.GlobalAvgPool2d if _plain(input) else GlobalAvgPool2d).apply(input)
+    if layout not in LAYOUTS:
+        raise ValueError(f"global_avg_pool2d: layout must be one of {LAYOUTS}, got {layout!r}")
+    if _plain(input):
+        batch_first = input if layout == "NCHW" else swap_batch_and_channels(input)
+        return reference.GlobalAvgPool2d.apply(batch_first)
+    return GlobalAvgPool2d.apply(input, layout=layout)
 
 
 # ---- regularisation -----------------------------------------------------------------------------
@@ -453,41 +459,32 @@ class CrossEntropy(Function):
     """loss_n = logsumexp(z_n) - (1 - eps) z_n[label_n] - eps mean_k z_n[k] (0 where label_n is
     ignore_index; eps = label_smoothing), then reduced;
     dz_n = (softmax(z_n) - (1 - eps) onehot(label_n) - eps / K) * (d loss / d loss_n: 1, or
-    1/count for the mean)."""
+    1/count for the mean), 0 for an ignored row.
+    The kernels skip the ignored rows and count the others themselves, so the mean is one kernel
+    and its backward one more, with the count kept on the device (no host sync)."""
 
     saved_inputs = (0,)
 
     def forward(self, logits, labels, ignore_index, reduction, label_smoothing):
-        """ignore_index None: no row is ignored (the training step's case, with no extra work)."""
-        xp, n = backend.array_module(logits), logits.shape[0]
-        self.kernels, self.logits, self.reduction = kernels_for(logits), logits, reduction
-        self.label_smoothing = label_smoothing
-        self.kept = None if ignore_index is None else labels != ignore_index
-        self.labels = labels if self.kept is None else xp.where(self.kept, labels, 0)
-        losses = self.kernels.cross_entropy_forward(logits, self.labels, label_smoothing)
-        if self.kept is not None:
-            losses = xp.where(self.kept, losses, 0)    # an ignored row read class 0; it counts 0
-        self.count = n if self.kept is None else self.kept.sum().astype(logits.dtype)
-        if reduction == "none":
-            return losses
-        if reduction == "sum":
-            return losses.sum()
-        if self.kept is None:    # the mean of no losses is NaN, as in PyTorch (without a warning)
-            return losses.mean() if n else xp.full((), np.nan, dtype=logits.dtype)
-        with np.errstate(invalid="ignore"):
-            return losses.sum() / self.count
+        self.kernels, self.logits, self.labels = kernels_for(logits), logits, labels
+        self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
+        if reduction == "mean":   # over the rows counted; NaN when none is, as in PyTorch
+            loss, self.count = self.kernels.cross_entropy_mean(logits, labels, label_smoothing,
+                                                               ignore_index)
+            return loss
+        losses = self.kernels.cross_entropy_forward(logits, labels, label_smoothing, ignore_index)
+        return losses if reduction == "none" else losses.sum()
 
     def backward(self, grad):
-        one = self.logits.dtype.type(1)
-        if self.kept is None and self.reduction != "none":   # one scale for every row
-            scale = grad / max(self.count, 1) if self.reduction == "mean" else grad
-            return self.kernels.cross_entropy_backward(self.logits, self.labels, scale,
-                                                       self.label_smoothing), None
-        row_scale = grad if self.kept is None else grad * self.kept   # (N,): d loss / d loss_n
-        if self.reduction == "mean":                          # every row ignored: a zero gradient,
-            row_scale = row_scale / backend.array_module(grad).maximum(self.count, one)  # as torch
-        dz = self.kernels.cross_entropy_backward(self.logits, self.labels, one, self.label_smoothing)
-        return dz * row_scale[:, None], None
+        arguments = (self.logits, self.labels)
+        if self.reduction == "none":   # one scale per row: grad[n]
+            one = self.logits.dtype.type(1)
+            dz = self.kernels.cross_entropy_backward(*arguments, one, self.label_smoothing,
+                                                     self.ignore_index)
+            return dz * grad[:, None], None
+        divisor = self.count if self.reduction == "mean" else None   # every row ignored: 0 rows
+        return self.kernels.cross_entropy_backward(*arguments, grad, self.label_smoothing,
+                                                   self.ignore_index, divisor), None
 
 
 def _legacy_reduction(size_average, reduce, reduction):
@@ -535,22 +532,11 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
                         f"{label_array.dtype}; cast it with .astype(np.int64)")
     _check_labels(label_array, input.shape[1], ignore_index)
     labels = Tensor(xp.ascontiguousarray(label_array))
-    if not _any_ignored(label_array, ignore_index):
-        ignore_index = None
-        if _plain(input) and reduction == "mean":
-            return reference.CrossEntropy.apply(input, labels, label_smoothing=label_smoothing)
+    if _plain(input) and reduction == "mean" and not (label_array == ignore_index).any():
+        return reference.CrossEntropy.apply(input, labels, label_smoothing=label_smoothing)
     # (Under use_kernels("reference") this Function runs reference's loss functions as well.)
-    return CrossEntropy.apply(input, labels, ignore_index=ignore_index, reduction=reduction,
+    return CrossEntropy.apply(input, labels, ignore_index=int(ignore_index), reduction=reduction,
                               label_smoothing=label_smoothing)
-
-
-def _any_ignored(labels, ignore_index):
-    """Whether a row may be ignored. On the device, where looking would wait for it, a negative
-    ignore_index (the default -100) is taken to match no label: labels there are not checked,
-    and one outside [0, K) gives its row a NaN loss (docs/design.md, "Cross-entropy")."""
-    if backend.is_gpu_array(labels):
-        return ignore_index >= 0
-    return bool((labels == ignore_index).any())
 
 
 def _check_labels(labels, classes, ignore_index):

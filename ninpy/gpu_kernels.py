@@ -24,7 +24,8 @@ A launch, step by step (every public function below does this, in `_launch`):
    arguments marked `_Index(...)` are converted to that type, since it is only known here;
 3. `_function`: the compiled kernel "name<float, int>", compiling its .cu file on first use;
 4. call it with `_grid(count)` blocks of `_BLOCK` threads (grid-stride loops cover the rest).
-Cross-entropy launches one warp per row instead, so it builds its grid in `_row_launch`;
+Cross-entropy launches one warp per row instead, so it builds its grid in `_row_launch` (and its
+mean one warp in all);
 `relu_bias_backward` one block per channel (its threads then add up the channel's sum together);
 `sgd_update_many_` passes up to 32 tensors' addresses to one launch in a struct (`_sgd_launch`).
 """
@@ -65,8 +66,10 @@ _KERNELS = {
     "im2col.cu": {"im2col_kernel": INTEGERS, "col2im_kernel": INTEGERS},
     "pooling.cu": {"max_pool_forward_kernel": INTEGERS, "max_pool_backward_kernel": INTEGERS,
                    "avg_pool_forward_kernel": INTEGERS, "avg_pool_backward_kernel": INTEGERS},
-    "cross_entropy.cu": {"cross_entropy_forward_kernel": INTEGERS,
+    "cross_entropy.cu": {"cross_entropy_forward_kernel": INTEGERS, "cross_entropy_mean_kernel": INTEGERS,
                          "cross_entropy_backward_kernel": INTEGERS},
+    "global_avg_pool.cu": {"global_avg_pool_forward_kernel": INTEGERS,
+                           "global_avg_pool_backward_kernel": INTEGERS},
     "elementwise.cu": {"bias_relu_kernel": INTEGERS, "add_bias_kernel": INTEGERS,
                        "relu_backward_kernel": INTEGERS, "dropout_mask_kernel": INTEGERS},
     "relu_bias_backward.cu": {"relu_bias_backward_kernel": INTEGERS},
@@ -353,37 +356,65 @@ def _labels(labels):
     return labels
 
 
-def _row_launch(kernel, logits, labels, args):
+def _cross_entropy_function(kernel, logits, labels):
+    """The compiled cross-entropy `kernel` for these logits and labels, once their shapes are checked."""
     N, K = logits.shape
     if labels.shape != (N,):
         raise ValueError(f"labels has shape {labels.shape}, expected ({N},) for logits {logits.shape}")
     if K == 0:
         raise ValueError(f"logits of shape {logits.shape} have no classes; expected (N, K) with K >= 1")
+    label_type = "int" if labels.dtype == np.int32 else "long long"
+    return _function(backend.array_module(logits), "cross_entropy.cu", kernel,
+                     _c_type(logits.dtype), label_type)
+
+
+def _row_launch(kernel, logits, labels, args):
+    """Launch `kernel` with one warp per row of the logits."""
+    function = _cross_entropy_function(kernel, logits, labels)
+    N, K = logits.shape
     if N == 0:
         return
     warps_per_block = _BLOCK // _WARP
     grid = min((N + warps_per_block - 1) // warps_per_block, _MAX_BLOCKS)
-    label_type = "int" if labels.dtype == np.int32 else "long long"
-    function = _function(backend.array_module(logits), "cross_entropy.cu", kernel,
-                         _c_type(logits.dtype), label_type)
     function((grid,), (_BLOCK,), args + _i32(N, K))
 
 
-def cross_entropy_forward(logits, labels, label_smoothing=0.0):
+def cross_entropy_forward(logits, labels, label_smoothing=0.0, ignore_index=-100):
     """losses[n] = logsumexp(z[n]) - (1 - eps) z[n, labels[n]] - eps mean_k z[n, k] (row max
-    subtracted), eps = label_smoothing; NaN for a bad label."""
+    subtracted), eps = label_smoothing; 0 where labels[n] is ignore_index, NaN for another label
+    outside [0, K)."""
     cupy = backend.array_module(logits)
     logits = _contiguous(logits)
     labels = _labels(labels)
     losses = cupy.empty((logits.shape[0],), dtype=logits.dtype)
     eps = logits.dtype.type(label_smoothing)
-    _row_launch("cross_entropy_forward_kernel", logits, labels, (logits, labels, losses, eps))
+    _row_launch("cross_entropy_forward_kernel", logits, labels,
+                (logits, labels, losses, eps, np.int64(ignore_index)))
     return losses
 
 
-def cross_entropy_backward(logits, labels, scale, label_smoothing=0.0):
-    """dlogits[n, k] = scale * (softmax(logits[n])[k] - (1 - eps) (k == labels[n]) - eps / K);
-    scale: 0-d array or float."""
+def cross_entropy_mean(logits, labels, label_smoothing=0.0, ignore_index=-100):
+    """(loss, count): the mean of cross_entropy_forward's losses over the rows whose label is not
+    ignore_index, and the number of those rows, as 0-d arrays of the logits' dtype (the loss is NaN
+    when no row counts, as in PyTorch). One launch of one warp; count stays on the device for
+    cross_entropy_backward's divisor."""
+    cupy = backend.array_module(logits)
+    logits = _contiguous(logits)
+    labels = _labels(labels)
+    loss = cupy.empty((), dtype=logits.dtype)
+    count = cupy.empty((), dtype=logits.dtype)
+    function = _cross_entropy_function("cross_entropy_mean_kernel", logits, labels)
+    function((1,), (_WARP,), (logits, labels, loss, count, logits.dtype.type(label_smoothing),
+                              np.int64(ignore_index)) + _i32(*logits.shape))
+    return loss, count
+
+
+def cross_entropy_backward(logits, labels, scale, label_smoothing=0.0, ignore_index=-100,
+                           divisor=None):
+    """dlogits[n, k] = g_n * (softmax(logits[n])[k] - (1 - eps) (k == labels[n]) - eps / K), with
+    g_n = 0 where labels[n] is ignore_index, else scale, or scale / divisor (cross_entropy_mean's
+    count); NaN for another label outside [0, K).
+    scale: 0-d array or float; divisor: None or a 0-d array, read on the device (no host sync)."""
     cupy = backend.array_module(logits)
     logits = _contiguous(logits)
     labels = _labels(labels)
@@ -391,10 +422,43 @@ def cross_entropy_backward(logits, labels, scale, label_smoothing=0.0):
         scale = scale.astype(logits.dtype, copy=False).reshape(())  # stays on the device: no sync
     else:
         scale = cupy.full((), float(scale), dtype=logits.dtype)  # a fill kernel, no host copy
+    by_divisor = divisor is not None
+    divisor = divisor.astype(logits.dtype, copy=False).reshape(()) if by_divisor else scale
     dlogits = cupy.empty_like(logits)
     eps = logits.dtype.type(label_smoothing)
-    _row_launch("cross_entropy_backward_kernel", logits, labels, (logits, labels, scale, dlogits, eps))
+    _row_launch("cross_entropy_backward_kernel", logits, labels,
+                (logits, labels, scale, divisor, dlogits, eps, np.int64(ignore_index),
+                 np.int32(by_divisor)))
     return dlogits
+
+
+# --- global average pooling -----------------------------------------------------------------------
+
+def global_avg_pool_forward(x, layout="NCHW"):
+    """y[n, c] = mean of the (H, W) plane of (n, c); x (N, C, H, W), or (C, N, H, W) with
+    layout="CNHW"; y (N, C) either way (kernels/global_avg_pool.cu)."""
+    cupy = backend.array_module(x)
+    x = _contiguous(x)
+    N, C = batch_and_channels(x.shape, layout)
+    y = cupy.empty((N, C), dtype=x.dtype)
+    _launch("global_avg_pool.cu", "global_avg_pool_forward_kernel", x.dtype, y.size,
+            (x, y, _Index(y.size)) + _i32(N, C, layout == "CNHW") + (_Index(x.shape[2] * x.shape[3]),))
+    return y
+
+
+def global_avg_pool_backward(dy, x_shape, layout="NCHW"):
+    """dx = dy[n, c] / (H*W) at every position of the plane of (n, c); dx has x_shape, (N, C, H, W)
+    or (C, N, H, W) with layout="CNHW"; dy is (N, C)."""
+    cupy = backend.array_module(dy)
+    N, C = batch_and_channels(x_shape, layout)
+    if dy.shape != (N, C):
+        raise ValueError(f"global_avg_pool_backward: dy has shape {tuple(dy.shape)}, expected "
+                         f"{(N, C)} for x_shape {tuple(x_shape)} ({layout})")
+    dy = _contiguous(dy)
+    dx = cupy.empty(tuple(x_shape), dtype=dy.dtype)
+    _launch("global_avg_pool.cu", "global_avg_pool_backward_kernel", dy.dtype, dx.size,
+            (dy, dx, _Index(dx.size)) + _i32(N, C, layout == "CNHW") + (_Index(x_shape[2] * x_shape[3]),))
+    return dx
 
 
 # --- elementwise ----------------------------------------------------------------------------------

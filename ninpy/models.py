@@ -40,13 +40,18 @@ class NIN(nn.Module):
 
     def class_maps(self, x):
         """The last block's output: one (H, W) map per class (the class activation maps), (N, K, H, W)."""
-        if F.working_layout() == "NCHW":
-            return self.features._forward_working(x)
-        channels_first = F.swap_batch_and_channels(x)
-        return F.swap_batch_and_channels(self.features._forward_working(channels_first))
+        maps = self._working_maps(x)
+        return maps if F.working_layout() == "NCHW" else F.swap_batch_and_channels(maps)
 
     def forward(self, x):
-        return self.gap(self.class_maps(x))
+        # global average pooling reads the maps in the working layout: no swap back to (N, K, H, W)
+        return self.gap._forward_working(self._working_maps(x))
+
+    def _working_maps(self, x):
+        """The class maps in F.working_layout(), from the images x (N, C, H, W)."""
+        if F.working_layout() == "CNHW":
+            x = F.swap_batch_and_channels(x)
+        return self.features._forward_working(x)
 
 
 def _pool(kind):

@@ -251,6 +251,9 @@ class GlobalAvgPool2d(Module):
     def forward(self, input):
         return F.global_avg_pool2d(input)
 
+    def _forward_working(self, x):   # maps in the working layout, logits (N, C) either way
+        return F.global_avg_pool2d(x, layout=F.working_layout())
+
 
 class Dropout(Module):
     def __init__(self, p=0.5, inplace=False):

@@ -162,19 +162,43 @@ def avg_pool_backward(dy, x_shape, kh, kw, sh, sw, ph, pw, count_include_pad=Tru
     return np.ascontiguousarray(dxp[:, :, ph:ph + H, pw:pw + W])
 
 
-def cross_entropy_forward(logits, labels, label_smoothing=0.0):
+def _kept_rows(labels, ignore_index):
+    """(kept, labels): which rows count (label not ignore_index), and the labels with an ignored
+    row's label replaced by 0, so that it can be read like any other (its result is zeroed after)."""
+    kept = labels != ignore_index
+    return kept, np.where(kept, labels, 0)
+
+
+def cross_entropy_forward(logits, labels, label_smoothing=0.0, ignore_index=-100):
     """losses[n] = logsumexp(z[n]) - (1 - eps) z[n, labels[n]] - eps mean_k z[n, k]: the cross-entropy
-    against the target (1 - eps) onehot + eps / K (PyTorch's label_smoothing), row max subtracted."""
+    against the target (1 - eps) onehot + eps / K (PyTorch's label_smoothing), row max subtracted;
+    0 where labels[n] is ignore_index."""
+    kept, labels = _kept_rows(labels, ignore_index)
     shifted = logits - logits.max(axis=1, keepdims=True)  # the max cancels: the target sums to 1
     rows = np.arange(logits.shape[0])
     losses = np.log(np.exp(shifted).sum(axis=1)) - shifted[rows, labels]
     if label_smoothing:
         losses += logits.dtype.type(label_smoothing) * (shifted[rows, labels] - shifted.mean(axis=1))
-    return losses
+    return np.where(kept, losses, logits.dtype.type(0))
 
 
-def cross_entropy_backward(logits, labels, scale, label_smoothing=0.0):
-    """dlogits[n, k] = scale * (softmax(logits[n])[k] - (1 - eps) (k == labels[n]) - eps / K)."""
+def cross_entropy_mean(logits, labels, label_smoothing=0.0, ignore_index=-100):
+    """(loss, count): the mean of cross_entropy_forward's losses over the rows whose label is not
+    ignore_index, and the number of those rows, as 0-d arrays of the logits' dtype (the loss is NaN
+    when no row counts, as in PyTorch)."""
+    losses = cross_entropy_forward(logits, labels, label_smoothing, ignore_index)
+    count = np.count_nonzero(labels != ignore_index)
+    with np.errstate(invalid="ignore"):   # 0 / 0: no row counts
+        loss = losses.sum() / count
+    return np.asarray(loss, dtype=logits.dtype), np.asarray(count, dtype=logits.dtype)
+
+
+def cross_entropy_backward(logits, labels, scale, label_smoothing=0.0, ignore_index=-100,
+                           divisor=None):
+    """dlogits[n, k] = g_n * (softmax(logits[n])[k] - (1 - eps) (k == labels[n]) - eps / K), with
+    g_n = 0 where labels[n] is ignore_index, else scale, or scale / divisor (cross_entropy_mean's
+    count)."""
+    kept, labels = _kept_rows(labels, ignore_index)
     logits = np.ascontiguousarray(logits)   # so dlogits is C-contiguous, like every kernel's output
     t = logits.dtype.type                   # NumPy scalars of the logits' dtype keep float32 float32
     e = np.exp(logits - logits.max(axis=1, keepdims=True))
@@ -182,8 +206,27 @@ def cross_entropy_backward(logits, labels, scale, label_smoothing=0.0):
     dlogits[np.arange(logits.shape[0]), labels] -= t(1) - t(label_smoothing)
     if label_smoothing:
         dlogits -= t(label_smoothing) / t(logits.shape[1])
-    dlogits *= scale  # in place: a 0-d float64 scale keeps a float32 result float32
+    with np.errstate(divide="ignore", invalid="ignore"):   # a divisor of 0: every row is ignored
+        g = scale if divisor is None else scale / divisor
+    # an ignored row: 0 times its terms, as in PyTorch (so a NaN logit there still gives NaN)
+    dlogits *= np.where(kept, g, t(0))[:, None]   # in place: float32 stays float32
     return dlogits
+
+
+def global_avg_pool_forward(x, layout="NCHW"):
+    """y[n, c] = mean of the (H, W) plane of (n, c); x (N, C, H, W), or (C, N, H, W) with
+    layout="CNHW"; y (N, C) either way."""
+    y = x.mean(axis=(2, 3))
+    return np.ascontiguousarray(y.T if layout == "CNHW" else y)
+
+
+def global_avg_pool_backward(dy, x_shape, layout="NCHW"):
+    """dx = dy[n, c] / (H*W) at every position of the plane of (n, c); dx has x_shape, (N, C, H, W)
+    or (C, N, H, W) with layout="CNHW"; dy is (N, C)."""
+    h, w = x_shape[2:]
+    share = dy / (h * w)
+    planes = share.T if layout == "CNHW" else share
+    return np.broadcast_to(planes[:, :, None, None], tuple(x_shape)).copy()
 
 
 def _per_channel(bias, out):
@@ -321,11 +364,10 @@ class GlobalAvgPool2d(Function):
 
     def forward(self, x):
         self.x_shape = x.shape
-        return x.mean(axis=(2, 3))
+        return global_avg_pool_forward(x)
 
     def backward(self, dy):
-        h, w = self.x_shape[2:]
-        return (np.broadcast_to((dy / (h * w))[:, :, None, None], self.x_shape).copy(),)
+        return (global_avg_pool_backward(dy, self.x_shape),)
 
 
 class Dropout(Function):

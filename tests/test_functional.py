@@ -135,6 +135,20 @@ def test_global_avg_pool_gradient_and_value():
     assert ninpy.gradcheck(F.global_avg_pool2d, [x])
 
 
+@pytest.mark.parametrize("kernels", ["fast", "reference"])
+def test_global_avg_pool_reads_channels_first_maps(kernels):
+    """layout="CNHW": (C, N, H, W) maps give the (N, C) logits of their (N, C, H, W) copy, and the
+    gradient in the maps' layout (NIN's classifier, with no swap back)."""
+    x = leaf(arr(1, (2, 3, 4, 5)))
+    channels_first = leaf(np.ascontiguousarray(x.data.transpose(1, 0, 2, 3)))
+    with ninpy.use_kernels(kernels):
+        np.testing.assert_allclose(F.global_avg_pool2d(channels_first, layout="CNHW").data,
+                                   F.global_avg_pool2d(x).data, rtol=1e-15)
+        assert ninpy.gradcheck(lambda t: F.global_avg_pool2d(t, layout="CNHW"), [channels_first])
+    with pytest.raises(ValueError, match="layout must be one of"):
+        F.global_avg_pool2d(x, layout="NHWC")
+
+
 @given(st.integers(2, 5), st.integers(1, 6), seeds, layouts)
 def test_cross_entropy_gradient_and_value(n, k, seed, layout):
     logits = leaf(arr(seed, (n, k)) * 3, layout)

@@ -203,6 +203,95 @@ def test_cross_entropy_bad_label_gives_nan_not_a_wild_read(where):
         assert np.isfinite(d[0]).all() and np.isnan(d[1:]).all()
 
 
+@pytest.mark.parametrize("where", BACKENDS)
+@EXAMPLES
+@given(N=st.integers(0, 40), K=st.integers(1, 40), dtype=dtypes,
+       label_dtype=st.sampled_from([np.int32, np.int64, np.uint8]),
+       ignore_index=st.sampled_from([-100, 0, 3]), ignored=st.sampled_from(["none", "some", "all"]),
+       scale_on_device=st.booleans(), seed=seeds, label_smoothing=st.sampled_from([0.0, 0.1]))
+def test_cross_entropy_mean_and_ignored_rows_match_reference(where, N, K, dtype, label_dtype,
+                                                             ignore_index, ignored, scale_on_device,
+                                                             seed, label_smoothing):
+    """The mean in one warp (rows past 32 per lane included), its count, the backward dividing by
+    that count on the device, and rows at ignore_index (negative ones too) counting nothing."""
+    if label_dtype == np.uint8 and ignore_index < 0:
+        label_dtype = np.int64                  # a uint8 label cannot be -100
+    rng = np.random.default_rng(seed)
+    logits = (3 * rng.standard_normal((N, K))).astype(dtype)
+    labels = random_labels(seed, N, K)
+    if ignored != "none":
+        labels[rng.random(N) < 0.5 if ignored == "some" else slice(None)] = ignore_index
+    labels = labels.astype(label_dtype)
+    expected_loss, expected_count = R.cross_entropy_mean(logits, labels, label_smoothing, ignore_index)
+    with kernels_on(where) as dev:
+        loss, count = gpu_kernels.cross_entropy_mean(dev.put(logits), dev.put(labels),
+                                                     label_smoothing, ignore_index)
+        assert loss.shape == count.shape == () and loss.dtype == count.dtype == dtype
+        assert dev.get(count) == expected_count == np.count_nonzero(labels != ignore_index)
+        np.testing.assert_allclose(dev.get(loss), expected_loss, **tolerance(dtype))  # NaN if none
+        losses = gpu_kernels.cross_entropy_forward(dev.put(logits), dev.put(labels), label_smoothing,
+                                                   ignore_index)
+        np.testing.assert_allclose(dev.get(losses), R.cross_entropy_forward(
+            logits, labels, label_smoothing, ignore_index), **tolerance(dtype))
+        scale = np.array(0.5, dtype)
+        d = gpu_kernels.cross_entropy_backward(dev.put(logits), dev.put(labels),
+                                               dev.put(scale) if scale_on_device else 0.5,
+                                               label_smoothing, ignore_index, divisor=count)
+        expected = R.cross_entropy_backward(logits, labels, scale, label_smoothing, ignore_index,
+                                            divisor=expected_count)
+        np.testing.assert_allclose(dev.get(d), expected, **tolerance(dtype))
+        assert not dev.get(d)[labels == ignore_index].any()
+
+
+@pytest.mark.parametrize("where", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_honours_the_default_ignore_index_on_the_device(where, reduction):
+    """F.cross_entropy with a -100 label (PyTorch's default ignore_index) on the device: that row is
+    ignored, loss and gradient as on the CPU, not a NaN."""
+    import ninpy.functional as F
+    from ninpy import Tensor
+
+    rng = np.random.default_rng(3)
+    logits = rng.standard_normal((5, 4))
+    labels = np.array([1, -100, 3, 0, -100])
+    results = []
+    for device in ("cpu", require_device(where)):
+        z = Tensor(logits, device=device, requires_grad=True)
+        loss = F.cross_entropy(z, backend.to_device(labels, device), reduction=reduction)
+        (loss.sum() if reduction == "none" else loss).backward()
+        results.append([backend.to_device(a, "cpu") for a in (loss.data, z.grad)])
+    (cpu_loss, cpu_grad), (device_loss, device_grad) = results
+    assert np.isfinite(device_loss).all() and np.isfinite(device_grad).all()
+    np.testing.assert_allclose(device_loss, cpu_loss, **tolerance(np.float64))
+    np.testing.assert_allclose(device_grad, cpu_grad, **tolerance(np.float64))
+
+
+# --- global average pooling -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", BACKENDS)
+@EXAMPLES
+@given(shape=st.sampled_from([(2, 3, 4, 5), (1, 1, 1, 1), (3, 10, 8, 8), (0, 2, 3, 3), (2, 0, 3, 3),
+                              (33, 2, 1, 3)]),
+       dtype=dtypes, seed=seeds, layout=layouts, channels_first=st.booleans())
+def test_global_avg_pool_matches_reference(where, shape, dtype, seed, layout, channels_first):
+    """Both layouts of x (channels first: NIN's last maps, read with no swap), logits (N, C) either way."""
+    x = random_array(seed, shape, dtype)
+    y_layout = "CNHW" if channels_first else "NCHW"
+    rng = np.random.default_rng(seed)
+    with kernels_on(where) as dev:
+        y = gpu_kernels.global_avg_pool_forward(dev.put(x, layout), y_layout)
+        expected = R.global_avg_pool_forward(x, y_layout)
+        assert y.dtype == dtype and y.shape == expected.shape
+        np.testing.assert_allclose(dev.get(y), expected, **tolerance(dtype))
+        dy = rng.standard_normal(expected.shape).astype(dtype)
+        dx = gpu_kernels.global_avg_pool_backward(dev.put(dy, layout), shape, y_layout)
+        assert dx.dtype == dtype and dx.shape == shape
+        np.testing.assert_array_equal(dev.get(dx), R.global_avg_pool_backward(dy, shape, y_layout))
+        with pytest.raises(ValueError, match="expected"):
+            wrong = np.zeros((dy.shape[0], dy.shape[1] + 1), dtype)
+            gpu_kernels.global_avg_pool_backward(dev.put(wrong), shape, y_layout)
+
+
 # --- elementwise ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("where", BACKENDS)
@@ -276,8 +365,10 @@ def test_long_long_index_instantiations_agree(where, monkeypatch):
             gpu_kernels.sgd_update_(p, dev.put(x), buf, 0.1, 0.9, 1e-4, True)
             many, many_buf = dev.put(x), dev.put(np.zeros_like(x))
             gpu_kernels.sgd_update_many_([many], [dev.put(x)], [many_buf], [(0.1, 0.9, 1e-4, True)])
+            g = gpu_kernels.global_avg_pool_forward(dev.put(x), "CNHW")
+            gdx = gpu_kernels.global_avg_pool_backward(g, x.shape, "CNHW")
             results.append([dev.get(v) for v in (col, dx, y, argmax, mdx, a, adx, out, mask, p, buf,
-                                                  many, many_buf)])
+                                                  many, many_buf, g, gdx)])
         np.testing.assert_array_equal(dev.get(results[0][0]), R.im2col(x, *geometry))
         for int_result, long_result in zip(*results):
             np.testing.assert_array_equal(int_result, long_result)
@@ -506,9 +597,14 @@ def _every_kernel_once(inputs):
     a = gpu_kernels.avg_pool_forward(x, 3, 3, 2, 2, 0, 0, 4, 4)
     results += [a, gpu_kernels.avg_pool_backward(a, x.shape, 3, 3, 2, 2, 0, 0)]
     logits = x.reshape(6, 64)
+    loss, count = gpu_kernels.cross_entropy_mean(logits, labels)
     results += [gpu_kernels.cross_entropy_forward(logits, labels),
                 gpu_kernels.cross_entropy_backward(logits, labels, 1 / 6),
-                gpu_kernels.cross_entropy_backward(logits, labels, inputs["scale"])]
+                gpu_kernels.cross_entropy_backward(logits, labels, inputs["scale"]),
+                loss, count, gpu_kernels.cross_entropy_backward(logits, labels, inputs["scale"],
+                                                                divisor=count)]
+    pooled = gpu_kernels.global_avg_pool_forward(x, "CNHW")
+    results += [pooled, gpu_kernels.global_avg_pool_backward(pooled, x.shape, "CNHW")]
     results += [gpu_kernels.bias_relu_(x.copy(), inputs["bias"]),
                 gpu_kernels.add_bias_(x.copy(), inputs["bias"]),
                 gpu_kernels.relu_backward(x, x),

@@ -25,6 +25,8 @@ def test_default_nin_is_cifar10_layout():
     maps = model.eval().class_maps(x)
     assert maps.shape == (2, 10, 8, 8)
     assert model(x).shape == (2, 10)
+    # forward pools the maps in the working layout, with no swap back: the same logits
+    np.testing.assert_allclose(model(x).data, F.global_avg_pool2d(maps).data, rtol=1e-6)
 
 
 def test_mnist_variant_pools_28_to_7():
