@@ -162,8 +162,14 @@ class Conv2d(Function):
     models.NIN keeps its activations channels first between layers (layout="CNHW"). An (N, C, H, W)
     input, the public layout, is copied to channels first on the way in and the result copied
     back: two copies, the price of a standalone call (docs/design.md, "Array layouts").
-    col is recomputed in backward rather than kept: keeping it costs far more memory than the time
-    it saves (docs/why-fast.md). reference.Conv2d is the same convolution without any of this.
+    On the CPU col is recomputed in backward rather than kept: there keeping it cost about 25% more
+    memory for about 3% of a step (docs/why-fast.md). On the GPU (and the emulated device, which
+    runs its code) it is kept from forward to backward: there a step's floor is the host's time to
+    launch its kernels, and recomputing costs one im2col launch per convolution with a k x k kernel
+    (3 a NIN step), while keeping costs memory the GPU has: for CIFAR-10 NIN at batch 128, the
+    three columns hold 102,629,376 values, 410.5 MB in float32, from forward to their backward
+    (docs/gpu-launches.md). backward drops them once dW is made, and the graph's release after
+    backward drops them in any case. reference.Conv2d is the same convolution without any of this.
     """
 
     saved_inputs = (0, 1)   # x and the weight (torch's convolution saves both)
@@ -180,7 +186,10 @@ class Conv2d(Function):
         self.kernels = kernels_for(x)
         self.x, self.w, self.has_bias, self.relu = x, w, b is not None, relu
         self.pointwise = (kh, kw) == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
-        y2 = matmul(w.reshape(c_out, -1), self._columns())     # (C_out, N*oh*ow)
+        columns = self._columns()
+        # kept for backward on the GPU only: one launch fewer there, memory saved on the CPU
+        self.kept_columns = columns if backend.is_gpu_array(x) else None
+        y2 = matmul(w.reshape(c_out, -1), columns)             # (C_out, N*oh*ow)
         if relu and b is not None:
             self.kernels.bias_relu_(y2[None], b)               # (1, C_out, N*oh*ow): one plane a channel
         elif relu:
@@ -196,8 +205,11 @@ class Conv2d(Function):
         grad = _swapped(grad) if self.batch_first else grad
         c_out = self.out_shape[0]
         g2, grad_b = self._relu_and_bias_backward(grad.reshape(c_out, -1 if grad.size else 0))
-        grad_w = (g2 @ self._columns().T).reshape(self.w.shape)   # col is dropped right after,
-        if not self.needs_input_grad[0]:                            # so dcol can take its memory
+        columns = self._columns() if self.kept_columns is None else self.kept_columns
+        grad_w = (g2 @ columns.T).reshape(self.w.shape)
+        del columns                              # col is dropped here (kept or recomputed),
+        self.kept_columns = None                 # so that dcol can take its memory
+        if not self.needs_input_grad[0]:
             return None, grad_w, grad_b
         dcolumns = matmul(self.w.reshape(c_out, -1).T, g2)
         grad_x = dcolumns.reshape(self.x.shape) if self.pointwise else self._col2im(dcolumns)
@@ -411,7 +423,8 @@ def global_avg_pool2d(input):
 
 class Dropout(Function):
     """y = x * mask, mask = Bernoulli(1 - p) / (1 - p) (inverted dropout);  dx = dy * mask.
-    The mask is drawn by `dropout`, so both paths draw the same numbers."""
+    The CPU's dropout: `dropout` draws the mask from ninpy.random's NumPy generator, and the
+    plain path's reference.Dropout takes the same mask."""
 
     saved_inputs = ()
 
@@ -423,28 +436,57 @@ class Dropout(Function):
         return (backend.array_module(grad).multiply(grad, self.mask, out=memory.pooled_empty_for(grad, grad.shape)),)
 
 
+class CounterDropout(Function):
+    """y = x * mask, mask[e] = (u(seed, offset + e) >= p) / (1 - p);  dx = dy * mask.
+    The GPU's dropout: u is the counter-based uniform of ninpy.random's GPU stream, which the
+    kernel draws as it multiplies (gpu_kernels.dropout_apply). backward draws the same mask again
+    from (seed, offset) instead of keeping it: one launch each way, as a kept mask would take, and
+    no mask in memory (docs/gpu-launches.md)."""
+
+    saved_inputs = ()
+
+    def forward(self, x, draw):
+        self.kernels, self.draw = kernels_for(x), draw
+        return self.kernels.dropout_apply(x, *draw)
+
+    def backward(self, grad):
+        return (self.kernels.dropout_apply(grad, *self.draw),)
+
+
 def _dropout_mask(x, p):
-    """0 where dropped, 1/(1-p) where kept, drawn from ninpy.random's generators."""
+    """The CPU's mask: 0 where dropped, 1/(1-p) where kept, drawn from ninpy.random's generator."""
     if p == 1.0:
-        return backend.array_module(x).zeros_like(x)
-    if backend.is_gpu_array(x):
-        seed, offset = random.next_gpu_stream(x.size)
-        return kernels_for(x).dropout_mask(x.shape, p, seed, offset, x.dtype, backend.device_of(x))
+        return np.zeros_like(x)
     keep = random.cpu_generator().random(x.shape, dtype=np.float32) >= p
     return keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - p))
+
+
+def _gpu_dropout_draw(count, p):
+    """(p, seed, offset) for a GPU dropout of `count` elements: `count` counters reserved from
+    ninpy.random's GPU stream. p = 1 drops everything and draws nothing (the stream stays put)."""
+    if p == 1.0:
+        return p, 0, 0
+    return (p, *random.next_gpu_stream(count))
 
 
 def dropout(input, p=0.5, training=True, inplace=False):
     """Zero each element with probability p while training and scale the rest by 1/(1 - p);
     identity in evaluation (the same tensor, as in PyTorch)."""
     refuse_unimplemented("dropout", inplace=(inplace, False))
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    _check_dropout_probability(p)
     if not training or p == 0.0:   # p = 0 keeps every element: the values torch returns, no draw
         return input
     _require_kernel_dtypes("dropout", input)
-    mask = _dropout_mask(input.data, float(p))
-    return (reference.Dropout if _plain(input) else Dropout).apply(input, mask=mask)
+    if _plain(input):
+        return reference.Dropout.apply(input, mask=_dropout_mask(input.data, float(p)))
+    if backend.is_gpu_array(input.data):
+        return CounterDropout.apply(input, draw=_gpu_dropout_draw(input.data.size, float(p)))
+    return Dropout.apply(input, mask=_dropout_mask(input.data, float(p)))
+
+
+def _check_dropout_probability(p):
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
 
 
 # ---- loss ---------------------------------------------------------------------------------------

@@ -10,9 +10,11 @@ Every test runs on two devices of ninpy's GPU code path:
 """
 import contextlib
 import ctypes
+import gc
 import math
 import os
 import types
+import weakref
 
 import numpy as np
 import pytest
@@ -271,7 +273,7 @@ def test_long_long_index_instantiations_agree(where, monkeypatch):
             a = gpu_kernels.avg_pool_forward(dev.put(x), 3, 3, 2, 2, 1, 1, 4, 3)
             adx = gpu_kernels.avg_pool_backward(a, x.shape, 3, 3, 2, 2, 1, 1)
             out = gpu_kernels.bias_relu_(dev.put(x), dev.put(np.arange(3.0)))
-            mask = gpu_kernels.dropout_mask((5, 7), 0.5, 3, 11, np.float64, dev.name)
+            mask = gpu_kernels.dropout_apply(dev.put(x), 0.5, 3, 11)
             p, buf = dev.put(x), dev.put(np.zeros_like(x))
             gpu_kernels.sgd_update_(p, dev.put(x), buf, 0.1, 0.9, 1e-4, True)
             many, many_buf = dev.put(x), dev.put(np.zeros_like(x))
@@ -285,12 +287,36 @@ def test_long_long_index_instantiations_agree(where, monkeypatch):
 
 # --- dropout --------------------------------------------------------------------------------------
 
+def _dropout_mask(dev, shape, p, seed, offset, dtype):
+    """The mask gpu_kernels.dropout_apply draws, as NumPy: dropout applied to ones."""
+    return dev.get(gpu_kernels.dropout_apply(dev.put(np.ones(shape, dtype)), p, seed, offset))
+
+
+def _splitmix_mask(n, p, seed, offset, dtype):
+    """kernels/dropout_draw.cuh's mask written out in NumPy (uint64 arithmetic wraps, as in C)."""
+    golden = np.uint64(0x9E3779B97F4A7C15)
+
+    def mix64(z):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+    counters = np.uint64(offset) + np.arange(n, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        h = mix64(mix64(np.uint64(seed) + golden) + counters * golden)
+    if dtype == np.float32:
+        u = (h >> np.uint64(40)).astype(np.float32) * np.float32(1 / 16777216)
+    else:
+        u = (h >> np.uint64(11)).astype(np.float64) * (1 / 9007199254740992)
+    return np.where(u >= dtype(p), dtype(1 / (1 - p)), dtype(0))
+
+
 @pytest.mark.parametrize("where", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dropout_mask_statistics_and_determinism(where, dtype):
     p, n = 0.3, 400_000
     with kernels_on(where) as dev:
-        mask = dev.get(gpu_kernels.dropout_mask((n,), p, 1234, 10, dtype, dev.name))
+        mask = _dropout_mask(dev, (n,), p, 1234, 10, dtype)
         assert mask.dtype == dtype
         assert set(np.unique(mask).tolist()) <= {0.0, float(dtype(1 / (1 - p)))}
         keep = mask != 0
@@ -298,21 +324,106 @@ def test_dropout_mask_statistics_and_determinism(where, dtype):
         assert abs(np.corrcoef(keep[:-1], keep[1:])[0, 1]) < 0.01  # neighbours independent
         assert abs(mask.mean() - 1) < 0.01  # E[mask] = 1: inverted dropout keeps the scale
         # same (seed, offset) -> the same mask; the shape does not matter, only the counter
-        again = dev.get(gpu_kernels.dropout_mask((n // 4, 4), p, 1234, 10, dtype, dev.name))
+        again = _dropout_mask(dev, (n // 4, 4), p, 1234, 10, dtype)
         np.testing.assert_array_equal(again.ravel(), mask)
         # counter-based: the draw for element i is that of counter offset + i
-        shifted = dev.get(gpu_kernels.dropout_mask((1000,), p, 1234, 10 + 500, dtype, dev.name))
+        shifted = _dropout_mask(dev, (1000,), p, 1234, 10 + 500, dtype)
         np.testing.assert_array_equal(shifted, mask[500:1500])
         # another offset or another seed -> another mask (agreement near p^2 + (1-p)^2 = 0.58)
-        for other in (gpu_kernels.dropout_mask((n,), p, 1234, 10 + n, dtype, dev.name),
-                      gpu_kernels.dropout_mask((n,), p, 1235, 10, dtype, dev.name)):
-            agreement = ((dev.get(other) != 0) == keep).mean()
+        for other in (_dropout_mask(dev, (n,), p, 1234, 10 + n, dtype),
+                      _dropout_mask(dev, (n,), p, 1235, 10, dtype)):
+            agreement = ((other != 0) == keep).mean()
             assert abs(agreement - (p * p + (1 - p) ** 2)) < 0.01
-        assert (dev.get(gpu_kernels.dropout_mask((100,), 0.0, 1, 0, dtype, dev.name)) == 1).all()
-        assert (dev.get(gpu_kernels.dropout_mask((100,), 1.0, 1, 0, dtype, dev.name)) == 0).all()
-        assert gpu_kernels.dropout_mask((0, 3), p, 1, 0, dtype, dev.name).shape == (0, 3)
-    with pytest.raises(ValueError, match="must be in"):
-        gpu_kernels.dropout_mask((3,), 1.5, 1, 0, dtype)
+        assert (_dropout_mask(dev, (100,), 0.0, 1, 0, dtype) == 1).all()
+        assert (_dropout_mask(dev, (100,), 1.0, 1, 0, dtype) == 0).all()
+        assert gpu_kernels.dropout_apply(dev.put(np.ones((0, 3), dtype)), p, 1, 0).shape == (0, 3)
+        with pytest.raises(ValueError, match="must be in"):
+            gpu_kernels.dropout_apply(dev.put(np.ones(3, dtype)), 1.5, 1, 0)
+
+
+@pytest.mark.parametrize("where", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_apply_is_x_times_the_documented_mask(where, dtype):
+    """y = x * mask in one launch, the mask that of kernels/dropout_draw.cuh's formula (the stream
+    seeded runs depend on: the same numbers the separate mask kernel drew before), NaN and
+    infinities included (a dropped NaN stays NaN, as x * 0 in PyTorch); its gradient, the same
+    function on dy, is dy * mask."""
+    x = edge_values(3, (4, 5, 6), dtype)
+    expected_mask = _splitmix_mask(x.size, 0.4, 77, 1000, dtype).reshape(x.shape)
+    with kernels_on(where) as dev:
+        y = dev.get(gpu_kernels.dropout_apply(dev.put(x, "transposed"), 0.4, 77, 1000))
+        np.testing.assert_array_equal(_dropout_mask(dev, x.shape, 0.4, 77, 1000, dtype), expected_mask)
+        with np.errstate(invalid="ignore"):
+            np.testing.assert_array_equal(y, x * expected_mask)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_dropout_draws_its_mask_in_the_kernel_that_applies_it(dtype):
+    """F.dropout on the GPU path: one launch forward (mask drawn and applied), one backward (the
+    same mask drawn again from (seed, offset), none stored), the stream moving by the elements
+    dropped over as before, the numbers x * mask, and a gradient that passes gradcheck (float64)."""
+    import ninpy
+    import ninpy.functional as F
+    from ninpy import Tensor
+
+    device = require_device("emulated")
+    values = random_array(2, (3, 4, 5), dtype)
+    x = Tensor(values, device=device, requires_grad=True)
+    ninpy.manual_seed(7)
+    emulator.launches.clear()
+    y = F.dropout(x, 0.3)
+    y.backward(backend.to_device(np.ones_like(values), device))
+    kernel = f"dropout_kernel<{gpu_kernels._c_type(dtype)}, int>"
+    assert emulator.launches == [kernel, kernel]
+    assert ninpy.random.get_state()["gpu_offset"] == values.size     # next_gpu_stream(x.size), once
+    mask = _splitmix_mask(values.size, 0.3, 7, 0, dtype).reshape(values.shape)
+    np.testing.assert_array_equal(backend.to_device(y.data, "cpu"), values * mask)
+    np.testing.assert_array_equal(backend.to_device(x.grad, "cpu"), mask)
+    if dtype == np.float64:
+        def drop(x):
+            ninpy.manual_seed(7)  # the same mask on every evaluation
+            return F.dropout(x, 0.3)
+        assert ninpy.gradcheck(drop, [Tensor(values, device=device, requires_grad=True)])
+    ninpy.manual_seed(7)
+    assert not backend.to_device(F.dropout(x, 1.0).data, "cpu").any()
+    assert ninpy.random.get_state()["gpu_offset"] == 0                # p = 1 draws nothing
+
+
+# --- the convolution's columns: kept on the GPU path, recomputed on the CPU -----------------------
+
+@pytest.mark.parametrize("where", ["cpu", *GPU_PATHS])
+def test_the_convolution_keeps_its_columns_on_the_gpu_path_and_lets_them_go(where, monkeypatch):
+    """im2col runs once per convolution on the GPU path (its columns kept for backward: a launch
+    fewer) and twice on the CPU (recomputed: memory); either way no column matrix outlives the
+    graph, after backward or without one."""
+    import ninpy.functional as F
+    from ninpy import Tensor, cpu_kernels
+
+    device = require_device(where) if where != "cpu" else "cpu"
+    kernels = cpu_kernels if device == "cpu" else gpu_kernels
+    columns = []
+    im2col = kernels.im2col
+
+    def recorded_im2col(*args, **kwargs):
+        col = im2col(*args, **kwargs)
+        columns.append(weakref.ref(col))
+        return col
+
+    monkeypatch.setattr(kernels, "im2col", recorded_im2col)
+    rng = np.random.default_rng(0)
+    x = Tensor(rng.standard_normal((2, 3, 6, 5)), device=device, requires_grad=True)
+    w = Tensor(rng.standard_normal((4, 3, 3, 3)), device=device, requires_grad=True)
+    b = Tensor(rng.standard_normal(4), device=device, requires_grad=True)
+    y = F.conv2d_relu(x, w, b, 1, 1)
+    assert len(columns) == 1
+    y.sum().backward()
+    assert len(columns) == (2 if device == "cpu" else 1)
+    gc.collect()
+    assert all(ref() is None for ref in columns), "backward left a column matrix alive"
+    y = F.conv2d_relu(x, w, b, 1, 1)       # a graph dropped without a backward
+    del y
+    gc.collect()
+    assert all(ref() is None for ref in columns), "a dropped graph left a column matrix alive"
 
 
 # --- SGD ------------------------------------------------------------------------------------------
@@ -513,7 +624,7 @@ def _every_kernel_once(inputs):
                 gpu_kernels.add_bias_(x.copy(), inputs["bias"]),
                 gpu_kernels.relu_backward(x, x),
                 *gpu_kernels.relu_bias_backward(x, x),
-                gpu_kernels.dropout_mask((4, 5), 0.5, 1, 2, np.float32, inputs["device"])]
+                gpu_kernels.dropout_apply(x, 0.5, 1, 2)]
     p, buf = x.copy(), x * 0
     results += [gpu_kernels.sgd_update_(p, x, buf, 0.1, 0.9, 1e-4, False), buf]
     many, many_buf = x.copy(), x * 0

@@ -720,6 +720,7 @@ NINPY_ONLY = {
     "functional.AvgPool2d": "the autograd Function behind F.avg_pool2d",
     "functional.GlobalAvgPool2d": "the autograd Function behind F.global_avg_pool2d",
     "functional.Dropout": "the autograd Function behind F.dropout",
+    "functional.CounterDropout": "the autograd Function behind F.dropout on the GPU (counter-based mask)",
     "functional.CrossEntropy": "the autograd Function behind F.cross_entropy",
     "functional.SwapBatchAndChannels": "the autograd Function behind F.swap_batch_and_channels",
     "nn.init_weight": "NIN's Gaussian initialisation (He's std, or a fixed one)",
