@@ -33,9 +33,11 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
-def _number(kind, low, low_inclusive=True, high=None):
-    """An argparse type: kind(text), finite, >= low (or > low), < high; the error names the rule."""
-    rule = (f"{'>=' if low_inclusive else '>'} {low}" + (f" and < {high}" if high is not None else ""))
+def _number(kind, low, low_inclusive=True, high=None, high_inclusive=False):
+    """An argparse type: kind(text), finite, >= low (or > low), < high (or <= high); the error
+    names the rule."""
+    rule = (f"{'>=' if low_inclusive else '>'} {low}"
+            + (f" and {'<=' if high_inclusive else '<'} {high}" if high is not None else ""))
     noun = "a whole number" if kind is int else "a number"
 
     def parse(text):
@@ -45,7 +47,7 @@ def _number(kind, low, low_inclusive=True, high=None):
             raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
         if value != value or value in (float("inf"), float("-inf")) or \
                 (value < low if low_inclusive else value <= low) or \
-                (high is not None and value >= high):
+                (high is not None and (value > high if high_inclusive else value >= high)):
             raise argparse.ArgumentTypeError(f"{text!r}: expected {noun} {rule}")
         return value
     parse.__name__ = kind.__name__  # argparse names the type in "invalid int value"
@@ -91,6 +93,9 @@ def build_parser():
     p.add_argument("--augment", choices=("none", "crop", "flip", "crop+flip"),
                    help="crop: random translation by up to --crop-pad pixels (recipe)")
     p.add_argument("--crop-pad", type=COUNT, help="padding of the random crop (recipe)")
+    p.add_argument("--erase", type=_number(float, 0, True, 1, True),
+                   help="random erasing: the probability that an image gets one black rectangle of "
+                        "2-33%% of its area (recipe: 0)")
     p.add_argument("--preprocess", choices=("standardize", "gcn-zca"),
                    help="per-channel standardisation, or the paper's GCN + ZCA (recipe)")
     p.add_argument("--seed", type=COUNT, help="seeds weights, batch order, augmentation, dropout (0)")
@@ -118,7 +123,7 @@ _FIELDS = {"dataset": "dataset", "epochs": "epochs", "batch_size": "batch_size",
            "momentum": "momentum", "weight_decay": "weight_decay", "bias_lr_mult": "bias_lr_mult",
            "last_lr_mult": "last_lr_mult", "schedule": "schedule", "warmup_steps": "warmup_steps",
            "dropout": "dropout", "label_smoothing": "label_smoothing",
-           "augment": "augment", "crop_pad": "crop_pad", "preprocess": "preprocess", "seed": "seed",
+           "augment": "augment", "crop_pad": "crop_pad", "erase": "erase", "preprocess": "preprocess", "seed": "seed",
            "data_dir": "data_dir", "out": "out", "limit": "limit", "val_split": "val_split"}
 
 
@@ -238,7 +243,7 @@ def _main(args):
               f"{config.weight_decay}, batch {config.batch_size}, {config.epochs} epochs, schedule "
               f"{config.schedule}, warm-up {config.warmup_steps} of {config.epochs * trainer.steps_per_epoch} "
               f"steps, dropout {config.dropout}, label smoothing {config.label_smoothing}, "
-              f"augment {config.augment}, "
+              f"augment {config.augment}, erase {config.erase}, "
               f"preprocess {config.preprocess}; writing to {trainer.out}", flush=True)
         final = trainer.fit()
         if "test_acc" in final:

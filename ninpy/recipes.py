@@ -55,6 +55,7 @@ class Recipe:
     crop_pad: int           # pixels of zero padding the random crop moves within
     preprocess: str         # "standardize" (per-channel mean/std) or "gcn-zca" (the paper's, CIFAR)
     label_smoothing: float  # of the training loss, PyTorch's cross_entropy label_smoothing; 0 = none
+    erase: float            # probability of random erasing (data.RandomErase) per image; 0 = none
 
     def as_dict(self):
         return asdict(self)
@@ -67,7 +68,8 @@ _AUTHORS = dict(momentum=0.9,       # Caffe solver
                 last_lr_mult=0.1,   # Caffe blobs_lr 0.1 on cccp6 (the last 1x1 conv)
                 batch_size=128,     # Caffe data layer
                 dropout=0.5,        # paper, Caffe model
-                label_smoothing=0.0)  # Caffe's SoftmaxWithLoss: the plain cross-entropy
+                label_smoothing=0.0,  # Caffe's SoftmaxWithLoss: the plain cross-entropy
+                erase=0.0)            # the paper erases nothing (random erasing came in 2017)
 
 # Ours, shared by every dataset, each chosen by runs (docs/recipes.md).
 _OURS = dict(lr=0.01,            # the authors' Caffe base_lr is 0.1, but with our He init a full

@@ -85,6 +85,7 @@ class Config:
     dropout: float = None
     label_smoothing: float = None
     augment: str = None
+    erase: float = None
     crop_pad: int = None
     preprocess: str = None
     seed: int = 0
@@ -151,6 +152,8 @@ class Config:
             bad("dropout", self.dropout, "a probability in [0, 1)")
         if not (isinstance(self.label_smoothing, (int, float)) and 0 <= self.label_smoothing < 1):
             bad("label_smoothing", self.label_smoothing, "a number in [0, 1)")
+        if not (isinstance(self.erase, (int, float)) and 0 <= self.erase <= 1):
+            bad("erase", self.erase, "a probability in [0, 1]")
         if not isinstance(self.val_split, int) or self.val_split < 0:
             bad("val_split", self.val_split, "a whole number >= 0")
         for name in ("data_dir", "out"):  # a checkpoint's flags are read back from JSON
@@ -179,7 +182,7 @@ FIXED_KEYS = ("dataset", "batch_size", "preprocess", "seed", "limit", "val_split
 # Optimisation settings a resumed run may change (e.g. a lower lr after a divergence); the run is
 # then no longer the same as an uninterrupted one, and train.py says so.
 TUNABLE_KEYS = ("lr", "momentum", "weight_decay", "bias_lr_mult", "last_lr_mult", "schedule",
-                "warmup_steps", "dropout", "label_smoothing", "augment", "crop_pad")
+                "warmup_steps", "dropout", "label_smoothing", "augment", "crop_pad", "erase")
 RUN_KEYS = FIXED_KEYS + TUNABLE_KEYS
 # epochs, device, out, data_dir and download may change freely.
 
@@ -346,8 +349,10 @@ class Trainer:
             raise TrainingError(f"--crop-pad {c.crop_pad}: expected a whole number below the image "
                                 f"side, {side} (a shift of {side} or more pixels leaves a blank "
                                 "image)")
-        self.augment = (data.RandomCropFlip(pad=c.crop_pad if crop else 0, flip=flip)
-                        if crop or flip else None)
+        augments = [data.RandomCropFlip(pad=c.crop_pad if crop else 0, flip=flip)] if crop or flip else []
+        if c.erase:   # after the crop, so that the erased rectangle lies inside the image seen
+            augments.append(data.RandomErase(p=c.erase))
+        self.augment = data.Augmentations(*augments) if len(augments) > 1 else (augments or [None])[0]
         to = partial(backend.to_device, device=self.device)  # the whole uint8 set lives on the device
         self.x_train, self.y_train = to(x_train), y_train
         self.x_test, self.y_test = to(ds.x_test), ds.y_test

@@ -22,10 +22,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import GPU_PATHS_AND_TF32, tf32, use_device
 from ninpy import backend, datasets, download as download_module
-from ninpy.data import (GcnZca, Standardize, batches, crop_flip, fit_gcn_zca, gcn, random_crop_flip,
+from ninpy.data import (Augmentations, GcnZca, RandomCropFlip, RandomErase, Standardize, batches,
+                        crop_flip, erase_boxes, fit_gcn_zca, gcn, random_crop_flip,
                         split_validation)
 from ninpy.datasets import DataError, load_dataset
 from ninpy.download import download
@@ -595,6 +598,66 @@ def test_random_crop_flip_shapes_and_draws():
         assert any(np.array_equal(out[n], w) for w in windows)
 
 
+def erased_by_loop(batch, top, left, heights, widths):
+    """erase_boxes written image by image, the reference."""
+    out = batch.copy()
+    for n in range(len(batch)):
+        out[n, :, top[n]:top[n] + heights[n], left[n]:left[n] + widths[n]] = 0
+    return out
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 9), st.integers(1, 9), st.integers(0, 2**32 - 1))
+def test_erase_boxes_matches_a_loop_over_images(n, h, w, seed):
+    rng = np.random.default_rng(seed)
+    batch = rng.integers(1, 256, (n, 2, h, w), dtype=np.uint8)
+    heights, widths = rng.integers(0, h + 1, n), rng.integers(1, w + 1, n)
+    top, left = rng.integers(0, h - heights + 1), rng.integers(0, w - widths + 1)
+    out = erase_boxes(batch, top, left, heights, widths)
+    assert out.dtype == batch.dtype
+    np.testing.assert_array_equal(out, erased_by_loop(batch, top, left, heights, widths))
+
+
+@pytest.mark.parametrize("h, w", [(28, 28), (32, 32), (5, 3), (1, 1)])
+def test_random_erase_rectangles_have_the_drawn_area_and_lie_inside(h, w):
+    erase = RandomErase(p=1.0)
+    top, left, heights, widths = erase.boxes(erase.draw(4000, np.random.default_rng(3)), h, w)
+    assert (heights >= 1).all() and (widths >= 1).all()
+    assert (top >= 0).all() and (left >= 0).all()
+    assert (top + heights <= h).all() and (left + widths <= w).all()
+    if h * w >= 28 * 28:   # rounding aside, 2% to 33% of the image, aspect ratio 0.3 to 3.3
+        area = heights * widths / (h * w)
+        assert 0.015 < area.min() and area.max() < 0.40 and 0.12 < area.mean() < 0.2
+        assert (heights / widths).min() > 0.2 and (heights / widths).max() < 4.5   # small ones round
+    some = RandomErase(p=0.25).boxes(RandomErase(p=0.25).draw(4000, np.random.default_rng(4)), h, w)
+    assert 0.22 < (some[2] > 0).mean() < 0.28     # p: the fraction of images erased
+
+
+def test_random_erase_blackens_one_rectangle_and_leaves_the_rest():
+    batch = np.random.default_rng(5).integers(1, 256, (64, 3, 28, 28), dtype=np.uint8)
+    out = RandomErase(p=0.5)(batch, rng=np.random.default_rng(6))
+    draws = RandomErase(p=0.5).draw(64, np.random.default_rng(6))
+    np.testing.assert_array_equal(out, erased_by_loop(batch, *RandomErase.boxes(draws, 28, 28)))
+    erased = (out == 0).all(axis=1).any(axis=(1, 2))
+    assert 15 < erased.sum() < 50
+    np.testing.assert_array_equal(out[~erased], batch[~erased])
+    np.testing.assert_array_equal(RandomErase(p=0.0)(batch, rng=np.random.default_rng(6)), batch)
+    with pytest.raises(ValueError, match="erase probability"):
+        RandomErase(p=1.5)
+
+
+def test_a_resumed_epoch_replays_every_augmentations_draws():
+    x = np.random.default_rng(7).integers(0, 256, (40, 1, 6, 6), dtype=np.uint8)
+    y = np.arange(40)
+    augment = Augmentations(RandomCropFlip(pad=1, flip=True), RandomErase(p=0.7))
+    epoch = batches(x, y, 8, shuffle=True, seed=2, epoch=1, augment=augment)
+    whole = list(epoch)
+    for start in (1, 3):
+        for (xa, ya), (xb, yb) in zip(whole[start:], epoch.iterate(start)):
+            np.testing.assert_array_equal(xa, xb)
+            np.testing.assert_array_equal(ya, yb)
+
+
 # ---------------------------------------------------------------------------------------------
 # Preprocessing and validation split.
 
@@ -668,7 +731,7 @@ def test_gpu_batches_augmentation_and_preprocessing_match_the_cpu(device, monkey
     y = rng.integers(0, 10, 37)
     norm = Standardize().fit(x)
     assert np.allclose(Standardize().fit(xp.asarray(x)).mean, norm.mean)
-    augment = partial(random_crop_flip, pad=2, flip=True)
+    augment = Augmentations(RandomCropFlip(pad=2, flip=True), RandomErase(p=0.5))
     run = partial(batches, x, y, 8, shuffle=True, seed=1, epoch=4, augment=augment, transform=norm)
     for (xc, yc), (xg, yg) in zip(run(device="cpu"), run(device=device)):
         assert backend.device_of(xg) == device and backend.device_of(yg) == device

@@ -128,6 +128,8 @@ def test_bad_flags(env, args, fragments):
     (["--lr", "nan"], ["--lr"]),
     (["--momentum", "1.5"], ["--momentum"]),
     (["--label-smoothing", "1.5"], ["--label-smoothing"]),
+    (["--erase", "1.5"], ["--erase"]),
+    (["--erase", "-0.1"], ["--erase"]),
     (["--schedule", "step:ten"], ["--schedule"]),
     (["--limit", "0"], ["--limit"]),
     (["--svhn-extra"], ["--svhn-extra"]),
@@ -395,7 +397,8 @@ def test_ctrl_c_saves_a_resumable_checkpoint_and_exits_130(env, tmp_path):
     ("epochs", 0), ("batch_size", 0), ("lr", 0.0), ("lr", float("inf")), ("momentum", 1.0),
     ("weight_decay", -1.0), ("augment", "rotate"), ("preprocess", "pca"), ("schedule", "step:"),
     ("limit", 0), ("limit", [5]), ("seed", -1), ("val_split", -2), ("dropout", 1.0),
-    ("warmup_steps", -1), ("label_smoothing", 1.0), ("label_smoothing", -0.1)])
+    ("warmup_steps", -1), ("label_smoothing", 1.0), ("label_smoothing", -0.1),
+    ("erase", 1.5), ("erase", -0.5), ("erase", "half")])
 def test_config_validation_names_the_setting(field, value):
     config = Config.for_dataset("mnist")
     setattr(config, field, value)
