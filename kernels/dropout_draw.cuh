@@ -1,4 +1,5 @@
-// Dropout's draws, shared by every kernel that applies dropout (elementwise.cu's dropout_kernel).
+// Dropout's draws, shared by every kernel that applies dropout: elementwise.cu's dropout_kernel, and
+// pooling.cu's kernels, which apply the dropout that follows a pooling in the pooling's own launch.
 // gpu_kernels.py puts this text in place of each `#include "dropout_draw.cuh"` before NVRTC compiles
 // a file (the emulator's g++ includes it as usual); the guard keeps one copy where several files
 // that include it are compiled together.

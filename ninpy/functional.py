@@ -489,6 +489,72 @@ def _check_dropout_probability(p):
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
 
 
+# ---- pooling followed by dropout ----------------------------------------------------------------
+
+class PoolDropout(Function):
+    """y = pool(x) * mask (max or average pooling, then dropout), mask[o] = (u(seed, offset + o) >= p)
+    / (1 - p) for each element o of the pooled output, as CounterDropout draws it;
+    dx = pool's backward of dy * mask.
+
+    The GPU's pair: NIN follows each pooling with dropout. Here the pooling kernels draw the mask
+    and multiply by it as they write y, and their backward draws it again and reads dy * mask where
+    they read dy (kernels/pooling.cu), so the pair is one launch each way instead of two; the
+    numbers are those of CounterDropout after MaxPool2d or AvgPool2d, bit for bit (the same draws,
+    the same products).
+    """
+
+    def forward(self, x, pool, window, out_hw, count_include_pad, draw):
+        self.kernels, self.x_shape, self.geometry = kernels_for(x), x.shape, window
+        self.pool, self.count_include_pad, self.draw = pool, count_include_pad, draw
+        if pool == "max":
+            y, self.argmax = self.kernels.max_pool_forward(x, *window, *out_hw, dropout=draw)
+            return y
+        return self.kernels.avg_pool_forward(x, *window, *out_hw, count_include_pad, dropout=draw)
+
+    def backward(self, grad):
+        if self.pool == "max":
+            return (self.kernels.max_pool_backward(grad, self.argmax, self.x_shape, *self.geometry,
+                                                   dropout=self.draw),)
+        return (self.kernels.avg_pool_backward(grad, self.x_shape, *self.geometry,
+                                               self.count_include_pad, dropout=self.draw),)
+
+
+def max_pool2d_dropout(input, kernel_size, stride=None, padding=0, ceil_mode=False, *, p=0.5,
+                       training=True):
+    """dropout(max_pool2d(input, kernel_size, stride, padding, ceil_mode=ceil_mode), p, training):
+    NIN's max pooling and the dropout after it, one operator (PoolDropout) on the GPU while
+    training, the two one after the other elsewhere. ninpy's own (torch has no such function)."""
+    return _pool_then_dropout("max", input, kernel_size, stride, padding, ceil_mode, True, p,
+                              training)
+
+
+def avg_pool2d_dropout(input, kernel_size, stride=None, padding=0, ceil_mode=False,
+                       count_include_pad=True, *, p=0.5, training=True):
+    """dropout(avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad), p,
+    training), as max_pool2d_dropout."""
+    return _pool_then_dropout("avg", input, kernel_size, stride, padding, ceil_mode,
+                              count_include_pad, p, training)
+
+
+def _pool_then_dropout(pool, input, kernel_size, stride, padding, ceil_mode, count_include_pad, p,
+                       training):
+    _check_dropout_probability(p)
+    fused = training and p > 0.0 and _kernel_set == "fast" and backend.is_gpu_array(input.data)
+    if not fused:   # the CPU, evaluation, p = 0: the two operators (the CPU draws after pooling)
+        if pool == "max":
+            pooled = max_pool2d(input, kernel_size, stride, padding, ceil_mode=ceil_mode)
+        else:
+            pooled = avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad)
+        return dropout(pooled, p, training)
+    op = f"{pool}_pool2d_dropout"
+    _require_kernel_dtypes(op, input)
+    window, out_hw = _pool_geometry(input, kernel_size, stride, padding, ceil_mode, op)
+    pooled_size = input.shape[0] * input.shape[1] * out_hw[0] * out_hw[1]
+    return PoolDropout.apply(input, pool=pool, window=window, out_hw=out_hw,
+                             count_include_pad=bool(count_include_pad),
+                             draw=_gpu_dropout_draw(pooled_size, float(p)))
+
+
 # ---- loss ---------------------------------------------------------------------------------------
 
 class CrossEntropy(Function):

@@ -1,7 +1,8 @@
 """GPU kernels: launch the CUDA sources in `kernels/*.cu` on CuPy arrays.
 
 Same names and signatures as `ninpy.reference` (the readable NumPy oracle) and `ninpy.cpu_kernels`,
-plus the GPU-only `dropout_apply` (the kernel contract in docs/design.md lists them all). The
+plus the GPU-only `dropout_apply` and the pooling functions' `dropout=` (dropout drawn and applied
+in the pooling's own launch); the kernel contract in docs/design.md lists them all. The
 convolutions' GEMMs are CuPy's own 2-D matmul (ninpy/gemm.py). Every function takes and returns CuPy arrays of any strides (inputs are made C-contiguous,
 because a raw kernel ignores strides), allocates its outputs with `cupy.empty`, launches on the
 current stream and never waits for the GPU or copies to the host.
@@ -13,8 +14,9 @@ expressions such as "im2col_kernel<float, int>", compiled together by NVRTC thro
 importing this module needs no GPU. A `.cu` file may `#include "name.cuh"` from kernels/ (the
 dropout draws, shared): `kernel_sources` puts the header's text in its place, so NVRTC needs no
 include path and CuPy's cache, which keys on the text, sees a changed header. A compile error is
-raised as `KernelCompileError` naming the `.cu` file (or header) and line. `compile_with_nvrtc` compiles a source for a given architecture without any GPU,
-through the same error path; tests/test_kernels_compile.py uses it so a broken kernel fails CI.
+raised as `KernelCompileError` naming the `.cu` file (or header) and line. `compile_with_nvrtc`
+compiles a source for a given architecture without any GPU, through the same error path;
+tests/test_kernels_compile.py uses it so a broken kernel fails CI.
 
 Scalars go to the kernels as NumPy scalars of the exact C type (`numpy.int32`, the array's float
 type): CuPy would turn a Python int into `long long` and a float into `double`.
@@ -303,7 +305,12 @@ def col2im(col, x_shape, kh, kw, sh, sw, ph, pw, layout="NCHW"):
 
 
 # --- pooling --------------------------------------------------------------------------------------
-def max_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow):
+# Each pooling function also takes dropout=(p, seed, offset) (GPU only; None: no dropout): forward
+# then gives dropout_apply(y, p, seed, offset), the dropout after the pooling drawn and applied in
+# the pooling's own launch, and backward the gradient of that, dy * mask pooled back
+# (kernels/pooling.cu); the same numbers as the two operators one after the other, one launch fewer.
+
+def max_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow, *, dropout=None):
     """y = max over each window's real elements (NaN wins); argmax (int32) = h*W + w of the winner.
     x (N, C, H, W) or channels first (C, N, H, W): a stack of (H, W) planes either way."""
     check_pool_output(x.shape, kh, kw, sh, sw, ph, pw, oh, ow)
@@ -313,11 +320,12 @@ def max_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow):
     y = cupy.empty((N, C, oh, ow), dtype=x.dtype)
     argmax = cupy.empty((N, C, oh, ow), dtype=np.int32)
     _launch("pooling.cu", "max_pool_forward_kernel", x.dtype, y.size,
-            (x, y, argmax, _Index(y.size)) + _i32(H, W, kh, kw, sh, sw, ph, pw, oh, ow))
+            (x, y, argmax, _Index(y.size)) + _i32(H, W, kh, kw, sh, sw, ph, pw, oh, ow)
+            + _dropout_args(dropout, x.dtype))
     return y, argmax
 
 
-def max_pool_backward(dy, argmax, x_shape, kh, kw, sh, sw, ph, pw):
+def max_pool_backward(dy, argmax, x_shape, kh, kw, sh, sw, ph, pw, *, dropout=None):
     """dx[n, c, h, w] = sum of dy over the windows whose argmax is h*W + w. Planes in either layout.
     A gather through the covering windows, one thread per dx element; the reference scatters with
     np.add.at, Numba within the plane an iteration owns."""
@@ -332,11 +340,12 @@ def max_pool_backward(dy, argmax, x_shape, kh, kw, sh, sw, ph, pw):
     oh, ow = dy.shape[2:]
     dx = cupy.empty((N, C, H, W), dtype=dy.dtype)
     _launch("pooling.cu", "max_pool_backward_kernel", dy.dtype, dx.size,
-            (dy, argmax, dx, _Index(dx.size)) + _i32(H, W, kh, kw, sh, sw, ph, pw, oh, ow))
+            (dy, argmax, dx, _Index(dx.size)) + _i32(H, W, kh, kw, sh, sw, ph, pw, oh, ow)
+            + _dropout_args(dropout, dy.dtype))
     return dx
 
 
-def avg_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad=True):
+def avg_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad=True, *, dropout=None):
     """y = sum of each window's real elements / divisor (padding counted if count_include_pad).
     x (N, C, H, W) or channels first (C, N, H, W): a stack of (H, W) planes either way."""
     check_pool_output(x.shape, kh, kw, sh, sw, ph, pw, oh, ow)
@@ -345,11 +354,12 @@ def avg_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad=True):
     N, C, H, W = x.shape
     y = cupy.empty((N, C, oh, ow), dtype=x.dtype)
     _launch("pooling.cu", "avg_pool_forward_kernel", x.dtype, y.size,
-            (x, y, _Index(y.size)) + _i32(H, W, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad))
+            (x, y, _Index(y.size)) + _i32(H, W, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad)
+            + _dropout_args(dropout, x.dtype))
     return y
 
 
-def avg_pool_backward(dy, x_shape, kh, kw, sh, sw, ph, pw, count_include_pad=True):
+def avg_pool_backward(dy, x_shape, kh, kw, sh, sw, ph, pw, count_include_pad=True, *, dropout=None):
     """dx[n, c, h, w] = sum over the windows covering (h, w) of dy / divisor. Planes in either layout.
     A gather, one thread per dx element; the reference and Numba scatter (cpu_kernels: three
     algorithms)."""
@@ -360,7 +370,8 @@ def avg_pool_backward(dy, x_shape, kh, kw, sh, sw, ph, pw, count_include_pad=Tru
     oh, ow = dy.shape[2:]
     dx = cupy.empty((N, C, H, W), dtype=dy.dtype)
     _launch("pooling.cu", "avg_pool_backward_kernel", dy.dtype, dx.size,
-            (dy, dx, _Index(dx.size)) + _i32(H, W, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad))
+            (dy, dx, _Index(dx.size)) + _i32(H, W, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad)
+            + _dropout_args(dropout, dy.dtype))
     return dx
 
 
