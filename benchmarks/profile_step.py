@@ -85,8 +85,8 @@ def instrument(timer):
     """Wrap the operators, kernels and helpers that a NIN step calls."""
     timer.wrap(F.Conv2d, "forward", _conv_forward_label)
     timer.wrap(F.Conv2d, "backward", _conv_backward_label)
-    for cls in (F.MaxPool2d, F.AvgPool2d, F.GlobalAvgPool2d, F.Dropout, F.CrossEntropy, F.ReLU,
-                F.SwapBatchAndChannels):
+    for cls in (F.MaxPool2d, F.AvgPool2d, F.GlobalAvgPool2d, F.Dropout, F.CounterDropout,
+                F.CrossEntropy, F.ReLU, F.SwapBatchAndChannels):
         timer.wrap(cls, "forward", f"{cls.__name__} forward (glue)")
         timer.wrap(cls, "backward", f"{cls.__name__} backward (glue)")
     kernels = {

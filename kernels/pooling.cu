@@ -22,12 +22,21 @@
 //   count_include_pad (Caffe's rule, PyTorch's default) the window clipped to the padded image
 //   [-p, size + p), else clipped to the image [0, size): the real elements only.
 //
+// Dropout after the pooling, in the same launch (GPU only: NIN follows each pooling with dropout):
+//   with p > 0 each output element o of y becomes y[o] * mask(o), mask(o) = dropout_mask_value(seed,
+//   offset + o, p, scale) (dropout_draw.cuh: the mask elementwise.cu's dropout_kernel would apply to
+//   y, drawn from the same counters), and the backward kernels draw it again and read dy[o] * mask(o)
+//   where they read dy[o]: the gradient of dropout(pool(x)). The products are dropout_kernel's, so the
+//   numbers are those of the two operators one after the other, bit for bit. p = 0: no dropout.
+//
 // The window arithmetic (covering_windows, avg_pool_divisor) is derived once, with its reasoning, in
 // ninpy/shapes.py, whose functions of the same names these repeat in C; tests/test_gpu.py holds these
 // kernels to ninpy/reference.py, which uses them.
 //
 // Index is int when every flat index (and index + grid size) fits in 31 bits, long long otherwise.
 // T is float or double.
+
+#include "dropout_draw.cuh"
 
 // The output positions whose windows cover padded position p (= h + ph): [*start, *end).
 // shapes.covering_windows: start = ceil((p - k + 1) / s) clipped at 0, end = floor(p / s) + 1.
@@ -46,7 +55,8 @@ template <typename T, typename Index>
 __global__ void max_pool_forward_kernel(const T* __restrict__ x, T* __restrict__ y,
                                         int* __restrict__ argmax, Index total, int H, int W,
                                         int kh, int kw, int sh, int sw, int ph, int pw,
-                                        int oh, int ow) {
+                                        int oh, int ow, unsigned long long seed,
+                                        unsigned long long offset, T p, T scale) {
     const Index stride = (Index)blockDim.x * gridDim.x;
     for (Index e = (Index)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
         const int ox = (int)(e % ow);
@@ -68,7 +78,7 @@ __global__ void max_pool_forward_kernel(const T* __restrict__ x, T* __restrict__
                 }
             }
         }
-        y[e] = best;
+        y[e] = dropout_at(best, seed, offset + (unsigned long long)e, p, scale);
         argmax[e] = best_index;
     }
 }
@@ -77,7 +87,8 @@ template <typename T, typename Index>
 __global__ void max_pool_backward_kernel(const T* __restrict__ dy, const int* __restrict__ argmax,
                                          T* __restrict__ dx, Index total, int H, int W,
                                          int kh, int kw, int sh, int sw, int ph, int pw,
-                                         int oh, int ow) {
+                                         int oh, int ow, unsigned long long seed,
+                                         unsigned long long offset, T p, T scale) {
     const Index stride = (Index)blockDim.x * gridDim.x;
     for (Index e = (Index)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
         const int w = (int)(e % W);
@@ -95,7 +106,7 @@ __global__ void max_pool_backward_kernel(const T* __restrict__ dy, const int* __
             for (int ox = x_start; ox < x_end; ++ox) {
                 const Index o = base + oy * ow + ox;
                 if (argmax[o] == me) {
-                    sum += dy[o];
+                    sum += dropout_at(dy[o], seed, offset + (unsigned long long)o, p, scale);
                 }
             }
         }
@@ -106,7 +117,9 @@ __global__ void max_pool_backward_kernel(const T* __restrict__ dy, const int* __
 template <typename T, typename Index>
 __global__ void avg_pool_forward_kernel(const T* __restrict__ x, T* __restrict__ y, Index total,
                                         int H, int W, int kh, int kw, int sh, int sw,
-                                        int ph, int pw, int oh, int ow, int count_include_pad) {
+                                        int ph, int pw, int oh, int ow, int count_include_pad,
+                                        unsigned long long seed, unsigned long long offset, T p,
+                                        T scale) {
     const Index stride = (Index)blockDim.x * gridDim.x;
     for (Index e = (Index)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
         const int ox = (int)(e % ow);
@@ -125,14 +138,16 @@ __global__ void avg_pool_forward_kernel(const T* __restrict__ x, T* __restrict__
                 sum += xp[h * W + w];
             }
         }
-        y[e] = sum / T(size);
+        y[e] = dropout_at(sum / T(size), seed, offset + (unsigned long long)e, p, scale);
     }
 }
 
 template <typename T, typename Index>
 __global__ void avg_pool_backward_kernel(const T* __restrict__ dy, T* __restrict__ dx, Index total,
                                          int H, int W, int kh, int kw, int sh, int sw,
-                                         int ph, int pw, int oh, int ow, int count_include_pad) {
+                                         int ph, int pw, int oh, int ow, int count_include_pad,
+                                        unsigned long long seed, unsigned long long offset, T p,
+                                        T scale) {
     const Index stride = (Index)blockDim.x * gridDim.x;
     for (Index e = (Index)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
         const int w = (int)(e % W);
@@ -143,13 +158,14 @@ __global__ void avg_pool_backward_kernel(const T* __restrict__ dy, T* __restrict
         int y_start, y_end, x_start, x_end;
         covering_windows(hp, kh, sh, oh, &y_start, &y_end);
         covering_windows(wp, kw, sw, ow, &x_start, &x_end);
-        const T* dyp = dy + plane * oh * ow;
+        const Index base = plane * oh * ow;
         T sum = T(0);
         for (int oy = y_start; oy < y_end; ++oy) {
             const int rows = avg_pool_divisor(oy * sh - ph, kh, H, ph, count_include_pad);
             for (int ox = x_start; ox < x_end; ++ox) {
                 const int size = rows * avg_pool_divisor(ox * sw - pw, kw, W, pw, count_include_pad);
-                sum += dyp[oy * ow + ox] / T(size);
+                const Index o = base + oy * ow + ox;
+                sum += dropout_at(dy[o], seed, offset + (unsigned long long)o, p, scale) / T(size);
             }
         }
         dx[e] = sum;

@@ -162,8 +162,14 @@ class Conv2d(Function):
     models.NIN keeps its activations channels first between layers (layout="CNHW"). An (N, C, H, W)
     input, the public layout, is copied to channels first on the way in and the result copied
     back: two copies, the price of a standalone call (docs/design.md, "Array layouts").
-    col is recomputed in backward rather than kept: keeping it costs far more memory than the time
-    it saves (docs/why-fast.md). reference.Conv2d is the same convolution without any of this.
+    On the CPU col is recomputed in backward rather than kept: there keeping it cost about 25% more
+    memory for about 3% of a step (docs/why-fast.md). On the GPU (and the emulated device, which
+    runs its code) it is kept from forward to backward: there a step's floor is the host's time to
+    launch its kernels, and recomputing costs one im2col launch per convolution with a k x k kernel
+    (3 a NIN step), while keeping costs memory the GPU has: for CIFAR-10 NIN at batch 128, the
+    three columns hold 102,629,376 values, 410.5 MB in float32, from forward to their backward
+    (docs/gpu-launches.md). backward drops them once dW is made, and the graph's release after
+    backward drops them in any case. reference.Conv2d is the same convolution without any of this.
     """
 
     saved_inputs = (0, 1)   # x and the weight (torch's convolution saves both)
@@ -180,7 +186,10 @@ class Conv2d(Function):
         self.kernels = kernels_for(x)
         self.x, self.w, self.has_bias, self.relu = x, w, b is not None, relu
         self.pointwise = (kh, kw) == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
-        y2 = matmul(w.reshape(c_out, -1), self._columns())     # (C_out, N*oh*ow)
+        columns = self._columns()
+        # kept for backward on the GPU only: one launch fewer there, memory saved on the CPU
+        self.kept_columns = columns if backend.is_gpu_array(x) else None
+        y2 = matmul(w.reshape(c_out, -1), columns)             # (C_out, N*oh*ow)
         if relu and b is not None:
             self.kernels.bias_relu_(y2[None], b)               # (1, C_out, N*oh*ow): one plane a channel
         elif relu:
@@ -196,8 +205,11 @@ class Conv2d(Function):
         grad = _swapped(grad) if self.batch_first else grad
         c_out = self.out_shape[0]
         g2, grad_b = self._relu_and_bias_backward(grad.reshape(c_out, -1 if grad.size else 0))
-        grad_w = (g2 @ self._columns().T).reshape(self.w.shape)   # col is dropped right after,
-        if not self.needs_input_grad[0]:                            # so dcol can take its memory
+        columns = self._columns() if self.kept_columns is None else self.kept_columns
+        grad_w = (g2 @ columns.T).reshape(self.w.shape)
+        del columns                              # col is dropped here (kept or recomputed),
+        self.kept_columns = None                 # so that dcol can take its memory
+        if not self.needs_input_grad[0]:
             return None, grad_w, grad_b
         dcolumns = matmul(self.w.reshape(c_out, -1).T, g2)
         grad_x = dcolumns.reshape(self.x.shape) if self.pointwise else self._col2im(dcolumns)
@@ -417,7 +429,8 @@ def global_avg_pool2d(input, *, layout="NCHW"):
 
 class Dropout(Function):
     """y = x * mask, mask = Bernoulli(1 - p) / (1 - p) (inverted dropout);  dx = dy * mask.
-    The mask is drawn by `dropout`, so both paths draw the same numbers."""
+    The CPU's dropout: `dropout` draws the mask from ninpy.random's NumPy generator, and the
+    plain path's reference.Dropout takes the same mask."""
 
     saved_inputs = ()
 
@@ -429,28 +442,123 @@ class Dropout(Function):
         return (backend.array_module(grad).multiply(grad, self.mask, out=memory.pooled_empty_for(grad, grad.shape)),)
 
 
+class CounterDropout(Function):
+    """y = x * mask, mask[e] = (u(seed, offset + e) >= p) / (1 - p);  dx = dy * mask.
+    The GPU's dropout: u is the counter-based uniform of ninpy.random's GPU stream, which the
+    kernel draws as it multiplies (gpu_kernels.dropout_apply). backward draws the same mask again
+    from (seed, offset) instead of keeping it: one launch each way, as a kept mask would take, and
+    no mask in memory (docs/gpu-launches.md)."""
+
+    saved_inputs = ()
+
+    def forward(self, x, draw):
+        self.kernels, self.draw = kernels_for(x), draw
+        return self.kernels.dropout_apply(x, *draw)
+
+    def backward(self, grad):
+        return (self.kernels.dropout_apply(grad, *self.draw),)
+
+
 def _dropout_mask(x, p):
-    """0 where dropped, 1/(1-p) where kept, drawn from ninpy.random's generators."""
+    """The CPU's mask: 0 where dropped, 1/(1-p) where kept, drawn from ninpy.random's generator."""
     if p == 1.0:
-        return backend.array_module(x).zeros_like(x)
-    if backend.is_gpu_array(x):
-        seed, offset = random.next_gpu_stream(x.size)
-        return kernels_for(x).dropout_mask(x.shape, p, seed, offset, x.dtype, backend.device_of(x))
+        return np.zeros_like(x)
     keep = random.cpu_generator().random(x.shape, dtype=np.float32) >= p
     return keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - p))
+
+
+def _gpu_dropout_draw(count, p):
+    """(p, seed, offset) for a GPU dropout of `count` elements: `count` counters reserved from
+    ninpy.random's GPU stream. p = 1 drops everything and draws nothing (the stream stays put)."""
+    if p == 1.0:
+        return p, 0, 0
+    return (p, *random.next_gpu_stream(count))
 
 
 def dropout(input, p=0.5, training=True, inplace=False):
     """Zero each element with probability p while training and scale the rest by 1/(1 - p);
     identity in evaluation (the same tensor, as in PyTorch)."""
     refuse_unimplemented("dropout", inplace=(inplace, False))
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    _check_dropout_probability(p)
     if not training or p == 0.0:   # p = 0 keeps every element: the values torch returns, no draw
         return input
     _require_kernel_dtypes("dropout", input)
-    mask = _dropout_mask(input.data, float(p))
-    return (reference.Dropout if _plain(input) else Dropout).apply(input, mask=mask)
+    if _plain(input):
+        return reference.Dropout.apply(input, mask=_dropout_mask(input.data, float(p)))
+    if backend.is_gpu_array(input.data):
+        return CounterDropout.apply(input, draw=_gpu_dropout_draw(input.data.size, float(p)))
+    return Dropout.apply(input, mask=_dropout_mask(input.data, float(p)))
+
+
+def _check_dropout_probability(p):
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+
+
+# ---- pooling followed by dropout ----------------------------------------------------------------
+
+class PoolDropout(Function):
+    """y = pool(x) * mask (max or average pooling, then dropout), mask[o] = (u(seed, offset + o) >= p)
+    / (1 - p) for each element o of the pooled output, as CounterDropout draws it;
+    dx = pool's backward of dy * mask.
+
+    The GPU's pair: NIN follows each pooling with dropout. Here the pooling kernels draw the mask
+    and multiply by it as they write y, and their backward draws it again and reads dy * mask where
+    they read dy (kernels/pooling.cu), so the pair is one launch each way instead of two; the
+    numbers are those of CounterDropout after MaxPool2d or AvgPool2d, bit for bit (the same draws,
+    the same products).
+    """
+
+    def forward(self, x, pool, window, out_hw, count_include_pad, draw):
+        self.kernels, self.x_shape, self.geometry = kernels_for(x), x.shape, window
+        self.pool, self.count_include_pad, self.draw = pool, count_include_pad, draw
+        if pool == "max":
+            y, self.argmax = self.kernels.max_pool_forward(x, *window, *out_hw, dropout=draw)
+            return y
+        return self.kernels.avg_pool_forward(x, *window, *out_hw, count_include_pad, dropout=draw)
+
+    def backward(self, grad):
+        if self.pool == "max":
+            return (self.kernels.max_pool_backward(grad, self.argmax, self.x_shape, *self.geometry,
+                                                   dropout=self.draw),)
+        return (self.kernels.avg_pool_backward(grad, self.x_shape, *self.geometry,
+                                               self.count_include_pad, dropout=self.draw),)
+
+
+def max_pool2d_dropout(input, kernel_size, stride=None, padding=0, ceil_mode=False, *, p=0.5,
+                       training=True):
+    """dropout(max_pool2d(input, kernel_size, stride, padding, ceil_mode=ceil_mode), p, training):
+    NIN's max pooling and the dropout after it, one operator (PoolDropout) on the GPU while
+    training, the two one after the other elsewhere. ninpy's own (torch has no such function)."""
+    return _pool_then_dropout("max", input, kernel_size, stride, padding, ceil_mode, True, p,
+                              training)
+
+
+def avg_pool2d_dropout(input, kernel_size, stride=None, padding=0, ceil_mode=False,
+                       count_include_pad=True, *, p=0.5, training=True):
+    """dropout(avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad), p,
+    training), as max_pool2d_dropout."""
+    return _pool_then_dropout("avg", input, kernel_size, stride, padding, ceil_mode,
+                              count_include_pad, p, training)
+
+
+def _pool_then_dropout(pool, input, kernel_size, stride, padding, ceil_mode, count_include_pad, p,
+                       training):
+    _check_dropout_probability(p)
+    fused = training and p > 0.0 and _kernel_set == "fast" and backend.is_gpu_array(input.data)
+    if not fused:   # the CPU, evaluation, p = 0: the two operators (the CPU draws after pooling)
+        if pool == "max":
+            pooled = max_pool2d(input, kernel_size, stride, padding, ceil_mode=ceil_mode)
+        else:
+            pooled = avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad)
+        return dropout(pooled, p, training)
+    op = f"{pool}_pool2d_dropout"
+    _require_kernel_dtypes(op, input)
+    window, out_hw = _pool_geometry(input, kernel_size, stride, padding, ceil_mode, op)
+    pooled_size = input.shape[0] * input.shape[1] * out_hw[0] * out_hw[1]
+    return PoolDropout.apply(input, pool=pool, window=window, out_hw=out_hw,
+                             count_include_pad=bool(count_include_pad),
+                             draw=_gpu_dropout_draw(pooled_size, float(p)))
 
 
 # ---- loss ---------------------------------------------------------------------------------------

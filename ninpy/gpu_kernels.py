@@ -1,7 +1,8 @@
 """GPU kernels: launch the CUDA sources in `kernels/*.cu` on CuPy arrays.
 
 Same names and signatures as `ninpy.reference` (the readable NumPy oracle) and `ninpy.cpu_kernels`,
-plus the GPU-only `dropout_mask` (the kernel contract in docs/design.md lists them all). The
+plus the GPU-only `dropout_apply` and the pooling functions' `dropout=` (dropout drawn and applied
+in the pooling's own launch); the kernel contract in docs/design.md lists them all. The
 convolutions' GEMMs are CuPy's own 2-D matmul (ninpy/gemm.py). Every function takes and returns CuPy arrays of any strides (inputs are made C-contiguous,
 because a raw kernel ignores strides), allocates its outputs with `cupy.empty`, launches on the
 current stream and never waits for the GPU or copies to the host.
@@ -10,9 +11,12 @@ Each `.cu` file is one concern with `template <typename T, ...>` kernels; its fl
 versions (and an int / long long index type where sizes can pass 2**31) are named as C++ name
 expressions such as "im2col_kernel<float, int>", compiled together by NVRTC through
 `cupy.RawModule` the first time a kernel of that file is used (and cached by CuPy on disk), so
-importing this module needs no GPU. A compile error is raised as `KernelCompileError` naming the
-`.cu` file and line. `compile_with_nvrtc` compiles a source for a given architecture without any GPU,
-through the same error path; tests/test_kernels_compile.py uses it so a broken kernel fails CI.
+importing this module needs no GPU. A `.cu` file may `#include "name.cuh"` from kernels/ (the
+dropout draws, shared): `kernel_sources` puts the header's text in its place, so NVRTC needs no
+include path and CuPy's cache, which keys on the text, sees a changed header. A compile error is
+raised as `KernelCompileError` naming the `.cu` file (or header) and line. `compile_with_nvrtc`
+compiles a source for a given architecture without any GPU, through the same error path;
+tests/test_kernels_compile.py uses it so a broken kernel fails CI.
 
 Scalars go to the kernels as NumPy scalars of the exact C type (`numpy.int32`, the array's float
 type): CuPy would turn a Python int into `long long` and a float into `double`.
@@ -71,7 +75,7 @@ _KERNELS = {
     "global_avg_pool.cu": {"global_avg_pool_forward_kernel": INTEGERS,
                            "global_avg_pool_backward_kernel": INTEGERS},
     "elementwise.cu": {"bias_relu_kernel": INTEGERS, "add_bias_kernel": INTEGERS,
-                       "relu_backward_kernel": INTEGERS, "dropout_mask_kernel": INTEGERS},
+                       "relu_backward_kernel": INTEGERS, "dropout_kernel": INTEGERS},
     "relu_bias_backward.cu": {"relu_bias_backward_kernel": INTEGERS},
     "sgd.cu": {"sgd_update_kernel": INTEGERS, "sgd_update_many_kernel": INTEGERS},
 }
@@ -99,15 +103,35 @@ def _name_expressions(filename):
 
 
 def kernel_sources():
-    """[(path, source text, [name expressions for float and double])] for every kernels/*.cu file."""
+    """[(path, source text, [name expressions for float and double])] for every kernels/*.cu file,
+    its headers' text in place of its `#include "name.cuh"` lines."""
     sources = []
     for filename in _KERNELS:
-        path = KERNEL_DIR / filename
-        if not path.is_file():
-            raise FileNotFoundError(f"CUDA source {path} is missing; reinstall ninpy (`pip install .`) "
-                                    "so that kernels/*.cu are installed as package data")
-        sources.append((path, path.read_text(), _name_expressions(filename)))
+        path = _kernel_file(filename)
+        sources.append((path, _with_headers(path, path.read_text()), _name_expressions(filename)))
     return sources
+
+
+def _kernel_file(filename):
+    path = KERNEL_DIR / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"CUDA source {path} is missing; reinstall ninpy (`pip install .`) "
+                                "so that kernels/*.cu and *.cuh are installed as package data")
+    return path
+
+
+_INCLUDE = re.compile(r'^#include "(?P<name>[\w.]+\.cuh)"[ \t]*$', re.M)
+
+
+def _with_headers(path, source):
+    """source with each `#include "name.cuh"` line replaced by kernels/NAME.cuh's text, between
+    #line directives: NVRTC then names the header's file and lines in an error, and the .cu
+    file's own lines keep their numbers."""
+    def header(match):
+        line = source.count("\n", 0, match.start()) + 1
+        text = _kernel_file(match["name"]).read_text()
+        return f'#line 1 "{match["name"]}"\n{text}\n#line {line + 1} "{Path(path).name}"'
+    return _INCLUDE.sub(header, source)
 
 
 # --- compile errors -------------------------------------------------------------------------------
@@ -129,7 +153,9 @@ def format_compile_error(path, log):
     for raw in log.splitlines():
         match = _LOG_LINE.match(raw.strip())
         if match and "error" in match["message"]:
-            lines.append(f"{path}:{match['line']}: {match['message']}")
+            where = Path(match["file"]).name
+            where = Path(path).with_name(where) if where.endswith(".cuh") else path  # an included header
+            lines.append(f"{where}:{match['line']}: {match['message']}")
     if not lines:  # an error without a position (bad option, missing name expression): keep it all
         lines = [f"{path}: {log.strip() or 'NVRTC failed without a log'}"]
     return f"CUDA kernel source {path} failed to compile (NVRTC):\n  " + "\n  ".join(lines)
@@ -282,8 +308,12 @@ def col2im(col, x_shape, kh, kw, sh, sw, ph, pw, layout="NCHW"):
 
 
 # --- pooling --------------------------------------------------------------------------------------
+# Each pooling function also takes dropout=(p, seed, offset) (GPU only; None: no dropout): forward
+# then gives dropout_apply(y, p, seed, offset), the dropout after the pooling drawn and applied in
+# the pooling's own launch, and backward the gradient of that, dy * mask pooled back
+# (kernels/pooling.cu); the same numbers as the two operators one after the other, one launch fewer.
 
-def max_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow):
+def max_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow, *, dropout=None):
     """y = max over each window's real elements (NaN wins); argmax (int32) = h*W + w of the winner.
     x (N, C, H, W) or channels first (C, N, H, W): a stack of (H, W) planes either way."""
     check_pool_output(x.shape, kh, kw, sh, sw, ph, pw, oh, ow)
@@ -293,11 +323,12 @@ def max_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow):
     y = cupy.empty((N, C, oh, ow), dtype=x.dtype)
     argmax = cupy.empty((N, C, oh, ow), dtype=np.int32)
     _launch("pooling.cu", "max_pool_forward_kernel", x.dtype, y.size,
-            (x, y, argmax, _Index(y.size)) + _i32(H, W, kh, kw, sh, sw, ph, pw, oh, ow))
+            (x, y, argmax, _Index(y.size)) + _i32(H, W, kh, kw, sh, sw, ph, pw, oh, ow)
+            + _dropout_args(dropout, x.dtype))
     return y, argmax
 
 
-def max_pool_backward(dy, argmax, x_shape, kh, kw, sh, sw, ph, pw):
+def max_pool_backward(dy, argmax, x_shape, kh, kw, sh, sw, ph, pw, *, dropout=None):
     """dx[n, c, h, w] = sum of dy over the windows whose argmax is h*W + w. Planes in either layout.
     A gather through the covering windows, one thread per dx element; the reference scatters with
     np.add.at, Numba within the plane an iteration owns."""
@@ -312,11 +343,12 @@ def max_pool_backward(dy, argmax, x_shape, kh, kw, sh, sw, ph, pw):
     oh, ow = dy.shape[2:]
     dx = cupy.empty((N, C, H, W), dtype=dy.dtype)
     _launch("pooling.cu", "max_pool_backward_kernel", dy.dtype, dx.size,
-            (dy, argmax, dx, _Index(dx.size)) + _i32(H, W, kh, kw, sh, sw, ph, pw, oh, ow))
+            (dy, argmax, dx, _Index(dx.size)) + _i32(H, W, kh, kw, sh, sw, ph, pw, oh, ow)
+            + _dropout_args(dropout, dy.dtype))
     return dx
 
 
-def avg_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad=True):
+def avg_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad=True, *, dropout=None):
     """y = sum of each window's real elements / divisor (padding counted if count_include_pad).
     x (N, C, H, W) or channels first (C, N, H, W): a stack of (H, W) planes either way."""
     check_pool_output(x.shape, kh, kw, sh, sw, ph, pw, oh, ow)
@@ -325,11 +357,12 @@ def avg_pool_forward(x, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad=True):
     N, C, H, W = x.shape
     y = cupy.empty((N, C, oh, ow), dtype=x.dtype)
     _launch("pooling.cu", "avg_pool_forward_kernel", x.dtype, y.size,
-            (x, y, _Index(y.size)) + _i32(H, W, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad))
+            (x, y, _Index(y.size)) + _i32(H, W, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad)
+            + _dropout_args(dropout, x.dtype))
     return y
 
 
-def avg_pool_backward(dy, x_shape, kh, kw, sh, sw, ph, pw, count_include_pad=True):
+def avg_pool_backward(dy, x_shape, kh, kw, sh, sw, ph, pw, count_include_pad=True, *, dropout=None):
     """dx[n, c, h, w] = sum over the windows covering (h, w) of dy / divisor. Planes in either layout.
     A gather, one thread per dx element; the reference and Numba scatter (cpu_kernels: three
     algorithms)."""
@@ -340,7 +373,8 @@ def avg_pool_backward(dy, x_shape, kh, kw, sh, sw, ph, pw, count_include_pad=Tru
     oh, ow = dy.shape[2:]
     dx = cupy.empty((N, C, H, W), dtype=dy.dtype)
     _launch("pooling.cu", "avg_pool_backward_kernel", dy.dtype, dx.size,
-            (dy, dx, _Index(dx.size)) + _i32(H, W, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad))
+            (dy, dx, _Index(dx.size)) + _i32(H, W, kh, kw, sh, sw, ph, pw, oh, ow, count_include_pad)
+            + _dropout_args(dropout, dy.dtype))
     return dx
 
 
@@ -532,20 +566,28 @@ def _threads_for(per_block):
     return threads
 
 
-def dropout_mask(shape, p, seed, offset, dtype, device="gpu"):
-    """mask of 0 or 1/(1-p): element i keeps when the counter-based uniform u(seed, offset + i) >= p.
-    device: "gpu", or "emulated" for the same kernel on the CPU."""
+def dropout_apply(x, p, seed, offset):
+    """y = x * mask, mask[e] = 1/(1-p) where the counter-based uniform u(seed, offset + e) >= p,
+    else 0 (kernels/dropout_draw.cuh): inverted dropout, the mask drawn as it is applied and never
+    stored. Its gradient is dropout_apply(dy, p, seed, offset): the same mask, drawn again."""
+    cupy = backend.array_module(x)
+    x = _contiguous(x)
+    y = cupy.empty_like(x)
+    _launch("elementwise.cu", "dropout_kernel", x.dtype, x.size,
+            (x, y, _Index(x.size)) + _dropout_args((p, seed, offset), x.dtype))
+    return y
+
+
+def _dropout_args(dropout, dtype):
+    """The kernels' dropout arguments (seed, offset, p, scale) for dropout = (p, seed, offset), or
+    None for no dropout (p = 0: nothing drawn)."""
+    p, seed, offset = (0.0, 0, 0) if dropout is None else dropout
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability p={p} must be in [0, 1]")
-    cupy = backend.module_of_device(device)
-    dtype = np.dtype(dtype)
-    scalar = dtype.type
+    scalar = np.dtype(dtype).type
     scale = 0.0 if p == 1.0 else 1.0 / (1.0 - p)
-    mask = cupy.empty(shape, dtype=dtype)
-    _launch("elementwise.cu", "dropout_mask_kernel", dtype, mask.size,
-            (mask, _Index(mask.size), np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF),
-             np.uint64(int(offset) & 0xFFFFFFFFFFFFFFFF), scalar(p), scalar(scale)))
-    return mask
+    return (np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF), np.uint64(int(offset) & 0xFFFFFFFFFFFFFFFF),
+            scalar(p), scalar(scale))
 
 
 # --- optimiser ------------------------------------------------------------------------------------

@@ -43,6 +43,20 @@ class NIN(nn.Module):
         maps = self._working_maps(x)
         return maps if F.working_layout() == "NCHW" else F.swap_batch_and_channels(maps)
 
+    def _features_working(self, x):
+        """self.features on x in the working layout, with each pooling and the dropout that
+        follows it (__init__ puts one after each) run as one operator: F.max_pool2d_dropout or
+        F.avg_pool2d_dropout, one kernel each way on the GPU instead of two, the same numbers
+        (docs/gpu-launches.md). The modules themselves stay apart: state_dict, train()/eval() and
+        `model.features(x)` (which runs them one by one) are unchanged."""
+        layers = iter(self.features)
+        for layer in layers:
+            if isinstance(layer, (nn.MaxPool2d, nn.AvgPool2d)):
+                x = _pooling_with_its_dropout(layer, next(layers, None), x)
+            else:
+                x = layer._forward_working(x)
+        return x
+
     def forward(self, x):
         # global average pooling reads the maps in the working layout: no swap back to (N, K, H, W)
         return self.gap._forward_working(self._working_maps(x))
@@ -51,7 +65,20 @@ class NIN(nn.Module):
         """The class maps in F.working_layout(), from the images x (N, C, H, W)."""
         if F.working_layout() == "CNHW":
             x = F.swap_batch_and_channels(x)
-        return self.features._forward_working(x)
+        return self._features_working(x)
+
+
+def _pooling_with_its_dropout(pool, dropout, x):
+    """The pooling module `pool`, then the nn.Dropout `dropout`, on x (any layout: both work per
+    plane or per element), as one operator."""
+    if not isinstance(dropout, nn.Dropout):
+        raise TypeError(f"NIN's features: its {type(pool).__name__} must be followed by a Dropout "
+                        f"(NIN.__init__ puts one after each pooling), got {type(dropout).__name__}")
+    window = (x, pool.kernel_size, pool.stride, pool.padding, pool.ceil_mode)
+    if isinstance(pool, nn.MaxPool2d):
+        return F.max_pool2d_dropout(*window, p=dropout.p, training=dropout.training)
+    return F.avg_pool2d_dropout(*window, pool.count_include_pad, p=dropout.p,
+                                training=dropout.training)
 
 
 def _pool(kind):

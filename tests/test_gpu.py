@@ -10,9 +10,11 @@ Every test runs on two devices of ninpy's GPU code path:
 """
 import contextlib
 import ctypes
+import gc
 import math
 import os
 import types
+import weakref
 
 import numpy as np
 import pytest
@@ -20,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import GPU_PATHS, IN_CI, require_device, tf32
-from ninpy import backend, emulator, gpu_kernels
+from ninpy import backend, emulator, functional, gpu_kernels
 from ninpy import reference as R
 from strategies import (conv_geometries, dtypes, in_layout, layouts, pool_geometries, random_array,
                         random_labels, seeds)
@@ -128,6 +130,51 @@ def test_avg_pool_matches_reference(where, g, dtype, seed, layout, count_include
         dx = gpu_kernels.avg_pool_backward(dev.put(dy, layout), shape, *geometry, count_include_pad)
         np.testing.assert_allclose(dev.get(dx), R.avg_pool_backward(dy, shape, *geometry, count_include_pad),
                                    **tolerance(dtype))
+
+
+@pytest.mark.parametrize("where", BACKENDS)
+@settings(max_examples=15, deadline=None)
+@given(g=pool_geometries(), dtype=dtypes, seed=seeds, layout=layouts, count_include_pad=st.booleans(),
+       p=st.sampled_from([0.3, 0.5, 1.0]))
+def test_pooling_with_dropout_is_dropout_after_the_pooling_bit_for_bit(where, g, dtype, seed, layout,
+                                                                       count_include_pad, p):
+    """The pooling kernels with dropout=(p, seed, offset): forward = the reference pooling times
+    dropout's mask (kernels/dropout_draw.cuh's formula) and exactly dropout_apply of the plain
+    pooling; backward = the reference pooling's backward of dy * mask, and exactly the plain
+    backward of dropout_apply(dy). Edge values (NaN, infinities) included."""
+    shape, geometry, out = g.x_shape, g.window, (g.oh, g.ow)
+    rng = np.random.default_rng(seed)
+    x = edge_values(seed, shape, dtype)
+    draw = (p, seed, 1000 + seed)
+    with kernels_on(where) as dev:
+        y, argmax = gpu_kernels.max_pool_forward(dev.put(x, layout), *geometry, *out)
+        a = gpu_kernels.avg_pool_forward(dev.put(x, layout), *geometry, *out, count_include_pad)
+        mask = _splitmix_mask(y.size, p, seed, 1000 + seed, dtype).reshape(y.shape)
+        dy = rng.standard_normal(y.shape).astype(dtype)
+        fused_y, fused_argmax = gpu_kernels.max_pool_forward(dev.put(x, layout), *geometry, *out,
+                                                             dropout=draw)
+        fused_a = gpu_kernels.avg_pool_forward(dev.put(x, layout), *geometry, *out, count_include_pad,
+                                               dropout=draw)
+        with np.errstate(invalid="ignore"):
+            ry = R.max_pool_forward(x, *geometry, *out)[0] * mask
+        np.testing.assert_array_equal(dev.get(fused_y), ry)
+        np.testing.assert_array_equal(dev.get(fused_argmax), dev.get(argmax))
+        for fused, plain in ((fused_y, y), (fused_a, a)):
+            np.testing.assert_array_equal(dev.get(fused), dev.get(gpu_kernels.dropout_apply(plain, *draw)))
+        dropped_dy = dev.get(gpu_kernels.dropout_apply(dev.put(dy), *draw))
+        np.testing.assert_array_equal(dropped_dy, dy * mask)
+        dx = gpu_kernels.max_pool_backward(dev.put(dy, layout), argmax, shape, *geometry, dropout=draw)
+        np.testing.assert_allclose(dev.get(dx), R.max_pool_backward(dy * mask, dev.get(argmax), shape,
+                                                                    *geometry), **tolerance(dtype))
+        np.testing.assert_array_equal(dev.get(dx), dev.get(gpu_kernels.max_pool_backward(
+            dev.put(dropped_dy), argmax, shape, *geometry)))
+        dx = gpu_kernels.avg_pool_backward(dev.put(dy, layout), shape, *geometry, count_include_pad,
+                                           dropout=draw)
+        np.testing.assert_allclose(dev.get(dx), R.avg_pool_backward(dy * mask, shape, *geometry,
+                                                                    count_include_pad),
+                                   **tolerance(dtype))
+        np.testing.assert_array_equal(dev.get(dx), dev.get(gpu_kernels.avg_pool_backward(
+            dev.put(dropped_dy), shape, *geometry, count_include_pad)))
 
 
 def test_pooling_cu_window_arithmetic_agrees_with_shapes_py():
@@ -360,15 +407,18 @@ def test_long_long_index_instantiations_agree(where, monkeypatch):
             a = gpu_kernels.avg_pool_forward(dev.put(x), 3, 3, 2, 2, 1, 1, 4, 3)
             adx = gpu_kernels.avg_pool_backward(a, x.shape, 3, 3, 2, 2, 1, 1)
             out = gpu_kernels.bias_relu_(dev.put(x), dev.put(np.arange(3.0)))
-            mask = gpu_kernels.dropout_mask((5, 7), 0.5, 3, 11, np.float64, dev.name)
+            mask = gpu_kernels.dropout_apply(dev.put(x), 0.5, 3, 11)
+            mdrop = gpu_kernels.max_pool_forward(dev.put(x), 3, 3, 2, 2, 1, 1, 4, 3,
+                                                 dropout=(0.5, 3, 11))[0]
+            adrop = gpu_kernels.avg_pool_backward(a, x.shape, 3, 3, 2, 2, 1, 1, dropout=(0.5, 3, 11))
             p, buf = dev.put(x), dev.put(np.zeros_like(x))
             gpu_kernels.sgd_update_(p, dev.put(x), buf, 0.1, 0.9, 1e-4, True)
             many, many_buf = dev.put(x), dev.put(np.zeros_like(x))
             gpu_kernels.sgd_update_many_([many], [dev.put(x)], [many_buf], [(0.1, 0.9, 1e-4, True)])
             g = gpu_kernels.global_avg_pool_forward(dev.put(x), "CNHW")
             gdx = gpu_kernels.global_avg_pool_backward(g, x.shape, "CNHW")
-            results.append([dev.get(v) for v in (col, dx, y, argmax, mdx, a, adx, out, mask, p, buf,
-                                                  many, many_buf, g, gdx)])
+            results.append([dev.get(v) for v in (col, dx, y, argmax, mdx, a, adx, out, mask, mdrop,
+                                                  adrop, p, buf, many, many_buf, g, gdx)])
         np.testing.assert_array_equal(dev.get(results[0][0]), R.im2col(x, *geometry))
         for int_result, long_result in zip(*results):
             np.testing.assert_array_equal(int_result, long_result)
@@ -376,12 +426,36 @@ def test_long_long_index_instantiations_agree(where, monkeypatch):
 
 # --- dropout --------------------------------------------------------------------------------------
 
+def _dropout_mask(dev, shape, p, seed, offset, dtype):
+    """The mask gpu_kernels.dropout_apply draws, as NumPy: dropout applied to ones."""
+    return dev.get(gpu_kernels.dropout_apply(dev.put(np.ones(shape, dtype)), p, seed, offset))
+
+
+def _splitmix_mask(n, p, seed, offset, dtype):
+    """kernels/dropout_draw.cuh's mask written out in NumPy (uint64 arithmetic wraps, as in C)."""
+    golden = np.uint64(0x9E3779B97F4A7C15)
+
+    def mix64(z):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+    counters = np.uint64(offset) + np.arange(n, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        h = mix64(mix64(np.uint64(seed) + golden) + counters * golden)
+    if dtype == np.float32:
+        u = (h >> np.uint64(40)).astype(np.float32) * np.float32(1 / 16777216)
+    else:
+        u = (h >> np.uint64(11)).astype(np.float64) * (1 / 9007199254740992)
+    return np.where(u >= dtype(p), dtype(0 if p == 1 else 1 / (1 - p)), dtype(0))
+
+
 @pytest.mark.parametrize("where", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dropout_mask_statistics_and_determinism(where, dtype):
     p, n = 0.3, 400_000
     with kernels_on(where) as dev:
-        mask = dev.get(gpu_kernels.dropout_mask((n,), p, 1234, 10, dtype, dev.name))
+        mask = _dropout_mask(dev, (n,), p, 1234, 10, dtype)
         assert mask.dtype == dtype
         assert set(np.unique(mask).tolist()) <= {0.0, float(dtype(1 / (1 - p)))}
         keep = mask != 0
@@ -389,21 +463,209 @@ def test_dropout_mask_statistics_and_determinism(where, dtype):
         assert abs(np.corrcoef(keep[:-1], keep[1:])[0, 1]) < 0.01  # neighbours independent
         assert abs(mask.mean() - 1) < 0.01  # E[mask] = 1: inverted dropout keeps the scale
         # same (seed, offset) -> the same mask; the shape does not matter, only the counter
-        again = dev.get(gpu_kernels.dropout_mask((n // 4, 4), p, 1234, 10, dtype, dev.name))
+        again = _dropout_mask(dev, (n // 4, 4), p, 1234, 10, dtype)
         np.testing.assert_array_equal(again.ravel(), mask)
         # counter-based: the draw for element i is that of counter offset + i
-        shifted = dev.get(gpu_kernels.dropout_mask((1000,), p, 1234, 10 + 500, dtype, dev.name))
+        shifted = _dropout_mask(dev, (1000,), p, 1234, 10 + 500, dtype)
         np.testing.assert_array_equal(shifted, mask[500:1500])
         # another offset or another seed -> another mask (agreement near p^2 + (1-p)^2 = 0.58)
-        for other in (gpu_kernels.dropout_mask((n,), p, 1234, 10 + n, dtype, dev.name),
-                      gpu_kernels.dropout_mask((n,), p, 1235, 10, dtype, dev.name)):
-            agreement = ((dev.get(other) != 0) == keep).mean()
+        for other in (_dropout_mask(dev, (n,), p, 1234, 10 + n, dtype),
+                      _dropout_mask(dev, (n,), p, 1235, 10, dtype)):
+            agreement = ((other != 0) == keep).mean()
             assert abs(agreement - (p * p + (1 - p) ** 2)) < 0.01
-        assert (dev.get(gpu_kernels.dropout_mask((100,), 0.0, 1, 0, dtype, dev.name)) == 1).all()
-        assert (dev.get(gpu_kernels.dropout_mask((100,), 1.0, 1, 0, dtype, dev.name)) == 0).all()
-        assert gpu_kernels.dropout_mask((0, 3), p, 1, 0, dtype, dev.name).shape == (0, 3)
-    with pytest.raises(ValueError, match="must be in"):
-        gpu_kernels.dropout_mask((3,), 1.5, 1, 0, dtype)
+        assert (_dropout_mask(dev, (100,), 0.0, 1, 0, dtype) == 1).all()
+        assert (_dropout_mask(dev, (100,), 1.0, 1, 0, dtype) == 0).all()
+        assert gpu_kernels.dropout_apply(dev.put(np.ones((0, 3), dtype)), p, 1, 0).shape == (0, 3)
+        with pytest.raises(ValueError, match="must be in"):
+            gpu_kernels.dropout_apply(dev.put(np.ones(3, dtype)), 1.5, 1, 0)
+
+
+@pytest.mark.parametrize("where", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_apply_is_x_times_the_documented_mask(where, dtype):
+    """y = x * mask in one launch, the mask that of kernels/dropout_draw.cuh's formula (the stream
+    seeded runs depend on: the same numbers the separate mask kernel drew before), NaN and
+    infinities included (a dropped NaN stays NaN, as x * 0 in PyTorch); its gradient, the same
+    function on dy, is dy * mask."""
+    x = edge_values(3, (4, 5, 6), dtype)
+    expected_mask = _splitmix_mask(x.size, 0.4, 77, 1000, dtype).reshape(x.shape)
+    with kernels_on(where) as dev:
+        y = dev.get(gpu_kernels.dropout_apply(dev.put(x, "transposed"), 0.4, 77, 1000))
+        np.testing.assert_array_equal(_dropout_mask(dev, x.shape, 0.4, 77, 1000, dtype), expected_mask)
+        with np.errstate(invalid="ignore"):
+            np.testing.assert_array_equal(y, x * expected_mask)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_dropout_draws_its_mask_in_the_kernel_that_applies_it(dtype):
+    """F.dropout on the GPU path: one launch forward (mask drawn and applied), one backward (the
+    same mask drawn again from (seed, offset), none stored), the stream moving by the elements
+    dropped over as before, the numbers x * mask, and a gradient that passes gradcheck (float64)."""
+    import ninpy
+    import ninpy.functional as F
+    from ninpy import Tensor
+
+    device = require_device("emulated")
+    values = random_array(2, (3, 4, 5), dtype)
+    x = Tensor(values, device=device, requires_grad=True)
+    ninpy.manual_seed(7)
+    emulator.launches.clear()
+    y = F.dropout(x, 0.3)
+    y.backward(backend.to_device(np.ones_like(values), device))
+    kernel = f"dropout_kernel<{gpu_kernels._c_type(dtype)}, int>"
+    assert emulator.launches == [kernel, kernel]
+    assert ninpy.random.get_state()["gpu_offset"] == values.size     # next_gpu_stream(x.size), once
+    mask = _splitmix_mask(values.size, 0.3, 7, 0, dtype).reshape(values.shape)
+    np.testing.assert_array_equal(backend.to_device(y.data, "cpu"), values * mask)
+    np.testing.assert_array_equal(backend.to_device(x.grad, "cpu"), mask)
+    if dtype == np.float64:
+        def drop(x):
+            ninpy.manual_seed(7)  # the same mask on every evaluation
+            return F.dropout(x, 0.3)
+        assert ninpy.gradcheck(drop, [Tensor(values, device=device, requires_grad=True)])
+    ninpy.manual_seed(7)
+    assert not backend.to_device(F.dropout(x, 1.0).data, "cpu").any()
+    assert ninpy.random.get_state()["gpu_offset"] == 0                # p = 1 draws nothing
+
+
+# pool: (the pooling alone, the pooling with the dropout after it as one operator)
+_POOL_THEN_DROPOUT = {
+    "max": (lambda x: functional.max_pool2d(x, 3, 2, 1, ceil_mode=True),
+            lambda x, p, training: functional.max_pool2d_dropout(x, 3, 2, 1, True, p=p,
+                                                                 training=training)),
+    "avg": (lambda x: functional.avg_pool2d(x, 3, 2, 1, True, False),
+            lambda x, p, training: functional.avg_pool2d_dropout(x, 3, 2, 1, True, False, p=p,
+                                                                 training=training)),
+}
+
+@pytest.mark.parametrize("where", ["cpu", *GPU_PATHS])
+@pytest.mark.parametrize("pool", ["max", "avg"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pooling_and_dropout_as_one_operator_are_the_two_operators(where, pool, dtype):
+    """F.max_pool2d_dropout and F.avg_pool2d_dropout give, for the same seed, the output, input
+    gradient and random stream position of the pooling followed by F.dropout, bit for bit; on the
+    GPU path in one launch each way (PoolDropout: no dropout launch of its own), with a gradient
+    that passes gradcheck (float64). In evaluation, and with p = 0, the pooling alone."""
+    import ninpy
+    from ninpy import Tensor
+
+    device = require_device(where) if where != "cpu" else "cpu"
+    plain, fused = _POOL_THEN_DROPOUT[pool]
+    values = random_array(4, (2, 3, 7, 6), dtype, distinct=True)
+    grad = backend.to_device(random_array(5, (2, 3, 4, 4), dtype), device)
+    runs = []
+    for one_operator in (False, True):
+        x = Tensor(values, device=device, requires_grad=True)
+        ninpy.manual_seed(11)
+        emulator.launches.clear()
+        y = fused(x, 0.4, True) if one_operator else functional.dropout(plain(x), 0.4)
+        y.backward(grad)
+        runs.append((backend.to_device(y.data, "cpu"), backend.to_device(x.grad, "cpu"),
+                     ninpy.random.get_state(), list(emulator.launches)))
+    (y0, dx0, state0, _), (y1, dx1, state1, launches) = runs
+    np.testing.assert_array_equal(y1, y0)
+    np.testing.assert_array_equal(dx1, dx0)
+    assert state1 == state0 and (y1 == 0).any() and (y1 != 0).any()
+    if device != "cpu":
+        c_type = gpu_kernels._c_type(dtype)
+        assert launches == [f"{pool}_pool_forward_kernel<{c_type}, int>",
+                            f"{pool}_pool_backward_kernel<{c_type}, int>"]
+        if dtype == np.float64:
+            def pool_then_drop(x):
+                ninpy.manual_seed(11)  # the same mask on every evaluation
+                return fused(x, 0.4, True)
+            assert ninpy.gradcheck(pool_then_drop, [Tensor(values, device=device, requires_grad=True)])
+    x = Tensor(values, device=device)
+    for p, training in ((0.4, False), (0.0, True)):
+        np.testing.assert_array_equal(backend.to_device(fused(x, p, training).data, "cpu"),
+                                      backend.to_device(plain(x).data, "cpu"))
+
+
+@pytest.mark.parametrize("where", ["cpu", *GPU_PATHS])
+def test_nin_runs_each_pooling_and_its_dropout_as_one_operator(where):
+    """models.NIN runs each pooling with the dropout after it as one operator: the same logits and
+    parameter gradients, bit for bit, as its modules one by one in the working layout (NIN's
+    forward before) from the same seed, and on the GPU path no dropout launch of its own. The
+    modules, state_dict keys and train()/eval() are NIN's as before."""
+    import ninpy
+    import ninpy.functional as F
+    from ninpy import Tensor, models, nn
+
+    device = require_device(where) if where != "cpu" else "cpu"
+    ninpy.random.manual_seed(0)
+    model = models.nin(widths=((8, 6, 4), (8, 8, 8), (8, 8, None))).to(device)
+    kinds = [type(m).__name__ for m in model.features]
+    assert kinds == ["MLPConv", "MaxPool2d", "Dropout", "MLPConv", "AvgPool2d", "Dropout", "MLPConv"]
+    assert list(model.state_dict()) == [f"features.{b}.{c}.{p}" for b in (0, 3, 6)
+                                        for c in ("conv", "cccp1", "cccp2") for p in ("weight", "bias")]
+    x, labels = _small_batch(np.float32, n=2)
+    targets = backend.to_device(labels, device)
+
+    def one_by_one(inputs):
+        channels_first = F.swap_batch_and_channels(inputs)
+        maps = F.swap_batch_and_channels(model.features._forward_working(channels_first))
+        return model.gap(maps)
+
+    runs = []
+    for forward in (one_by_one, model):
+        ninpy.random.manual_seed(3)
+        model.zero_grad()
+        emulator.launches.clear()
+        logits = forward(Tensor(x, device=device))
+        F.cross_entropy(logits, targets).backward()
+        runs.append((backend.to_device(logits.data, "cpu"),
+                     [backend.to_device(p.grad, "cpu") for p in model.parameters()],
+                     list(emulator.launches)))
+    (logits0, grads0, _), (logits1, grads1, launches) = runs
+    np.testing.assert_array_equal(logits1, logits0)
+    for g0, g1 in zip(grads0, grads1):
+        np.testing.assert_array_equal(g1, g0)
+    if device != "cpu":
+        assert not [name for name in launches if name.startswith("dropout")], launches
+    model.eval()
+    ninpy.random.manual_seed(3)
+    evaluated = backend.to_device(model(Tensor(x, device=device)).data, "cpu")
+    assert ninpy.random.get_state()["gpu_offset"] == 0   # no dropout in evaluation: nothing drawn
+    np.testing.assert_array_equal(evaluated,
+                                  backend.to_device(one_by_one(Tensor(x, device=device)).data, "cpu"))
+    assert all(not m.training for m in model.features if isinstance(m, nn.Dropout))
+
+
+# --- the convolution's columns: kept on the GPU path, recomputed on the CPU -----------------------
+
+@pytest.mark.parametrize("where", ["cpu", *GPU_PATHS])
+def test_the_convolution_keeps_its_columns_on_the_gpu_path_and_lets_them_go(where, monkeypatch):
+    """im2col runs once per convolution on the GPU path (its columns kept for backward: a launch
+    fewer) and twice on the CPU (recomputed: memory); either way no column matrix outlives the
+    graph, after backward or without one."""
+    import ninpy.functional as F
+    from ninpy import Tensor, cpu_kernels
+
+    device = require_device(where) if where != "cpu" else "cpu"
+    kernels = cpu_kernels if device == "cpu" else gpu_kernels
+    columns = []
+    im2col = kernels.im2col
+
+    def recorded_im2col(*args, **kwargs):
+        col = im2col(*args, **kwargs)
+        columns.append(weakref.ref(col))
+        return col
+
+    monkeypatch.setattr(kernels, "im2col", recorded_im2col)
+    rng = np.random.default_rng(0)
+    x = Tensor(rng.standard_normal((2, 3, 6, 5)), device=device, requires_grad=True)
+    w = Tensor(rng.standard_normal((4, 3, 3, 3)), device=device, requires_grad=True)
+    b = Tensor(rng.standard_normal(4), device=device, requires_grad=True)
+    y = F.conv2d_relu(x, w, b, 1, 1)
+    assert len(columns) == 1
+    y.sum().backward()
+    assert len(columns) == (2 if device == "cpu" else 1)
+    gc.collect()
+    assert all(ref() is None for ref in columns), "backward left a column matrix alive"
+    y = F.conv2d_relu(x, w, b, 1, 1)       # a graph dropped without a backward
+    del y
+    gc.collect()
+    assert all(ref() is None for ref in columns), "a dropped graph left a column matrix alive"
 
 
 # --- SGD ------------------------------------------------------------------------------------------
@@ -609,7 +871,11 @@ def _every_kernel_once(inputs):
                 gpu_kernels.add_bias_(x.copy(), inputs["bias"]),
                 gpu_kernels.relu_backward(x, x),
                 *gpu_kernels.relu_bias_backward(x, x),
-                gpu_kernels.dropout_mask((4, 5), 0.5, 1, 2, np.float32, inputs["device"])]
+                gpu_kernels.dropout_apply(x, 0.5, 1, 2),
+                gpu_kernels.max_pool_forward(x, 3, 3, 2, 2, 0, 0, 4, 4, dropout=(0.5, 1, 2))[0],
+                gpu_kernels.max_pool_backward(y, argmax, x.shape, 3, 3, 2, 2, 0, 0, dropout=(0.5, 1, 2)),
+                gpu_kernels.avg_pool_forward(x, 3, 3, 2, 2, 0, 0, 4, 4, dropout=(0.5, 1, 2)),
+                gpu_kernels.avg_pool_backward(a, x.shape, 3, 3, 2, 2, 0, 0, dropout=(0.5, 1, 2))]
     p, buf = x.copy(), x * 0
     results += [gpu_kernels.sgd_update_(p, x, buf, 0.1, 0.9, 1e-4, False), buf]
     many, many_buf = x.copy(), x * 0

@@ -113,6 +113,34 @@ def test_compile_error_names_file_and_line():
     assert "undefined_name" in message, message
 
 
+BROKEN_AFTER_A_HEADER = """// a kernel with a typo on line 5, after an included header
+#include "dropout_draw.cuh"
+
+template <typename T> __global__ void broken_kernel(T* x) {
+    x[0] = dropout_at(x[0], 1ULL, 2ULL, T(0.5), T(2)) + undefined_name;
+}
+"""
+
+
+@needs_nvrtc
+def test_a_header_is_compiled_in_place_and_lines_keep_their_numbers():
+    """A .cu file's `#include "name.cuh"` is replaced by the header's text (NVRTC gets no include
+    path; CuPy's cache sees the text), and an error after it still names the .cu file's own line."""
+    path = gpu_kernels.KERNEL_DIR / "broken.cu"
+    source = gpu_kernels._with_headers(path, BROKEN_AFTER_A_HEADER)
+    assert "dropout_mask_value" in source
+    assert not [line for line in source.splitlines() if line.startswith("#include")]
+    with pytest.raises(gpu_kernels.KernelCompileError) as error:
+        gpu_kernels.compile_with_nvrtc(path, source, ["broken_kernel<float>"], "sm_80")
+    assert f"{path}:5:" in str(error.value) and "undefined_name" in str(error.value)
+
+
+def test_an_error_in_a_header_names_the_header():
+    log = 'dropout_draw.cuh(31): error: identifier "golden" is undefined\n'
+    message = gpu_kernels.format_compile_error("kernels/pooling.cu", log)
+    assert 'kernels/dropout_draw.cuh:31: error: identifier "golden"' in message
+
+
 def test_format_compile_error_uses_our_path_not_nvrtcs():
     log = ('/tmp/tmpa1b2/5f3c9e.cu(12): error: identifier "foo" is undefined\n'
            '/tmp/tmpa1b2/5f3c9e.cu(30): warning #177-D: variable "y" was declared but never referenced\n'
