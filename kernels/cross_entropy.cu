@@ -7,7 +7,8 @@
 // in the mean. Any other label outside [0, K) gives NaN for that
 // row (loss and gradient) instead of reading out of bounds.
 // With s[k] = logits[n,k] - m, m = max_k logits[n,k] (m cancels, because the target sums to 1):
-//   forward:  losses[n] = log(sum_k exp(s[k])) - s[labels[n]] + eps * (s[labels[n]] - mean_k s[k])
+//   forward:  losses[n] = (1 - eps) (log S - s[labels[n]]) + eps (log S - mean_k s[k]),  S = sum_k exp(s[k])
+//             (the two terms added as PyTorch adds them, so a -inf logit gives inf, not inf - inf)
 //   mean:     loss = (sum of losses[n] over the rows counted) / count, count = the rows counted
 //             (NaN when there are none, as in PyTorch); count is written too, for the backward
 //   backward: dlogits[n,k] = g * (exp(s[k]) / sum_k' exp(s[k']) - (1 - eps) (k == labels[n]) - eps / K)
@@ -91,12 +92,9 @@ __device__ inline void row_max_sum(const T* row, int K, int lane, T& m, T& s) {
 // The loss of a row with a label in [0, K), from its max m, sum of exps s and mean_k (row[k] - m).
 template <typename T>
 __device__ inline T row_loss(const T* row, long long label, T m, T s, T shifted_mean, T eps) {
-    const T target = row[label] - m;
-    T loss = log_(s) - target;
-    if (eps != T(0)) {
-        loss += eps * (target - shifted_mean);
-    }
-    return loss;
+    const T log_s = log_(s);
+    const T nll = log_s - (row[label] - m);
+    return eps != T(0) ? (T(1) - eps) * nll + eps * (log_s - shifted_mean) : nll;
 }
 
 template <typename T, typename Label>

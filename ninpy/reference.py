@@ -176,9 +176,11 @@ def cross_entropy_forward(logits, labels, label_smoothing=0.0, ignore_index=-100
     kept, labels = _kept_rows(labels, ignore_index)
     shifted = logits - logits.max(axis=1, keepdims=True)  # the max cancels: the target sums to 1
     rows = np.arange(logits.shape[0])
-    losses = np.log(np.exp(shifted).sum(axis=1)) - shifted[rows, labels]
-    if label_smoothing:
-        losses += logits.dtype.type(label_smoothing) * (shifted[rows, labels] - shifted.mean(axis=1))
+    log_sum = np.log(np.exp(shifted).sum(axis=1))
+    losses = log_sum - shifted[rows, labels]
+    if label_smoothing:   # as PyTorch adds them: a -inf logit gives inf, not inf - inf
+        eps = logits.dtype.type(label_smoothing)
+        losses = (1 - eps) * losses + eps * (log_sum - shifted.mean(axis=1))
     return np.where(kept, losses, logits.dtype.type(0))
 
 

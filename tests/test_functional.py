@@ -182,6 +182,29 @@ def test_label_smoothing_outside_0_1_is_refused():
         F.cross_entropy(logits, np.array([0, 1]), label_smoothing="0.1x")
 
 
+@pytest.mark.parametrize("device", ["cpu", "emulated"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_label_smoothed_cross_entropy_of_an_infinite_logit_is_pytorchs(device, reduction):
+    """A -inf logit at the label: the loss is inf (both of its terms are), as in PyTorch, not the
+    NaN of inf - inf; the gradient stays finite."""
+    torch = pytest.importorskip("torch")
+    if device != "cpu":
+        require_device(device)
+    logits = np.array([[-np.inf, 0.0], [1.0, 2.0]], np.float32)
+    labels = np.array([0, 1])
+    z = Tensor(logits, device=device, requires_grad=True)
+    loss = F.cross_entropy(z, ninpy.backend.to_device(labels, device), reduction=reduction,
+                           label_smoothing=0.1)
+    (loss.sum() if reduction == "none" else loss).backward()
+    tz = torch.tensor(logits, requires_grad=True)
+    theirs = torch.nn.functional.cross_entropy(tz, torch.tensor(labels), reduction=reduction,
+                                               label_smoothing=0.1)
+    (theirs.sum() if reduction == "none" else theirs).backward()
+    np.testing.assert_allclose(ninpy.backend.to_device(loss.data, "cpu"), theirs.detach().numpy(),
+                               rtol=1e-6)
+    np.testing.assert_allclose(ninpy.backend.to_device(z.grad, "cpu"), tz.grad.numpy(), rtol=1e-6)
+
+
 def test_cross_entropy_is_stable_for_huge_logits():
     logits = Tensor(np.array([[1000.0, 0.0], [-1000.0, 0.0]]), requires_grad=True)
     loss = F.cross_entropy(logits, np.array([0, 1]))
