@@ -160,8 +160,10 @@ class Conv2d(Function):
     - a 1x1 kernel with stride 1 and no padding: x as (C, N*H*W) already is the column matrix:
       y = W2 @ x;  dW = dy2 @ x^T, dx = W2^T @ dy2.
     models.NIN keeps its activations channels first between layers (layout="CNHW"). An (N, C, H, W)
-    input, the public layout, is copied to channels first on the way in and the result copied
-    back: two copies, the price of a standalone call (docs/design.md, "Array layouts").
+    input, the public layout, is read as it is by im2col (which takes either layout), and copied
+    to channels first only for a 1x1 kernel; the result is copied back to (N, C_out, oh, ow) unless
+    out_layout="CNHW" asks for it channels first (NIN's first convolution, on the images:
+    docs/design.md, "Array layouts").
     On the CPU col is recomputed in backward rather than kept: there keeping it cost about 25% more
     memory for about 3% of a step (docs/why-fast.md). On the GPU (and the emulated device, which
     runs its code) it is kept from forward to backward: there a step's floor is the host's time to
@@ -174,18 +176,21 @@ class Conv2d(Function):
 
     saved_inputs = (0, 1)   # x and the weight (torch's convolution saves both)
 
-    def forward(self, x, w, b, stride, padding, relu, layout):
-        _check_conv_inputs(x, w, b, layout)
-        self.batch_first = layout == "NCHW"
+    def forward(self, x, w, b, stride, padding, relu, layout, out_layout):
+        _check_conv_inputs(x, w, b, layout, out_layout)
+        self.batch_first_out = out_layout == "NCHW"
         self.stride, self.padding = pair(stride, "stride"), pair(padding, "padding")
         (n, _), (h, width) = batch_and_channels(x.shape, layout), x.shape[2:]
         c_out, _, kh, kw = w.shape
         self.out_shape = (c_out, n, conv_output_size(h, kh, self.stride[0], self.padding[0]),
                           conv_output_size(width, kw, self.stride[1], self.padding[1]))
-        x = _swapped(x) if self.batch_first else x            # now (C, N, H, W)
+        self.pointwise = (kh, kw) == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
+        # a 1x1 kernel multiplies x as (C, N*H*W): only that case copies an (N, C, H, W) x
+        self.x_swapped = layout == "NCHW" and self.pointwise
+        x = _swapped(x) if self.x_swapped else x
+        self.x_layout = "CNHW" if self.x_swapped else layout
         self.kernels = kernels_for(x)
         self.x, self.w, self.has_bias, self.relu = x, w, b is not None, relu
-        self.pointwise = (kh, kw) == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
         columns = self._columns()
         # kept for backward on the GPU only: one launch fewer there, memory saved on the CPU
         self.kept_columns = columns if backend.is_gpu_array(x) else None
@@ -199,10 +204,10 @@ class Conv2d(Function):
         if relu:
             self.y2 = y2
         y = y2.reshape(self.out_shape)
-        return _swapped(y) if self.batch_first else y
+        return _swapped(y) if self.batch_first_out else y
 
     def backward(self, grad):
-        grad = _swapped(grad) if self.batch_first else grad
+        grad = _swapped(grad) if self.batch_first_out else grad
         c_out = self.out_shape[0]
         g2, grad_b = self._relu_and_bias_backward(grad.reshape(c_out, -1 if grad.size else 0))
         columns = self._columns() if self.kept_columns is None else self.kept_columns
@@ -213,7 +218,7 @@ class Conv2d(Function):
             return None, grad_w, grad_b
         dcolumns = matmul(self.w.reshape(c_out, -1).T, g2)
         grad_x = dcolumns.reshape(self.x.shape) if self.pointwise else self._col2im(dcolumns)
-        return (_swapped(grad_x) if self.batch_first else grad_x), grad_w, grad_b
+        return (_swapped(grad_x) if self.x_swapped else grad_x), grad_w, grad_b
 
     def _relu_and_bias_backward(self, g2):
         """dy2 through the fused ReLU, and the bias gradient db[c] = sum of row c of it:
@@ -231,18 +236,19 @@ class Conv2d(Function):
             c, n, h, w = self.x.shape
             return self.x.reshape(c, n * h * w)              # explicit: a batch may be empty
         kh, kw = self.w.shape[2:]
-        return self.kernels.im2col(self.x, kh, kw, *self.stride, *self.padding, layout="CNHW")
+        return self.kernels.im2col(self.x, kh, kw, *self.stride, *self.padding, layout=self.x_layout)
 
     def _col2im(self, dcolumns):
         kh, kw = self.w.shape[2:]
         return self.kernels.col2im(dcolumns, self.x.shape, kh, kw, *self.stride, *self.padding,
-                                   layout="CNHW")
+                                   layout=self.x_layout)
 
 
-def _check_conv_inputs(x, w, b, layout):
+def _check_conv_inputs(x, w, b, layout, out_layout=None):
     _require_4d(x, "conv2d")
-    if layout not in LAYOUTS:
-        raise ValueError(f"conv2d: layout must be one of {LAYOUTS}, got {layout!r}")
+    for name, value in (("layout", layout), ("out_layout", out_layout or layout)):
+        if value not in LAYOUTS:
+            raise ValueError(f"conv2d: {name} must be one of {LAYOUTS}, got {value!r}")
     c_in = x.shape[1] if layout == "NCHW" else x.shape[0]
     if w.ndim != 4 or w.shape[1] != c_in:
         raise ValueError(f"conv2d: weight of shape {w.shape} does not fit input of shape "
@@ -251,13 +257,15 @@ def _check_conv_inputs(x, w, b, layout):
         raise ValueError(f"conv2d: bias of shape {b.shape}, expected ({w.shape[0]},)")
 
 
-def _plain_conv2d(x, weight, bias, stride, padding, layout):
-    """reference.Conv2d, which works on (N, C, H, W): a channels-first x is exchanged around it."""
-    _check_conv_inputs(x, weight, bias, layout)
+def _plain_conv2d(x, weight, bias, stride, padding, layout, out_layout=None):
+    """reference.Conv2d, which works on (N, C, H, W): a channels-first x (or result) is exchanged
+    around it."""
+    out_layout = out_layout or layout
+    _check_conv_inputs(x, weight, bias, layout, out_layout)
     if layout == "CNHW":
         x = swap_batch_and_channels(x)
     y = reference.Conv2d.apply(x, weight, bias, stride=stride, padding=padding)
-    return swap_batch_and_channels(y) if layout == "CNHW" else y
+    return swap_batch_and_channels(y) if out_layout == "CNHW" else y
 
 
 def _conv_padding(padding, weight, stride, dilation, groups, op):
@@ -287,19 +295,21 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     if _plain(input):
         return _plain_conv2d(input, weight, bias, stride, padding, layout)
     return Conv2d.apply(input, weight, bias, stride=stride, padding=padding, relu=False,
-                        layout=layout)
+                        layout=layout, out_layout=layout)
 
 
 def conv2d_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
-                layout="NCHW"):
+                layout="NCHW", out_layout=None):
     """relu(conv2d(input, weight, bias, ...)) in one Function: bias and ReLU in one pass (the
-    plain path runs the two operators one after the other)."""
+    plain path runs the two operators one after the other).
+    out_layout: the result's layout, when it is not the input's (None: layout). NIN's first
+    convolution reads the (N, C, H, W) images and gives (C_out, N, oh, ow) with no copy of either."""
     _require_kernel_dtypes("conv2d_relu", input, weight, bias)
     padding = _conv_padding(padding, weight, stride, dilation, groups, "conv2d_relu")
     if _plain(input):
-        return relu(_plain_conv2d(input, weight, bias, stride, padding, layout))
+        return relu(_plain_conv2d(input, weight, bias, stride, padding, layout, out_layout))
     return Conv2d.apply(input, weight, bias, stride=stride, padding=padding, relu=True,
-                        layout=layout)
+                        layout=layout, out_layout=out_layout or layout)
 
 
 # ---- activation ---------------------------------------------------------------------------------

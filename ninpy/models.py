@@ -43,13 +43,14 @@ class NIN(nn.Module):
         maps = self._working_maps(x)
         return maps if F.working_layout() == "NCHW" else F.swap_batch_and_channels(maps)
 
-    def _features_working(self, x):
-        """self.features on x in the working layout, with each pooling and the dropout that
+    def _features_working(self, x, layers=None):
+        """self.features (or the iterator `layers` over what is left of it) on x in the working
+        layout, with each pooling and the dropout that
         follows it (__init__ puts one after each) run as one operator: F.max_pool2d_dropout or
         F.avg_pool2d_dropout, one kernel each way on the GPU instead of two, the same numbers
         (docs/gpu-launches.md). The modules themselves stay apart: state_dict, train()/eval() and
         `model.features(x)` (which runs them one by one) are unchanged."""
-        layers = iter(self.features)
+        layers = iter(self.features) if layers is None else layers
         for layer in layers:
             if isinstance(layer, (nn.MaxPool2d, nn.AvgPool2d)):
                 x = _pooling_with_its_dropout(layer, next(layers, None), x)
@@ -62,10 +63,12 @@ class NIN(nn.Module):
         return self.gap._forward_working(self._working_maps(x))
 
     def _working_maps(self, x):
-        """The class maps in F.working_layout(), from the images x (N, C, H, W)."""
-        if F.working_layout() == "CNHW":
-            x = F.swap_batch_and_channels(x)
-        return self._features_working(x)
+        """The class maps in F.working_layout(), from the images x (N, C, H, W). The first mlpconv
+        reads the images as they are and gives the working layout (its first convolution's im2col
+        takes either layout), so they are never copied to channels first."""
+        layers = iter(self.features)
+        first = next(layers)                       # an MLPConv: NIN.__init__ puts one first
+        return self._features_working(first._forward_working(x, x_layout="NCHW"), layers)
 
 
 def _pooling_with_its_dropout(pool, dropout, x):

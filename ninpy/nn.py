@@ -314,10 +314,16 @@ class MLPConv(Module):
     def forward(self, input):
         return self._convs(input, "NCHW")
 
-    def _forward_working(self, x):
-        return self._convs(x, F.working_layout())
+    def _forward_working(self, x, x_layout=None):
+        """forward giving F.working_layout(); x in x_layout (None: the working layout). The first
+        convolution reads x as it is (im2col takes either layout): NIN hands its first block the
+        (N, C, H, W) images so, with no copy to channels first."""
+        return self._convs(x, F.working_layout(), x_layout)
 
-    def _convs(self, x, layout):
+    def _convs(self, x, layout, x_layout=None):
+        x_layout = x_layout or layout
         for conv in (self.conv, self.cccp1, self.cccp2):
-            x = F.conv2d_relu(x, conv.weight, conv.bias, conv.stride, conv.padding, layout=layout)
+            x = F.conv2d_relu(x, conv.weight, conv.bias, conv.stride, conv.padding, layout=x_layout,
+                              out_layout=layout)
+            x_layout = layout
         return x

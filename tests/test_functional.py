@@ -81,6 +81,27 @@ def test_channels_first_conv2d_gradients_and_values(g, c_out, seed, with_bias, r
     assert ninpy.gradcheck(lambda x, w: op(x, w, None, 1, 0, layout="CNHW"), [leaf_cf, w1])
 
 
+@settings(max_examples=15)
+@given(conv_geometries(max_size=6), st.integers(1, 3), seeds, layouts,
+       st.sampled_from(["fast", "reference"]))
+def test_conv2d_relu_from_batch_first_to_channels_first(g, c_out, seed, layout, kernels):
+    """layout="NCHW", out_layout="CNHW" (NIN's first convolution, on the images): the NCHW result
+    with axes 0 and 1 exchanged, and gradients right by finite differences, for general and 1x1
+    kernels, on both paths."""
+    x, w, b, stride, pad = conv_inputs(g, c_out, seed, layout)
+    w1 = leaf(arr(seed + 4, (c_out, g.c, 1, 1)))
+    with ninpy.use_kernels(kernels):
+        for weight, s, p in ((w, stride, pad), (w1, 1, 0)):
+            y = F.conv2d_relu(x, weight, b, s, p, out_layout="CNHW")
+            expected = F.conv2d_relu(x, weight, b, s, p).data.transpose(1, 0, 2, 3)
+            np.testing.assert_allclose(y.data, expected, rtol=1e-12, atol=1e-12)
+            if np.abs(F.conv2d(x, weight, b, s, p).data).min(initial=1) > 1e-3:  # not at ReLU's kink
+                assert ninpy.gradcheck(
+                    lambda x, w, b: F.conv2d_relu(x, w, b, s, p, out_layout="CNHW"), [x, weight, b])
+        with pytest.raises(ValueError, match="out_layout must be one of"):
+            F.conv2d_relu(x, w, b, stride, pad, out_layout="NHWC")
+
+
 def test_swap_batch_and_channels_gradient_and_errors():
     x = leaf(arr(0, (2, 3, 4, 5)), "transposed")
     y = F.swap_batch_and_channels(x)
