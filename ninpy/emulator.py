@@ -225,6 +225,12 @@ def _param_types(kernels, expression):
             for base, pointer, const in params]  # T alone, and inside a struct's type: Table<T>
 
 
+def calls(source, name):
+    """Whether CUDA `source` uses `name` in its code: a comment that mentions it does not count
+    (a comment naming __syncthreads would otherwise run every kernel of the file on fibers)."""
+    return name in re.sub(r"//[^\n]*|/\*.*?\*/", "", source, flags=re.S)
+
+
 @functools.lru_cache(maxsize=None)
 def _build(sources, sanitize):
     """Compile the shim + every source + one extern "C" wrapper per name expression; return (lib, wrappers)."""
@@ -233,8 +239,8 @@ def _build(sources, sanitize):
     for path, source, expressions in sources:
         kernels = parse_kernels(source)
         parts.append(f'#include "{Path(path).resolve()}"')
-        warps = "__shfl" in source
-        launcher = ("launch_blocks(grid, block, " if "__syncthreads" in source
+        warps = calls(source, "__shfl")
+        launcher = ("launch_blocks(grid, block, " if calls(source, "__syncthreads")
                     else f"launch(grid, block, {str(warps).lower()}, ")
         for expression in expressions:
             wrapper = f"wrap_{len(wrappers)}"

@@ -1136,6 +1136,13 @@ def test_operators_on_the_gpu_take_any_layout_and_an_empty_batch(where, name):
 
 # --- the emulator's own contract: what a GPU would refuse, it refuses -----------------------------
 
+def test_the_emulator_picks_its_launcher_from_code_not_comments():
+    commented = "// one warp: no __syncthreads, no __shfl_xor_sync here\n/* __syncthreads */ int x;"
+    assert not emulator.calls(commented, "__syncthreads") and not emulator.calls(commented, "__shfl")
+    assert emulator.calls("x = 1; // note\n__syncthreads();", "__syncthreads")
+    assert emulator.calls("v += __shfl_xor_sync(~0u, v, 1); /* sum */", "__shfl")
+
+
 def test_the_emulator_behaves_like_cupy_where_a_gpu_would_differ_from_numpy(monkeypatch):
     require_device("emulated")
     cupy = backend.require_emulator()
